@@ -1,0 +1,323 @@
+"""RunConfig: the one typed description of a training run.
+
+Keys mirror RunRL's run parameters (`model`, `type`, `prompt_file`, `reward_file`, `completion_length`,
+`epochs`, `learning_rate_multiplier`, LoRA settings, ...) plus flat engine keys (`algorithm`, `loss_type`,
+`num_generations`, ...), so `runrl train CONFIG --set key=value` reaches every one of them.
+
+Every field is typed, defaulted and documented once, in its `help`; ranges and choices live next to it and
+are checked once, at load, with an error that names the key and says how to fix it. Relative file paths in
+a YAML file resolve against the directory of that file.
+
+This module does not import torch (the server imports it), and it does not check that files exist or that
+the model loads: `data.py`, the sandbox and `models.py` do that with their own precise errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from runrl_engine.errors import ConfigError
+
+REDACTED = "***"
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, le: float | None = None, gt: float | None = None,
+       secret: bool = False, path: bool = False) -> Any:
+    """A documented field. `ge`/`le`/`gt` bound numbers; Literal types carry the allowed choices."""
+    meta = {"help": help, "ge": ge, "le": le, "gt": gt, "secret": secret, "path": path}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    # ---- RunRL run parameters (spec §2.1) ----------------------------------------------------------------
+    model: str = _f("", "HF model id, local model directory, or a builtin offline model (`builtin:tiny`, "
+                        "`builtin:small`).")
+    type: Literal["reward_function", "environment"] = _f(
+        "reward_function", "`reward_function`: single-turn, scored by `reward_fn`; `environment`: multi-turn "
+                           "`CustomEnv` (its code also comes in `reward_file`).")
+    prompt_file: str = _f("", "Prompt JSONL: one object per line with a `prompt` message list; other fields "
+                              "are passed to the reward / environment.", path=True)
+    reward_file: str = _f("", "Python file defining `reward_fn(completion, **row)` (or a `CustomEnv` class "
+                              "for `type: environment`).", path=True)
+    sft_file: str | None = _f(None, "Optional SFT JSONL for a supervised warm-start before RL.", path=True)
+    tools: list[str] = _f([], "MCP server URLs whose tools the model may call during rollouts.")
+    completion_length: int = _f(1024, "Maximum new tokens per completion (per assistant turn).", ge=1, le=32768)
+    epochs: int = _f(1, "Passes over the training prompts (ignored when `max_steps` is set).", ge=1, le=100)
+    learning_rate: float | None = _f(None, "Base learning rate; unset means 5e-6 for full fine-tuning and "
+                                           "2e-5 with LoRA.", gt=0, le=1)
+    learning_rate_multiplier: float = _f(1.0, "Multiplies the learning rate (RunRL's knob).", ge=0.1, le=10)
+    use_lora: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    lora_rank: int = _f(16, "LoRA rank (0 disables LoRA even when `use_lora` is true).", ge=0, le=1024)
+    lora_alpha: int = _f(16, "LoRA alpha (typically 2x the rank).", ge=1, le=4096)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", ge=0, le=0.9)
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules LoRA adapts (peft names; `all-linear` = every "
+                                                        "linear layer but the output head).")
+    package_requirements: list[str] = _f([], "pip requirement specifiers installed for the reward/environment "
+                                             "code only.")
+    hf_token: str | None = _f(None, "Hugging Face token for gated/private models and for pushing `hf_name`.",
+                              secret=True)
+    hf_name: str | None = _f(None, "Hugging Face repo (`user/name`) to push the final model to.")
+
+    # ---- algorithm -----------------------------------------------------------------------------------------
+    algorithm: Literal["grpo", "ppo"] = _f("grpo", "RL algorithm.")
+    # The choices below are the keys of the registries in `algorithms/` (a test keeps them equal); they are
+    # spelled out here so that validating a config never imports torch.
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = _f("dapo", "Policy-loss normalisation (see README).")
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = _f(
+        "grpo", "How rewards become advantages within each prompt's group.")
+    scale_rewards: bool = _f(True, "Divide group-centred rewards by the group std (GRPO); false = Dr. GRPO.")
+    num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).", ge=1, le=1024)
+    prompts_per_step: int = _f(8, "Prompts per optimizer step (all processes together).", ge=1, le=100000)
+    micro_batch_size: int = _f(8, "Sequences per training forward/backward (gradient accumulation unit).",
+                               ge=1, le=100000)
+    max_steps: int | None = _f(None, "Optimizer steps to run; unset means `epochs` passes over the prompts.",
+                               ge=1)
+    max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are skipped (and counted).",
+                                ge=1, le=1_000_000)
+    temperature: float = _f(1.0, "Sampling temperature for rollouts.", gt=0, le=10)
+    top_p: float = _f(1.0, "Nucleus sampling for rollouts.", gt=0, le=1)
+    top_k: int = _f(0, "Top-k sampling for rollouts (0 = off).", ge=0)
+    beta: float = _f(0.0, "KL coefficient to the reference policy (k3 estimator); 0 loads no reference.",
+                     ge=0, le=100)
+    epsilon: float = _f(0.2, "Lower clip range of the policy ratio.", gt=0, le=10)
+    epsilon_high: float | None = _f(None, "Upper clip range (DAPO clip-higher); unset means `epsilon`.",
+                                    gt=0, le=10)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0, le=1)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, le=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, le=1)
+    warmup_ratio: float = _f(0.0, "Fraction of steps with linear learning-rate warm-up.", ge=0, le=1)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up.")
+
+    # ---- multi-turn / SFT ----------------------------------------------------------------------------------
+    max_turns: int = _f(10, "Most assistant turns in one multi-turn episode.", ge=1, le=1000)
+    sft_epochs: int = _f(1, "Epochs of SFT warm-start over `sft_file`.", ge=1, le=100)
+    sft_learning_rate: float = _f(2e-5, "Learning rate of the SFT warm-start.", gt=0, le=1)
+
+    # ---- reward sandbox ------------------------------------------------------------------------------------
+    reward_workers: int = _f(2, "Sandbox worker processes running the reward/environment code.", ge=1, le=256)
+    reward_timeout_s: float = _f(30.0, "Per-call timeout of the reward/environment code, seconds.", gt=0)
+    reward_memory_mb: int = _f(4096, "Address-space limit of each sandbox worker, MiB.", ge=64)
+    reward_allow_network: bool = _f(True, "Let reward code reach the network (LLM judges); false isolates it "
+                                          "where the host supports it.")
+    max_failed_reward_steps: int = _f(3, "Stop the run after this many consecutive steps whose rewards all "
+                                         "failed.", ge=1)
+
+    # ---- evaluation, checkpoints, logging -----------------------------------------------------------------
+    seed: int = _f(0, "Seed for data order, sampling and initialisation.")
+    eval_fraction: float = _f(0.05, "Fraction of prompts held out for evaluation (at most `eval_max_prompts`).",
+                              ge=0, le=0.5)
+    eval_max_prompts: int = _f(64, "Cap on held-out evaluation prompts.", ge=0)
+    eval_every: int = _f(10, "Score the held-out prompts every N steps (0 = never; also at the end).", ge=0)
+    save_every: int = _f(50, "Write a resumable checkpoint every N steps (0 = only at the end).", ge=0)
+    keep_checkpoints: int = _f(2, "How many step checkpoints to keep.", ge=1)
+    merge_lora: bool = _f(True, "Merge the LoRA adapter into the base weights in `final/`.")
+    report_to: list[Literal["wandb"]] = _f([], "Experiment trackers (`wandb`; offline unless WANDB_API_KEY is set).")
+    wandb_project: str = _f("runrl-engine", "W&B project name.")
+    run_name: str | None = _f(None, "Name shown in logs and trackers; defaults to the output directory's name.")
+    log_completions: int = _f(64, "Completions written to completions.jsonl per step (0 = none).", ge=0)
+
+    # ---- device / precision --------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; `auto` = CUDA if present.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Training precision; `auto` = bfloat16 on CUDA, float32 on CPU.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _f(
+        "auto", "Attention kernel; `auto` = sdpa.")
+    gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
+    num_threads: int | None = _f(None, "CPU threads for torch (unset = torch's default).", ge=1)
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def lora_enabled(self) -> bool:
+        return self.use_lora and self.lora_rank > 0
+
+    @property
+    def effective_learning_rate(self) -> float:
+        base = self.learning_rate if self.learning_rate is not None else (2e-5 if self.lora_enabled else 5e-6)
+        return base * self.learning_rate_multiplier
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", base_dir: Path | None = None) -> "RunConfig":
+        """Build and validate. `source` names where the values came from in error messages; relative file
+        paths resolve against `base_dir` when given."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping of keys to values, got {type(data).__name__}", where=source,
+                              fix="write the config as `key: value` lines")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key, raw in data.items():
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r}", where=source, fix=_suggest(str(key), known))
+            values[key] = _coerce(key, raw, hints[key], known[key].metadata, source)
+            if known[key].metadata.get("path") and base_dir is not None and values[key]:
+                p = Path(values[key]).expanduser()
+                values[key] = str(p if p.is_absolute() else (base_dir / p))
+        cfg = cls(**values)
+        cfg._validate(source)
+        return cfg
+
+    def _validate(self, source: str) -> None:
+        for name in ("model", "prompt_file", "reward_file"):
+            if not getattr(self, name):
+                raise ConfigError(f"required key {name!r} is missing", where=source,
+                                  fix=f"add `{name}: ...` ({_help(name)})")
+        if self.algorithm == "ppo":
+            raise ConfigError("algorithm 'ppo' is not available yet in this engine version", where=f"{source}: algorithm",
+                              fix="use `algorithm: grpo`")
+
+    # ---- output ---------------------------------------------------------------------------------------------
+    def to_dict(self, *, redact: bool = False) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if redact and f.metadata.get("secret") and value:
+                value = REDACTED
+            out[f.name] = list(value) if isinstance(value, list) else value
+        return out
+
+    def to_yaml(self, *, redact: bool = True) -> str:
+        return yaml.safe_dump(self.to_dict(redact=redact), sort_keys=False, allow_unicode=True)
+
+    def secrets(self) -> list[str]:
+        """Secret values set in this config, for log redaction."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("secret") and getattr(self, f.name)]
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML scalars)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file not found", where=str(path), fix="pass the path of a YAML run config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"malformed YAML: {problem}", where=where, fix="fix the YAML syntax at that line") from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", where=str(path), fix="save the config as UTF-8 YAML") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of keys to values", where=str(path), fix="write `key: value` lines")
+    data = apply_overrides(data, overrides)
+    return RunConfig.from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`["epochs=3", "tools=[http://a/mcp]"]` -> data with those keys set (values parsed as YAML)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"bad override {item!r}", where="--set", fix="write overrides as key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def field_help() -> dict[str, str]:
+    """key -> help text, for `runrl train --help-config` and docs."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig)}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def _help(name: str) -> str:
+    return field_help()[name]
+
+
+def _suggest(key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {close[0]!r}? ({_help(close[0])})"
+    return "remove it; valid keys are listed in README.md (Configuration)"
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str) -> Any:
+    where = f"{source}: {key}"
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], meta, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{value!r} is not allowed", where=where,
+                              fix=f"use one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set tools=http://x/mcp` means a one-item list
+        if value is None:
+            value = []
+        if not isinstance(value, list):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}", where=where, fix="write a YAML list")
+        return [_coerce(key, v, args[0], {}, source) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true or false, got {value!r}", where=where, fix="write true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"expected an integer, got {value!r}", where=where, fix=_range_text(meta) or "write a whole number")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads `1e-5` as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"expected a number, got {value!r}", where=where, fix=_range_text(meta) or "write a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", where=where, fix="quote the value")
+        return value
+    ge, le, gt = meta.get("ge"), meta.get("le"), meta.get("gt")
+    if (ge is not None and value < ge) or (le is not None and value > le) or (gt is not None and value <= gt):
+        raise ConfigError(f"{value!r} is out of range", where=where, fix=_range_text(meta))
+    return value
+
+
+def _range_text(meta: Any) -> str:
+    ge, le, gt = meta.get("ge"), meta.get("le"), meta.get("gt")
+    lo = f">= {ge:g}" if ge is not None else (f"> {gt:g}" if gt is not None else None)
+    hi = f"<= {le:g}" if le is not None else None
+    parts = [p for p in (lo, hi) if p]
+    return f"allowed range: {' and '.join(parts)}" if parts else ""
