@@ -1,0 +1,45 @@
+"""Algorithm math as pure functions on tensors: advantages, policy losses, KL, masked reductions, log-probs.
+
+Nothing here knows about configs, models, processes or logging: tensors, masks and scalars in; tensors and
+detached diagnostics out. Names used in run configs resolve through two small registries:
+`advantage_estimator` -> `ADVANTAGE_ESTIMATORS` (`get_advantage_estimator`) and `loss_type` -> `LOSS_TYPES`
+(`get_loss_type`). Imports torch only.
+"""
+
+from runrl_engine.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    get_advantage_estimator,
+    register_advantage,
+)
+from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
+from runrl_engine.algorithms.losses import (
+    LOSS_TYPES,
+    clipped_surrogate,
+    get_loss_type,
+    kl_k3,
+    policy_loss,
+    register_loss_type,
+    token_weights,
+)
+from runrl_engine.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "LOSS_TYPES",
+    "clipped_surrogate",
+    "entropy_from_logits",
+    "gae",
+    "get_advantage_estimator",
+    "get_loss_type",
+    "kl_k3",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "register_advantage",
+    "register_loss_type",
+    "selective_log_softmax",
+    "token_weights",
+]

@@ -1,0 +1,209 @@
+"""Our `policy_loss` against TRL 1.16's own GRPO loss on identical inputs.
+
+TRL's number comes from its real code path: a `GRPOTrainer` built offline on the builtin tiny model
+(`runrl_engine.tiny`), whose `_compute_loss(model, inputs)` runs its fused-LM-head forward and its loss. Ours is
+computed from the same model's logits with `selective_log_softmax`. Both the loss values and the gradients on
+every model parameter must agree, for each loss_type with and without the KL term, and across gradient
+accumulation (where TRL's bnpo is documented to differ: it normalises by the micro-batch's own token count).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from runrl_engine.algorithms import policy_loss, selective_log_softmax  # noqa: E402
+from runrl_engine.tiny import build_tiny_model  # noqa: E402
+
+MAX_COMPLETION_LENGTH = 8  # dr_grpo's constant; wider than the completions below on purpose
+EPSILON, EPSILON_HIGH = 0.2, 0.28
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model("tiny", cache_dir=tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="module")
+def make_trainer(tiny_dir, tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"]})
+
+    def make(loss_type: str, beta: float, grad_accum: int = 1, kl_bias_correction: bool = True) -> GRPOTrainer:
+        args = GRPOConfig(
+            output_dir=str(tmp_path_factory.mktemp("grpo")),
+            loss_type=loss_type,
+            beta=beta,
+            use_bias_correction_kl=kl_bias_correction,
+            epsilon=EPSILON,
+            epsilon_high=EPSILON_HIGH,
+            max_completion_length=MAX_COMPLETION_LENGTH,
+            num_generations=2,
+            per_device_train_batch_size=4 // grad_accum,
+            gradient_accumulation_steps=grad_accum,
+            bf16=False,
+            activation_checkpointing=False,  # `gradient_checkpointing` is its deprecated alias in transformers 5
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=str(tiny_dir),  # a path, so TRL can also load the reference model itself when beta > 0
+            reward_funcs=lambda completions, **_: [0.0] * len(completions),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        assert not trainer.args.gradient_checkpointing and not trainer.args.bf16
+        assert trainer.accelerator.num_processes == 1
+        trainer.model.train()  # "train" mode: TRL scales by the accumulation steps (no dropout in this model)
+        # Set by HF Trainer's training loop from the number of micro-batches in the accumulation window.
+        trainer.current_gradient_accumulation_steps = grad_accum
+        return trainer
+
+    return make
+
+
+def _batch(vocab_size: int):
+    """Left-padded prompts, right-padded completions (TRL's layout); pads hold the pad id 0."""
+    g = torch.Generator().manual_seed(0)
+    prompt_lengths, completion_lengths = [3, 2, 4, 1], [6, 3, 5, 1]
+    batch, prompt_width, width = 4, 4, 6
+    prompt_ids = torch.zeros(batch, prompt_width, dtype=torch.long)
+    prompt_mask = torch.zeros(batch, prompt_width, dtype=torch.long)
+    completion_ids = torch.zeros(batch, width, dtype=torch.long)
+    completion_mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
+        prompt_ids[i, prompt_width - p :] = torch.randint(10, vocab_size, (p,), generator=g)
+        prompt_mask[i, prompt_width - p :] = 1
+        completion_ids[i, :c] = torch.randint(10, vocab_size, (c,), generator=g)
+        completion_mask[i, :c] = 1
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.2, -0.7, 0.4, -1.5]),
+    }
+
+
+def _our_logp(model, batch):
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # the unpatched forward
+    width = batch["completion_ids"].shape[1]
+    return selective_log_softmax(logits[:, -width - 1 : -1], batch["completion_ids"])
+
+
+def _add_old_and_ref(batch, logp):
+    """Old and reference log-probs near the current ones: ratios reach beyond [1 - eps, 1 + eps_high]."""
+    g = torch.Generator().manual_seed(1)
+    mask = batch["completion_mask"].bool()
+    noise = (torch.rand(logp.shape, generator=g) - 0.5) * 0.8
+    batch["old_per_token_logps"] = torch.where(mask, logp.detach() + noise, 0.0)
+    batch["ref_per_token_logps"] = torch.where(mask, logp.detach() - noise * 0.5, 0.0)
+    batch["num_items_in_batch"] = batch["completion_mask"].sum()  # TRL: gather(loss_mask.sum()).sum()
+    return batch
+
+
+def _rows(batch, start, stop):
+    return {k: (v[start:stop] if k != "num_items_in_batch" else v) for k, v in batch.items()}
+
+
+def _grads(model):
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _ours(trainer, batch, loss_type, beta, kl_bias_correction=True, **totals):
+    logp = _our_logp(trainer.model, batch)
+    loss, _ = policy_loss(
+        logp, batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"],
+        loss_type=loss_type, epsilon_low=EPSILON, epsilon_high=EPSILON_HIGH, beta=beta,
+        ref_logp=batch["ref_per_token_logps"], kl_bias_correction=kl_bias_correction,
+        max_completion_length=MAX_COMPLETION_LENGTH, **totals,
+    )
+    return loss
+
+
+def _assert_same_grads(ours, theirs):
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# (beta, kl_bias_correction): TRL 1.16 defaults to use_bias_correction_kl=True; both settings are compared.
+@pytest.mark.parametrize("beta, correction", [(0.0, True), (0.04, True), (0.04, False)])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_policy_loss_equals_trl_grpo_loss(make_trainer, loss_type, beta, correction):
+    trainer = make_trainer(loss_type, beta, kl_bias_correction=correction)
+    model = trainer.model
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        logp = _our_logp(model, batch)
+    batch = _add_old_and_ref(batch, logp)
+
+    # Log-probs: TRL's fused LM head vs selective_log_softmax on the full logits.
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        trl_logp, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 6)
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(trl_logp[mask], logp[mask], atol=1e-5, rtol=1e-5)
+
+    theirs = trainer._compute_loss(model, batch)
+    theirs.backward()
+    their_grads = _grads(model)
+    # The noise must actually engage clipping, or the comparison would not cover it.
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+
+    ours = _ours(trainer, batch, loss_type, beta, kl_bias_correction=correction)
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-7, rtol=1e-5)
+    _assert_same_grads(_grads(model), their_grads)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_gradient_accumulation_matches_trl(make_trainer, loss_type):
+    """Two micro-batches of two: TRL's per-micro-batch losses vs ours with the step's global counts."""
+    beta = 0.04
+    trainer = make_trainer(loss_type, beta, grad_accum=2)
+    model = trainer.model
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        logp = _our_logp(model, batch)
+    batch = _add_old_and_ref(batch, logp)  # num_items_in_batch: tokens of the whole generation batch
+    halves = [_rows(batch, 0, 2), _rows(batch, 2, 4)]
+    totals = dict(num_sequences=4, num_tokens=int(batch["completion_mask"].sum()))
+
+    whole = _ours(trainer, batch, loss_type, beta)
+    whole.backward()
+    whole_grads = _grads(model)
+
+    theirs = [trainer._compute_loss(model, half) for half in halves]
+    sum(theirs).backward()
+    their_grads = _grads(model)
+
+    if loss_type == "bnpo":
+        # Deliberate difference: TRL averages each micro-batch's own token mean (here 9 and 6 tokens), ours is
+        # the global token mean. TRL's number is ours with local counts, halved by the accumulation steps.
+        local = [_ours(trainer, half, loss_type, beta) / 2 for half in halves]
+        for mine, their in zip(local, theirs):
+            torch.testing.assert_close(mine.detach(), their.detach(), atol=1e-7, rtol=1e-5)
+        assert abs(sum(theirs).item() - whole.item()) > 1e-4
+        return
+
+    ours = [_ours(trainer, half, loss_type, beta, **totals) for half in halves]
+    for mine, their in zip(ours, theirs):  # equal micro-batch by micro-batch, not only in total
+        torch.testing.assert_close(mine.detach(), their.detach(), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(sum(theirs).detach(), whole.detach(), atol=1e-7, rtol=1e-5)
+    _assert_same_grads(whole_grads, their_grads)
