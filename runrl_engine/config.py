@@ -101,7 +101,12 @@ class RunConfig:
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up.")
 
     # ---- multi-turn / SFT ----------------------------------------------------------------------------------
-    max_turns: int = _f(10, "Most assistant turns in one multi-turn episode.", ge=1, le=1000)
+    max_turns: int = _f(10, "Most assistant turns in one multi-turn episode (environment or tool runs).",
+                        ge=1, le=1000)
+    max_episode_tokens: int = _f(8192, "Most tokens in one episode, prompt included; a turn that could pass it is "
+                                       "not started (the episode counts as truncated).", ge=2, le=10_000_000)
+    max_tool_calls: int = _f(8, "Most MCP tool calls in one episode; later calls get an error message.", ge=0)
+    tool_timeout_s: float = _f(30.0, "Timeout of one MCP tool call, seconds.", gt=0)
     sft_epochs: int = _f(1, "Epochs of SFT warm-start over `sft_file`.", ge=1, le=100)
     sft_learning_rate: float = _f(2e-5, "Learning rate of the SFT warm-start.", gt=0, le=1)
 
@@ -209,10 +214,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # the context mark (where an unclosed bracket or quote opened) is where the mistake usually is
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"malformed YAML: {problem}", where=where, fix="fix the YAML syntax at that line") from None
+        context = getattr(exc, "context", None)
+        end = getattr(exc, "problem_mark", None)
+        detail = f"{context}: {problem}" if context else problem
+        if end is not None and end is not mark:
+            detail += f" (at line {end.line + 1})"
+        raise ConfigError(f"malformed YAML, {detail}", where=where, fix="fix the YAML syntax at that line") from None
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", where=str(path), fix="save the config as UTF-8 YAML") from None
     data = {} if data is None else data

@@ -1,6 +1,7 @@
-import sys
 import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,7 +68,7 @@ def test_malformed_yaml_names_line(tmp_path):
     path = write(tmp_path, "model: builtin:tiny\nprompt_file: [oops\nreward_file: r\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert f"{path}:" in err.value.render() and "malformed YAML" in err.value.render()
+    assert f"{path}:" in err.value.render() and "malformed YAML" in err.value.render() and f"{path}:2:" in err.value.render()
 
 
 def test_secrets_are_redacted():
@@ -100,3 +101,9 @@ def test_config_import_does_not_import_torch():
     code = "import runrl_engine, runrl_engine.config, runrl_engine.data, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert Path(cfg.prompt_file).is_file() and Path(cfg.reward_file).is_file()

@@ -1,0 +1,86 @@
+"""The one batch type the update phase consumes.
+
+Layout (the same for single- and multi-turn rollouts): `[left pad][prompt][completion][right pad]`.
+The "completion" is everything after the initial prompt: for a multi-turn episode it holds the assistant
+turns *and* the observation/tool turns between them; `loss_mask` says which of its tokens the policy
+sampled (1) and which it did not (0). Per-token tensors are aligned to completion tokens: index `t` is the
+log-probability of `completion_ids[:, t]` given everything before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: torch.Tensor  # [B, P] long, left-padded
+    prompt_mask: torch.Tensor  # [B, P] long, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [B, C] long, right-padded
+    completion_mask: torch.Tensor  # [B, C] long, 1 on real completion tokens (attention)
+    loss_mask: torch.Tensor  # [B, C] float, 1 on tokens sampled by the policy and trained on, else 0
+    advantages: torch.Tensor  # [B] float, one per sequence
+    rewards: torch.Tensor  # [B] float
+    old_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the sampling policy (None: on-policy)
+    ref_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the reference policy
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [B, P + C]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # [B, P + C]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:  # [B, P + C], 0 at each row's first real token (matches decoding)
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def select(self, index: torch.Tensor) -> "RolloutBatch":
+        """Rows `index`, with padding trimmed to what those rows need (cheaper micro-batches)."""
+        pm, cm = self.prompt_mask[index], self.completion_mask[index]
+        p_keep = int(pm.sum(dim=1).max().item())
+        c_keep = max(int(cm.sum(dim=1).max().item()), 1)
+        P = pm.shape[1]
+
+        def p(t: torch.Tensor) -> torch.Tensor:
+            return t[index][:, P - p_keep:]
+
+        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index][:, :c_keep]
+
+        return replace(self, prompt_ids=p(self.prompt_ids), prompt_mask=p(self.prompt_mask),
+                       completion_ids=c(self.completion_ids), completion_mask=c(self.completion_mask),
+                       loss_mask=c(self.loss_mask), advantages=self.advantages[index], rewards=self.rewards[index],
+                       old_logp=c(self.old_logp), ref_logp=c(self.ref_logp))
+
+    def micro_batches(self, size: int) -> list["RolloutBatch"]:
+        """Length-bucketed micro-batches: rows sorted by total length so padding stays small."""
+        lengths = self.prompt_mask.sum(dim=1) + self.completion_mask.sum(dim=1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        return [self.select(order[i:i + size]) for i in range(0, len(self), size)]
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def pad_right(seqs: list[list[int]], pad_value: float | int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    width = max(max((len(s) for s in seqs), default=0), 1)
+    out = torch.full((len(seqs), width), pad_value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        if s:
+            out[i, : len(s)] = torch.tensor(s, dtype=dtype)
+    return out

@@ -1,0 +1,125 @@
+"""`runrl`: train, validate, serve, keys.
+
+User mistakes (`UserError`) print one message naming the file/line/key and the fix, and exit with status 2;
+no traceback. Engine bugs keep their traceback. `serve` and `keys` live in the `server` package and are
+imported only when used, so `runrl train` never pays for the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from runrl_engine.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from runrl_engine.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    if not args.resume and (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run", where="--output",
+                        fix="pass --resume to continue it, or choose another --output directory")
+    from runrl_engine.trainer import Trainer
+
+    result = Trainer(cfg, out, resume=args.resume).run()
+    if result.final_dir is not None:  # main process
+        last = result.metrics
+        summary = {"output_dir": str(result.output_dir.resolve()), "final_dir": str(result.final_dir.resolve()), "steps": result.steps,
+                   "reward_mean": last.get("reward_mean"), "eval_reward_mean": last.get("eval_reward_mean")}
+        print(json.dumps(summary))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from runrl_engine import data
+
+    if args.kind == "prompt":
+        report = data.validate_prompt_file(args.file).to_dict()
+    elif args.kind == "sft":
+        report = data.validate_sft_file(args.file).to_dict()
+    else:
+        from runrl_engine.sandbox import validate_user_code
+
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError("file not found", where=str(path))
+        rows = [r.fields for r in data.load_prompts(args.prompts)[:3]] if args.prompts else None
+        mode = "environment" if args.kind == "env" else "function"
+        report = validate_user_code(path.read_text(encoding="utf-8"), mode=mode, sample_rows=rows,
+                                    filename=str(path))
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report["valid"] else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.cli import serve
+
+    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from server.cli import create_key
+
+    token = create_key(name=args.name, scopes=[s.strip() for s in args.scopes.split(",") if s.strip()],
+                       user=args.user, data_dir=args.data_dir)
+    print(token)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runrl", description="Self-hosted RunRL: RL fine-tuning of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run RL training from a YAML config")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("validate", help="check a prompt/SFT file or reward/environment code")
+    p.add_argument("kind", choices=["prompt", "reward", "env", "sft"])
+    p.add_argument("file")
+    p.add_argument("--prompts", metavar="FILE", help="for reward/env: call the code on a few rows of this prompt file")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("serve", help="serve RunRL's REST API from this machine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default=str(Path.home() / ".runrl"))
+    p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("keys", help="manage API keys")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create an API key and print it")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--scopes", default="read,write", help="comma-separated: read,write[,admin]")
+    kc.add_argument("--user", default="admin", help="user the key belongs to (created on first use)")
+    kc.add_argument("--data-dir", default=str(Path.home() / ".runrl"))
+    kc.set_defaults(func=_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Rollout episodes: single-turn completions, and multi-turn conversations with an environment and tools.
+
+Token-in/token-out: an episode is the prompt's token ids followed by everything generated or inserted after
+it. Sampled tokens (assistant turns, their end-of-turn token included) have mask 1; observation and tool
+turns are inserted as the chat template renders them and have mask 0. Inserted text is the *difference*
+between the template's render of the conversation before and after the new messages, so the final sequence
+is exactly the template's render of the whole conversation (for templates whose renders of a conversation
+are prefixes of the renders of its continuations — checked, with a clear error otherwise). Assistant text is
+never re-tokenised.
+
+A turn whose text holds `<tool_call>` blocks is answered by the tools (one MCP session per episode) and the
+model continues; a turn without tool calls goes to the environment's `step` (type `environment`) or ends the
+episode (type `reward_function`, whose reward then sees that final text). Episodes end at `done`, after
+`max_turns` assistant turns, or when the next turn could exceed `max_episode_tokens` (truncated).
+
+Not covered: KV-cache reuse across turns (each turn re-reads the episode's context), streaming tool output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from runrl_engine.data import PromptRow
+from runrl_engine.errors import UserError
+from runrl_engine.rollout.hf import SamplingParams, generate
+
+
+@dataclass
+class Episode:
+    """One rollout: a prompt and what followed it."""
+
+    row: PromptRow
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)  # everything after the prompt
+    mask: list[int] = field(default_factory=list)  # 1 = sampled by the policy (trained on), 0 = inserted
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, prompt included
+    final_text: str = ""  # the last assistant turn's text
+    finished: bool = False  # ended by the model/environment (False: truncated by a length or turn limit)
+    reward: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    step_rewards: list[float] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    env_id: int | None = None
+    session: Any = None  # the episode's ToolSession, while it runs
+    done: bool = False
+
+    @property
+    def multi_turn(self) -> bool:
+        return len(self.messages) > len(self.row.messages) + 1
+
+
+class ChatRenderer:
+    """Prompt ids and inserted-turn ids from the tokenizer's chat template (optionally with tool schemas)."""
+
+    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None = None):
+        self.tokenizer = tokenizer
+        self.tools = tools or None
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        kwargs = {"tools": self.tools} if self.tools else {}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def continuation_ids(self, history: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[int]:
+        before = self.render(history, add_generation_prompt=False)
+        after = self.render(history + new, add_generation_prompt=True)
+        if not after.startswith(before):
+            raise UserError("the model's chat template renders earlier turns differently once a new turn is added, "
+                            "so multi-turn token sequences would not match the template", where="model",
+                            fix="use a model whose chat template keeps earlier turns unchanged (e.g. Qwen2.5 "
+                                "instruct, or Qwen3 with thinking off), or single-turn `type: reward_function`")
+        return self.encode(after[len(before):])
+
+
+@dataclass
+class EpisodeSettings:
+    sampling: SamplingParams
+    stop_ids: set[int]
+    pad_id: int
+    max_turns: int = 1
+    max_episode_tokens: int = 1 << 30
+    max_tool_calls: int = 8
+    tool_timeout_s: float = 30.0
+
+
+def _turn_text(tokenizer: Any, tokens: list[int], finished: bool) -> str:
+    return tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
+
+
+def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[Episode], settings: EpisodeSettings,
+                 seed_of: Callable[[Episode, int], int], *, group_size: int = 1, env: Any = None, tools: Any = None,
+                 tool_urls: Sequence[str] = (), log: Callable[[str], None] = print) -> list[Episode]:
+    """Run every episode to its end. `episodes` arrive with prompt ids set, `group_size` consecutive per prompt
+    (their first turn then shares one prefill).
+
+    `env` is an `EnvSandbox` (type environment) or None; `tools` a `ToolRuntime` when `tool_urls` are set.
+    `seed_of(episode, turn)` seeds each sampled turn.
+    """
+    tok = renderer.tokenizer
+    for ep in episodes:
+        ep.messages = [dict(m) for m in ep.row.messages]
+    if env is not None:
+        starts = env.create([ep.row.fields for ep in episodes])
+        for ep, start in zip(episodes, starts):
+            ep.env_id = start.env_id
+            if start.error:
+                _end_with_error(ep, start.error)
+            elif start.observation:  # setup() returned the first observation (the MCP-tutorial form)
+                _insert(renderer, ep, [{"role": "user", "content": start.observation}])
+    if tool_urls:
+        sessions = tools.open_sessions(len(episodes), list(tool_urls), call_timeout_s=settings.tool_timeout_s,
+                                       max_calls=settings.max_tool_calls)
+        for ep, session in zip(episodes, sessions):
+            ep.session = session
+    try:
+        for turn in range(settings.max_turns):
+            live = [ep for ep in episodes if not ep.done]
+            for ep in live:
+                if len(ep.prompt_ids) + len(ep.tokens) + settings.sampling.max_new_tokens > settings.max_episode_tokens:
+                    ep.done = True  # no room for another full turn: truncated
+            live = [ep for ep in live if not ep.done]
+            if not live:
+                break
+            shared = turn == 0 and len(live) == len(episodes) and not any(ep.tokens for ep in live)
+            group = group_size if shared else 1
+            completions = generate(model, [ep.prompt_ids + ep.tokens for ep in live[::group]], num_samples=group,
+                                   seeds=[seed_of(ep, turn) for ep in live], params=settings.sampling,
+                                   stop_ids=settings.stop_ids, pad_id=settings.pad_id)
+            to_env, to_tools = [], []
+            for ep, comp in zip(live, completions):
+                ep.tokens += comp.tokens
+                ep.mask += [1] * len(comp.tokens)
+                ep.turns += 1
+                ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
+                ep.messages.append({"role": "assistant", "content": ep.final_text})
+                if not comp.finished:  # hit completion_length mid-turn: the episode cannot continue cleanly
+                    ep.done = True
+                    continue
+                calls = _tool_calls(ep) if tool_urls else None
+                if calls:
+                    to_tools.append((ep, calls))
+                elif env is not None:
+                    to_env.append(ep)
+                else:
+                    ep.done = ep.finished = True
+            _answer_tools(renderer, tools, to_tools, settings)
+            if to_env:
+                _step_env(renderer, env, to_env, log)
+        for ep in episodes:
+            if not ep.done:  # out of turns
+                ep.done = True
+    finally:
+        if env is not None:
+            env.close_envs([ep.env_id for ep in episodes if ep.env_id is not None])
+        for ep in episodes:
+            if ep.session is not None:
+                ep.session.close()
+                ep.session = None
+    return episodes
+
+
+def _insert(renderer: ChatRenderer, ep: Episode, new: list[dict[str, Any]]) -> None:
+    ids = renderer.continuation_ids(ep.messages, new)
+    ep.messages += new
+    ep.tokens += ids
+    ep.mask += [0] * len(ids)
+
+
+def _end_with_error(ep: Episode, error: str) -> None:
+    ep.error, ep.reward, ep.done = error, 0.0, True
+
+
+def _tool_calls(ep: Episode) -> Any:
+    from runrl_engine.tools.parsing import parse_tool_calls
+
+    parsed = parse_tool_calls(ep.final_text)
+    return parsed if (parsed.calls or parsed.errors) else None
+
+
+def _answer_tools(renderer: ChatRenderer, tools: Any, pending: list, settings: EpisodeSettings) -> None:
+    """Run every pending call of every episode concurrently, then insert the results as tool turns."""
+    if not pending:
+        return
+    from runrl_engine.tools.parsing import format_parse_error, tool_message
+
+    batch = [(ep.session, call.name, call.arguments) for ep, parsed in pending for call in parsed.calls]
+    results = iter(tools.call_many(batch) if batch else [])
+    for ep, parsed in pending:
+        messages = []
+        for call in parsed.calls:
+            result = next(results)
+            ep.tool_calls += 1
+            ep.tool_errors += int(result.is_error)
+            messages.append(tool_message(result.text, name=call.name))
+        for err in parsed.errors:
+            ep.tool_calls += 1
+            ep.tool_errors += 1
+            messages.append(tool_message(format_parse_error(err)))
+        _insert(renderer, ep, messages)
+
+
+def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], log: Callable[[str], None]) -> None:
+    steps = env.step([ep.env_id for ep in episodes], [ep.final_text for ep in episodes])
+    for ep, step in zip(episodes, steps):
+        if step.error:
+            _end_with_error(ep, step.error)
+            continue
+        ep.step_rewards.append(step.reward)
+        ep.reward = sum(ep.step_rewards)
+        ep.info.update(step.info)
+        if step.done:
+            ep.done = ep.finished = True
+        else:
+            _insert(renderer, ep, [{"role": "user", "content": step.observation}])

@@ -1,0 +1,520 @@
+"""The RL loop: rollout -> reward -> advantages -> update -> log, each phase named and timed.
+
+One optimizer step per batch of rollouts (on-policy), so the "old" log-probs of the clipped surrogate are
+the detached current ones and no extra forward pass is spent on them. The reference policy is loaded only
+when `beta > 0`; under LoRA it is the same model with the adapter disabled. Data-parallel through
+accelerate: each step's prompts are split across processes with every prompt's group kept whole on one
+process, loss denominators are global (see `algorithms.losses`), and only the main process writes.
+
+Rollouts are `Episode`s (`rollout/episodes.py`): single-turn completions, or multi-turn conversations with a
+sandboxed `CustomEnv` (`type: environment`) and MCP tools (`tools`). An optional SFT warm-start (`sft_file`)
+trains the same policy object before the first RL step.
+
+Not covered here: PPO with a critic (the `algorithm: ppo` key is reserved), vLLM generation, generation
+under FSDP/ZeRO-3 sharding (the configs in configs/accelerate/ are untested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from runrl_engine import checkpoint as ckpt
+from runrl_engine.algorithms.advantages import get_advantage_estimator
+from runrl_engine.algorithms.logprobs import selective_log_softmax
+from runrl_engine.algorithms.losses import policy_loss
+from runrl_engine.batch import RolloutBatch, pad_left, pad_right
+from runrl_engine.config import RunConfig, apply_overrides, load_config
+from runrl_engine.data import PromptRow, load_prompts, load_sft
+from runrl_engine.errors import ConfigError, DataError, TrainingAborted
+from runrl_engine.metrics import RunOutputs, peak_rss_mb
+from runrl_engine.models import load_policy, load_reference, load_tokenizer, resolve_device, resolve_dtype
+from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
+from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.sandbox import EnvSandbox, RewardSandbox, inspect_user_code, install_requirements
+
+STRING_INFO_SAMPLES = 5  # RunRL shows 5 sampled string-valued info entries per step
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    metrics: dict[str, Any]  # the last step's record
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PromptSchedule:
+    """Which training prompts a step uses: an endless stream of per-epoch seeded permutations, cut into
+    consecutive slices of `prompts_per_step`. A pure function of (seed, step), so resuming is exact."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int):
+        self.n, self.per_step, self.seed = num_prompts, prompts_per_step, seed
+
+    def _epoch(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        return order
+
+    def indices(self, step: int) -> list[int]:  # step counts from 1
+        start = (step - 1) * self.per_step
+        out: list[int] = []
+        while len(out) < self.per_step:
+            epoch, offset = divmod(start + len(out), self.n)
+            out.extend(self._epoch(epoch)[offset: offset + self.per_step - len(out)])
+        return out
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.per_step / self.n
+
+
+def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int, salt: int = 0) -> int:
+    """A seed per completion that does not depend on how prompts are batched or split across processes."""
+    return hash((seed, salt, step, prompt_index, sample_index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, output_dir: Path, *, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.out = output_dir
+        device = resolve_device(cfg)
+        self.compute_dtype = resolve_dtype(cfg, device)
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
+        self.acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        set_seed(cfg.seed)
+        if cfg.prompts_per_step % self.world:
+            raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world} processes",
+                              where="prompts_per_step", fix=f"use a multiple of {self.world}")
+
+        # user inputs first: fail on a bad file before spending time on the model
+        self.env_mode = cfg.type == "environment"
+        self.code_info = inspect_user_code(Path(cfg.reward_file), mode="environment" if self.env_mode else "function")
+        rows = load_prompts(cfg.prompt_file)
+        if cfg.sft_file:
+            load_sft(cfg.sft_file)
+        self.tokenizer = load_tokenizer(cfg)
+        self.tools = self._start_tools()
+        self.renderer = ChatRenderer(self.tokenizer, self.tool_schemas)
+        self.train_rows, self.eval_rows = self._split_and_tokenize(rows)
+        self.schedule = PromptSchedule(len(self.train_rows), cfg.prompts_per_step, cfg.seed)
+        steps_per_epoch = math.ceil(len(self.train_rows) / cfg.prompts_per_step)
+        self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+        self.outputs = RunOutputs(output_dir, enabled=self.acc.is_main_process, secrets=cfg.secrets(),
+                                  total_steps=self.total_steps, config=cfg.to_dict(redact=True),
+                                  report_to=cfg.report_to, wandb_project=cfg.wandb_project,
+                                  run_name=cfg.run_name or output_dir.name, resume=resume)
+        if self.acc.is_main_process:
+            (output_dir / "config.yaml").write_text(cfg.to_yaml(redact=True))
+        self.log = self.outputs.log
+        self.log(f"{len(self.train_rows)} training prompts, {len(self.eval_rows)} held out; {self.total_steps} steps "
+                 f"x {cfg.prompts_per_step} prompts x {cfg.num_generations} completions on {self.world} "
+                 f"process(es), device {device}")
+        if self.skipped_prompts:
+            self.log(f"skipped {self.skipped_prompts} prompt(s) longer than max_prompt_length={cfg.max_prompt_length}")
+        if cfg.tools:
+            names = ", ".join(t["function"]["name"] for t in self.tool_schemas) or "none (servers unreachable)"
+            self.log(f"MCP tools from {len(cfg.tools)} server(s): {names}")
+            for url, why in self.tool_connection_errors.items():
+                self.log(f"MCP server {url} is unreachable at start ({why}); its tool calls will fail and be counted")
+
+        req_dir = self._install_requirements()
+        # param dtype: fp32 master weights for full fine-tuning (bf16 autocast on GPU); LoRA keeps the frozen
+        # base in the compute dtype and peft keeps the adapter in fp32.
+        param_dtype = self.compute_dtype if cfg.lora_enabled else torch.float32
+        policy = load_policy(cfg, device, param_dtype)
+        self.ref_model = load_reference(cfg, device, param_dtype) if cfg.beta > 0 and not cfg.lora_enabled else None
+        if cfg.sft_file and not (resume and ckpt.latest_checkpoint(output_dir)):
+            from runrl_engine.sft import run_sft
+
+            run_sft(policy, self.tokenizer, cfg, output_dir, log=self.log, metrics=self.outputs.metrics, device=device)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.effective_learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                  num_training_steps=self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
+        self.params = params
+        self.advantage_fn = get_advantage_estimator(cfg.advantage_estimator)
+        self.episode_settings = EpisodeSettings(
+            sampling=SamplingParams(max_new_tokens=cfg.completion_length, temperature=cfg.temperature,
+                                    top_p=cfg.top_p, top_k=cfg.top_k),
+            stop_ids=self._stop_ids(), pad_id=self.tokenizer.pad_token_id,
+            max_turns=cfg.max_turns if (self.env_mode or cfg.tools) else 1,
+            max_episode_tokens=cfg.max_episode_tokens, max_tool_calls=cfg.max_tool_calls,
+            tool_timeout_s=cfg.tool_timeout_s)
+        sandbox_cls = EnvSandbox if self.env_mode else RewardSandbox
+        self.sandbox = sandbox_cls(Path(cfg.reward_file), num_workers=cfg.reward_workers,
+                                   timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
+                                   requirements_dir=req_dir, allow_network=cfg.reward_allow_network,
+                                   secrets=self.outputs.secrets, log=self.log,
+                                   work_dir=output_dir / "sandbox" / f"rank{self.rank}")
+        self.start_step, self.failed_reward_steps = 0, 0
+        if resume:
+            self._resume()
+
+    # ---- set-up helpers -------------------------------------------------------------------------------------
+    def _split_and_tokenize(self, rows: list[PromptRow]) -> tuple[list[tuple[PromptRow, list[int]]], list]:
+        cfg = self.cfg
+        encoded, too_long = [], 0
+        for row in rows:
+            ids = self.renderer.prompt_ids(row.messages)
+            if len(ids) > cfg.max_prompt_length:
+                too_long += 1
+                continue
+            encoded.append((row, ids))
+        if not encoded:
+            raise DataError(f"all {len(rows)} prompts are longer than max_prompt_length={cfg.max_prompt_length} tokens",
+                            where=cfg.prompt_file, fix="raise max_prompt_length or shorten the prompts")
+        order = list(range(len(encoded)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = min(cfg.eval_max_prompts, int(len(encoded) * cfg.eval_fraction))
+        if len(encoded) - n_eval < 1:
+            n_eval = 0
+        eval_rows = [encoded[i] for i in sorted(order[:n_eval])]
+        train_rows = [encoded[i] for i in sorted(order[n_eval:])]
+        self.skipped_prompts = too_long
+        return train_rows, eval_rows
+
+    def _install_requirements(self) -> Path | None:
+        if not self.cfg.package_requirements:
+            return None
+        target = self.out / "reward_env"
+        if self.acc.is_main_process:
+            self.log(f"installing package_requirements: {' '.join(self.cfg.package_requirements)}")
+            install_requirements(self.cfg.package_requirements, target, log=self.log)
+        self.acc.wait_for_everyone()
+        return target
+
+    def _start_tools(self) -> Any:
+        """The MCP runtime and the tool schemas rendered into every prompt (fetched once, at start)."""
+        self.tool_schemas: list[dict[str, Any]] = []
+        if not self.cfg.tools:
+            return None
+        from runrl_engine.tools.mcp_client import ToolRuntime
+
+        runtime = ToolRuntime()
+        probe = runtime.open_session(self.cfg.tools, call_timeout_s=self.cfg.tool_timeout_s)
+        try:
+            self.tool_schemas = probe.tool_schemas()
+            self.tool_connection_errors = dict(probe.connection_errors)
+        finally:
+            probe.close()
+        return runtime
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.acc.unwrap_model(self.model), "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return {i for i in ids if i is not None}
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            self.log("--resume: no checkpoint found, starting from step 0")
+            return
+        state = ckpt.load_checkpoint(self.acc, path)
+        self.start_step = int(state["step"])
+        self.failed_reward_steps = int(state.get("failed_reward_steps", 0))
+        self.log(f"resumed from {path} at step {self.start_step}")
+
+    @contextlib.contextmanager
+    def _timer(self, times: dict[str, float], name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        if self.world > 1:
+            t = self.acc.reduce(t, reduction="sum")
+        return t.tolist()
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        history: list[dict[str, Any]] = []
+        record: dict[str, Any] = {}
+        try:
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                times: dict[str, float] = {}
+                t0 = time.perf_counter()
+                with self._timer(times, "rollout"):
+                    episodes = self._rollout(self._my_prompts(step), step)
+                with self._timer(times, "reward"):
+                    self._score(episodes)
+                with self._timer(times, "advantages"):
+                    batch, adv_diag = self._make_batch(episodes)
+                with self._timer(times, "update"):
+                    update_stats = self._update(batch)
+                record = self._record(step, episodes, batch, adv_diag, update_stats, times, time.perf_counter() - t0)
+                if self.cfg.eval_every and self.eval_rows and (step % self.cfg.eval_every == 0 or step == self.total_steps):
+                    with self._timer(times, "eval"):
+                        record["eval_reward_mean"] = self._evaluate(step)
+                self.outputs.metrics(record)
+                self.outputs.progress(step, record)
+                history.append(record)
+                self._check_reward_failures(episodes)
+                if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
+                    ckpt.save_checkpoint(self.acc, self.out, step, {"step": step, "failed_reward_steps":
+                                         self.failed_reward_steps, "total_steps": self.total_steps},
+                                         self.cfg.keep_checkpoints)
+            final = self._finish()
+        finally:
+            self.close()
+        return TrainResult(output_dir=self.out, final_dir=final, steps=self.total_steps, metrics=record, history=history)
+
+    def close(self) -> None:
+        self.sandbox.close()
+        if self.tools is not None:
+            self.tools.close()
+        self.outputs.close()
+
+    # ---- phases ---------------------------------------------------------------------------------------------
+    def _my_prompts(self, step: int) -> list[tuple[int, PromptRow, list[int]]]:
+        """This process's share of the step's prompts: (dataset index, row, prompt ids)."""
+        indices = self.schedule.indices(step)
+        share = len(indices) // self.world
+        mine = indices[self.rank * share:(self.rank + 1) * share]
+        return [(i, *self.train_rows[i]) for i in mine]
+
+    def _rollout(self, prompts: Sequence[tuple[int, PromptRow, list[int]]], step: int, salt: int = 0) -> list[Episode]:
+        G = self.cfg.num_generations
+        episodes = [Episode(row=row, prompt_index=idx, sample_index=g, prompt_ids=ids)
+                    for idx, row, ids in prompts for g in range(G)]
+
+        def seed_of(ep: Episode, turn: int) -> int:
+            return sample_seed(self.cfg.seed, step, ep.prompt_index, ep.sample_index, salt * 1_000 + turn)
+
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        with self.acc.autocast():
+            run_episodes(model, self.renderer, episodes, self.episode_settings, seed_of, group_size=G,
+                         env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools,
+                         log=self.log)
+        model.train(was_training)
+        return episodes
+
+    def _score(self, episodes: list[Episode]) -> None:
+        """Reward-function runs: score each episode's final text. (Environment runs were scored by `step`.)"""
+        if self.env_mode:
+            return
+        results = self.sandbox.score([ep.final_text for ep in episodes], [ep.row.fields for ep in episodes])
+        for ep, r in zip(episodes, results):
+            ep.reward, ep.info, ep.error = r.reward, r.info, r.error
+
+    def _make_batch(self, episodes: list[Episode]) -> tuple[RolloutBatch, dict[str, float]]:
+        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
+        opts = {"scale_rewards": self.cfg.scale_rewards} if self.cfg.advantage_estimator == "grpo" else {}
+        advantages, diag = self.advantage_fn(rewards, self.cfg.num_generations, **opts)
+        prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], self.tokenizer.pad_token_id)
+        dev = self.acc.device
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids.to(dev), prompt_mask=prompt_mask.to(dev),
+            completion_ids=pad_right([ep.tokens for ep in episodes], self.tokenizer.pad_token_id).to(dev),
+            completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(dev),
+            loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(dev),
+            advantages=advantages.to(dev), rewards=rewards.to(dev))
+        return batch, {k: float(v) for k, v in diag.items()}
+
+    def _token_logps(self, model: torch.nn.Module, mb: RolloutBatch) -> torch.Tensor:
+        """[b, C] log-probs of the completion tokens (temperature-scaled, as they were sampled)."""
+        C = mb.completion_ids.shape[1]
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                    logits_to_keep=C + 1, use_cache=False)
+        logits = out.logits[:, :-1, :]
+        if self.cfg.temperature != 1.0:
+            logits = logits / self.cfg.temperature
+        return selective_log_softmax(logits, mb.completion_ids)
+
+    @torch.no_grad()
+    def _ref_logps(self, mb: RolloutBatch) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._token_logps(self.ref_model, mb)
+        policy = self.acc.unwrap_model(self.model)
+        with policy.disable_adapter():
+            return self._token_logps(policy, mb)
+
+    def _update(self, batch: RolloutBatch) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        n_seq, n_tok = (int(x) for x in self._sum(len(batch), float(batch.loss_mask.sum())))
+        micro = batch.micro_batches(cfg.micro_batch_size)
+        sums: dict[str, float] = {"loss": 0.0}
+        for i, mb in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                if cfg.beta > 0:
+                    mb.ref_logp = self._ref_logps(mb)
+                logp = self._token_logps(self.model, mb)
+                old = logp.detach() if mb.old_logp is None else mb.old_logp
+                loss, diag = policy_loss(logp, old, mb.advantages, mb.loss_mask, loss_type=cfg.loss_type,
+                                         epsilon_low=cfg.epsilon, epsilon_high=cfg.clip_high, beta=cfg.beta,
+                                         ref_logp=mb.ref_logp, num_sequences=n_seq, num_tokens=n_tok,
+                                         max_completion_length=cfg.completion_length)
+                # DDP averages gradients over processes; the loss already uses global denominators.
+                self.acc.backward(loss * self.world)
+            sums["loss"] += float(loss.detach())
+            tokens = float(mb.loss_mask.sum())
+            for k, v in diag.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * tokens
+        grad_norm = float(self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(sums)
+        totals = dict(zip(keys, self._sum(*(sums[k] for k in keys))))
+        stats = {k: (v if k == "loss" else v / max(n_tok, 1)) for k, v in totals.items()}
+        stats["grad_norm"] = grad_norm
+        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def _evaluate(self, step: int) -> float:
+        mine = [(i, *self.eval_rows[i]) for i in range(self.rank, len(self.eval_rows), self.world)]
+        episodes = self._rollout(mine, step, salt=1) if mine else []
+        if episodes:
+            self._score(episodes)
+        total, count = self._sum(sum(ep.reward for ep in episodes), len(episodes))
+        return total / max(count, 1)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------
+    def _record(self, step: int, episodes: list[Episode], batch: RolloutBatch, adv_diag: dict[str, float],
+                update: dict[str, float], times: dict[str, float], step_time: float) -> dict[str, Any]:
+        from accelerate.utils import gather_object
+
+        info_sums: dict[str, list[float]] = {}
+        for ep in episodes:
+            for k, v in ep.info.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    acc = info_sums.setdefault(k, [0.0, 0.0])
+                    acc[0] += float(v)
+                    acc[1] += 1
+        local = {"rewards": [ep.reward for ep in episodes], "lengths": [sum(ep.mask) for ep in episodes],
+                 "errors": sum(ep.error is not None for ep in episodes),
+                 "truncated": sum(not ep.finished for ep in episodes), "info": info_sums,
+                 "turns": sum(ep.turns for ep in episodes), "tool_calls": sum(ep.tool_calls for ep in episodes),
+                 "tool_errors": sum(ep.tool_errors for ep in episodes)}
+        parts = gather_object([local]) if self.world > 1 else [local]
+        rewards = [r for p in parts for r in p["rewards"]]
+        lengths = [n for p in parts for n in p["lengths"]]
+        n = len(rewards)
+        mean = sum(rewards) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1))
+        gen_tokens = sum(lengths)
+        errors = sum(p["errors"] for p in parts)
+        record: dict[str, Any] = {
+            "step": step, "epoch": round(self.schedule.epoch_of(step), 4),
+            "reward_mean": mean, "reward_std": std, "reward_min": min(rewards), "reward_max": max(rewards),
+            ("env_errors" if self.env_mode else "reward_errors"): errors,
+            "loss": update["loss"], "kl": update.get("kl", 0.0),
+            "completion_length_mean": gen_tokens / n, "completion_length_min": min(lengths),
+            "completion_length_max": max(lengths), "truncated_fraction": sum(p["truncated"] for p in parts) / n,
+            "step_time_s": step_time, "tokens_per_s": gen_tokens / step_time if step_time > 0 else 0.0,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if self.env_mode or self.cfg.tools:
+            record["turns_per_episode"] = sum(p["turns"] for p in parts) / n
+        if self.cfg.tools:
+            record["tool_calls_per_episode"] = sum(p["tool_calls"] for p in parts) / n
+            record["tool_errors"] = sum(p["tool_errors"] for p in parts)
+        record.update({k: v for k, v in update.items() if k not in record})
+        record.update({f"advantage/{k}": v for k, v in adv_diag.items()})
+        record.update({f"time/{k}_s": v for k, v in times.items()})
+        if torch.cuda.is_available():
+            record["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        merged: dict[str, list[float]] = {}
+        for p in parts:
+            for k, (total, count) in p["info"].items():
+                acc = merged.setdefault(k, [0.0, 0.0])
+                acc[0] += total
+                acc[1] += count
+        record.update({f"reward_info/{k}": total / count for k, (total, count) in merged.items() if count})
+        self._log_completions(step, episodes)
+        return record
+
+    def _log_completions(self, step: int, episodes: list[Episode]) -> None:
+        from accelerate.utils import gather_object
+
+        first_error = next((ep.error for ep in episodes if ep.error), None)
+        if first_error:
+            self.log(f"{'environment' if self.env_mode else 'reward'} error: {first_error}")
+        limit = self.cfg.log_completions
+        if not limit:
+            return
+        mine = []
+        for ep in episodes[: max(limit // self.world, 1)]:
+            record = {"step": step, "prompt": ep.row.messages, "completion": ep.final_text, "reward": ep.reward,
+                      "finished": ep.finished, "info": ep.info}
+            if ep.multi_turn:
+                record.update(messages=ep.messages, turns=ep.turns, step_rewards=ep.step_rewards)
+            if ep.tool_calls:
+                record.update(tool_calls=ep.tool_calls, tool_errors=ep.tool_errors)
+            if ep.error:
+                record["error"] = ep.error
+            mine.append(record)
+        records = (gather_object(mine) if self.world > 1 else mine)[:limit]
+        # numbers are charted per step; strings are kept for a few sampled completions only (as RunRL shows)
+        keep_strings = set(random.Random(step).sample(range(len(records)), min(STRING_INFO_SAMPLES, len(records))))
+        for i, r in enumerate(records):
+            if i not in keep_strings:
+                r["info"] = {k: v for k, v in r["info"].items() if not isinstance(v, str)}
+        self.outputs.completions(records)
+
+    def _check_reward_failures(self, episodes: list[Episode]) -> None:
+        failed, total = self._sum(sum(ep.error is not None for ep in episodes), len(episodes))
+        self.failed_reward_steps = self.failed_reward_steps + 1 if failed == total else 0
+        if self.failed_reward_steps >= self.cfg.max_failed_reward_steps:
+            what = "environment episode" if self.env_mode else "reward"
+            first = next((ep.error for ep in episodes if ep.error), "see logs.txt")
+            raise TrainingAborted(f"every {what} failed for {self.failed_reward_steps} consecutive steps; "
+                                  f"stopping instead of training on zeros. First error:\n{first}",
+                                  where=self.cfg.reward_file, fix="fix the code (run `runrl validate "
+                                  f"{'env' if self.env_mode else 'reward'} FILE --prompts PROMPTS` to try it on a few rows)")
+
+    def _finish(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        final = None
+        if self.acc.is_main_process:
+            final = ckpt.export_final(self.acc.unwrap_model(self.model), self.tokenizer, self.out,
+                                      merge_lora=self.cfg.merge_lora)
+            self.log(f"final model written to {final}")
+            if self.cfg.hf_name:
+                ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log)
+        self.acc.wait_for_everyone()
+        return final
+
+
+def default_output_dir() -> Path:
+    return Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def train(config: RunConfig | dict | str | Path, *, output_dir: str | Path | None = None, resume: bool = False,
+          overrides: Sequence[str] = ()) -> TrainResult:
+    """Run RL training. `config` is a RunConfig, a dict of config keys, or a YAML path.
+
+    Returns the output directory, the final model directory and the metrics of every step.
+    """
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config, overrides)
+    else:
+        data = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+        cfg = RunConfig.from_dict(apply_overrides(data, overrides))
+    out = Path(output_dir) if output_dir else default_output_dir()
+    return Trainer(cfg, out, resume=resume).run()
