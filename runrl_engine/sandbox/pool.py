@@ -278,21 +278,23 @@ class WorkerPool:
             if w.state != "dead" and now >= w.deadline:
                 self._lose(w, "timeout" if w.state == "busy" else "load_timeout")
 
-    def _read_err(self, w: _Worker) -> None:
+    def _read_err(self, w: _Worker) -> bool:
+        """Append what `w` wrote to stderr to its bounded tail; False when there was nothing to read."""
         try:
             data = os.read(w.err_fd, _READ_CHUNK)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._sel.unregister(w.err_fd)
-            return
+            return False
         w.err += data
         if len(w.err) > 2 * _ERR_TAIL:  # keep a bounded tail; print-heavy user code must not grow the trainer
             drop = len(w.err) - _ERR_TAIL
             del w.err[:drop]
             w.err_dropped += drop
+        return True
 
     def _read_out(self, w: _Worker) -> bool:
         """Read and dispatch what `w` wrote; False when there was nothing to read yet."""
@@ -347,6 +349,8 @@ class WorkerPool:
         if kind == "timeout":
             self._collect_traceback(w)
         self._kill(w)
+        while w.err_fd in (self._sel.get_map() or {}) and self._read_err(w):
+            pass  # the last words (a segfault's traceback) may still sit in the stderr pipe
         returncode = w.proc.returncode
         if kind == "timeout":
             what = f"timed out after {self.timeout_s:g} s (worker killed and replaced)"
