@@ -1,0 +1,233 @@
+"""SFT warm-start: a supervised pass over `sft_file` before RL, with TRL's `SFTTrainer`, on assistant tokens only.
+
+`run_sft(model, tokenizer, cfg, out_dir, log=..., metrics=..., device=...)` trains the policy the RL trainer is
+about to use, in place: the same module object, and under LoRA the same peft adapter, so RL continues from the
+warm-started weights. The loss covers exactly the tokens inside the chat template's `{% generation %}` markers
+(TRL's `assistant_only_loss`): for ChatML templates that is each assistant body plus its `<|im_end|>`, so the model
+learns to stop; system, user and tool turns and the template's role headers get label -100. Each logged step goes to
+`metrics` as `{"step", "sft/loss", "sft/epoch", "sft/learning_rate"}`; `log` gets a line at the start and the end.
+
+SFTTrainer leaves marks on the model it trains; `run_sft` undoes them so the RL loop gets the model as it gave it:
+TRL replaces `forward` with a fused LM-head forward, `Trainer` switches every module to train mode, sets
+`config.use_cache`, tags the model (`model_tags`) and marks it `_is_accelerate_prepared`; under bf16/fp16,
+accelerate's `prepare` also wraps `forward` in autocast (`_original_forward`). So every module's plain attributes,
+child modules, hooks and train/eval flags are snapshotted before and restored after (parameters keep their trained
+values, in the same tensors), as are `use_cache` and the special-token ids of the configs and the global RNG states
+that `SFTTrainer` reseeds. Gradient checkpointing is left as the model has it (TRL's default of turning it on is off).
+Precision: fp32 on CPU; on a GPU the mixed-precision mode of the process's existing `Accelerator` (the RL
+trainer's), since accelerate refuses a second one with another mode.
+
+Not covered: packing or padding-free batches (one conversation per row, padded); datasets other than the
+conversational `messages` form (`data.load_sft` turns prompt/completion lines into it); a template without
+generation markers that TRL cannot patch (base models' fallback template: a clear `UserError`); multi-process SFT
+beyond what TRL/accelerate give (each process trains on its shard, as `Trainer` does); evaluation, checkpoints
+or resume of the SFT phase (`save_strategy="no"`: a resumed run starts from its RL checkpoint, not from SFT).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from runrl_engine.config import RunConfig
+from runrl_engine.data import SFTExample, load_sft
+from runrl_engine.errors import ConfigError, DataError, UserError
+
+# The RL micro batch is sized for prompt + completion sequences, the same length budget SFT rows get, so it fits
+# in memory; the cap keeps a very large value from collapsing SFT into a handful of optimizer steps.
+MAX_SFT_BATCH = 32
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_TOKEN_IDS = ("use_cache", "pad_token_id", "eos_token_id", "bos_token_id")
+
+
+def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Path, *, log: Callable[[str], None],
+            metrics: Callable[[dict], None], device: str | torch.device) -> dict[str, float]:
+    """Train `model` in place on `cfg.sft_file`; return `{"sft/loss_first", "sft/loss_last", "sft/steps", ...}`."""
+    if not cfg.sft_file:
+        raise ConfigError("SFT warm-start needs `sft_file`", where="sft_file", fix="set `sft_file: path/to/sft.jsonl`")
+    examples = load_sft(cfg.sft_file)
+    state = _ModelState(model)
+    rng = _rng_state()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    try:
+        trainer = sft_trainer(model, tokenizer, cfg, examples, Path(out_dir), device=device,
+                              callbacks=[_metrics_callback(metrics, losses)])
+        kept = len(trainer.train_dataset)  # TRL drops rows whose assistant tokens all fall past max_length
+        if not kept:
+            raise DataError(f"no example has an assistant token within max_length={trainer.args.max_length} tokens",
+                            where=str(cfg.sft_file), fix="raise max_prompt_length / completion_length or shorten "
+                                                         "the conversations")
+        dropped = f" ({len(examples) - kept} dropped: past max_length)" if kept < len(examples) else ""
+        log(f"SFT warm-start: {kept} example(s){dropped} from {cfg.sft_file}, {cfg.sft_epochs} epoch(s), "
+            f"lr {cfg.sft_learning_rate:g}, batch {trainer.args.per_device_train_batch_size}, "
+            f"max_length {trainer.args.max_length}")
+        result = trainer.train()
+        steps = trainer.state.global_step
+        del trainer
+    finally:
+        state.restore()
+        _set_rng_state(rng)
+    elapsed = time.perf_counter() - t0
+    summary = {"sft/loss_first": losses[0] if losses else math.nan, "sft/loss_last": losses[-1] if losses else math.nan,
+               "sft/steps": steps, "sft/examples": kept, "sft/train_loss": float(result.training_loss),
+               "sft/time_s": elapsed}
+    log(f"SFT warm-start done: {steps} step(s) in {elapsed:.1f}s, loss {summary['sft/loss_first']:.4f} -> "
+        f"{summary['sft/loss_last']:.4f}")
+    return summary
+
+
+def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples: list[SFTExample], out_dir: Path, *,
+                device: str | torch.device, callbacks: list | None = None) -> Any:
+    """The configured `SFTTrainer` (dataset already tokenised and labelled). Building it patches `model`;
+    `run_sft` restores it afterwards, so other callers (tests inspecting labels) should use a throwaway model."""
+    import datasets
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    on_cpu = torch.device(device).type == "cpu"
+    precision = _mixed_precision(on_cpu)
+    args = SFTConfig(
+        output_dir=str(out_dir / "sft"),
+        num_train_epochs=cfg.sft_epochs,
+        learning_rate=cfg.sft_learning_rate,
+        per_device_train_batch_size=max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH)),
+        gradient_accumulation_steps=1,
+        max_length=cfg.max_prompt_length + cfg.completion_length,
+        assistant_only_loss=True,
+        packing=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=on_cpu,
+        activation_checkpointing=False,  # the model keeps whatever `load_policy` set; TRL's default is True
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=not on_cpu,
+    )
+    # One JSON value per message: Arrow's default typing merges the nested structs of all rows, so one row's tool-call
+    # `arguments` would gain every other row's argument names as None (and the template would render them).
+    dataset = datasets.Dataset.from_list([{"messages": ex.messages} for ex in examples],
+                                         features=datasets.Features({"messages": datasets.List(datasets.Json())}))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # per-map progress bars would flood the run's stderr
+    try:
+        # peft_config=None: a PeftModel trains the adapter it has, a full model trains all weights; never a new one
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=callbacks, peft_config=None)
+    except ValueError as exc:
+        if "not training-compatible" not in str(exc):
+            raise
+        raise UserError("the model's chat template marks no assistant tokens ({% generation %}), and TRL has no "
+                        "training version of it, so assistant-only SFT cannot tell what to train on",
+                        where="sft_file", fix="use a chat model whose template TRL knows (Qwen2.5/Qwen3, Llama 3, "
+                        "Gemma, ...) or one with {% generation %} markers, or drop `sft_file`") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)  # steps go to `metrics`, not to stdout
+    return trainer
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+def _mixed_precision(on_cpu: bool) -> str:
+    """The accelerate mixed-precision mode for SFT. accelerate's state is per process and refuses a second
+    `Accelerator` with a different mode, so an existing one (the RL trainer's) decides; else fp32 on CPU, bf16 on
+    GPUs that have it."""
+    from accelerate.state import AcceleratorState
+
+    existing = AcceleratorState._shared_state.get("_mixed_precision")
+    if existing is not None:
+        return str(existing)
+    if on_cpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
+def _metrics_callback(metrics: Callable[[dict], None], losses: list[float]) -> Any:
+    """A `TrainerCallback` forwarding each logged training step (`logging_steps=1`: every step) to `metrics`."""
+    from transformers import TrainerCallback
+
+    class SFTMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return  # the end-of-training summary has `train_loss`, not `loss`
+            losses.append(float(logs["loss"]))
+            metrics({"step": state.global_step, "sft/loss": float(logs["loss"]),
+                     "sft/epoch": float(logs.get("epoch", state.epoch or 0.0)),
+                     "sft/learning_rate": float(logs.get("learning_rate", 0.0))})
+
+    return SFTMetrics()
+
+
+class _ModelState:
+    """A snapshot of everything about a module tree except parameter and buffer values: per module its plain
+    attributes (train/eval flag, `forward` overrides, checkpointing flags, ...), child modules and hooks; plus the
+    config keys `Trainer` touches. `restore()` puts all of it back and drops attributes and hooks added since."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.modules = [(m, self._attrs(m), dict(m._modules), {h: dict(getattr(m, h, {})) for h in _HOOK_DICTS})
+                        for m in model.modules()]
+        self.configs = [(c, {k: getattr(c, k) for k in _TOKEN_IDS if hasattr(c, k)}) for c in self._configs(model)]
+
+    @staticmethod
+    def _attrs(m: torch.nn.Module) -> dict[str, Any]:
+        return {k: v for k, v in m.__dict__.items() if not isinstance(v, dict)}  # dicts: params, buffers, hooks
+
+    @staticmethod
+    def _configs(model: torch.nn.Module) -> list[Any]:
+        seen, out = set(), []
+        for m in model.modules():
+            for c in (getattr(m, "config", None), getattr(m, "generation_config", None)):
+                if c is not None and not isinstance(c, dict) and id(c) not in seen:
+                    seen.add(id(c))
+                    out.append(c)
+        return out
+
+    def restore(self) -> None:
+        for m, attrs, children, hooks in self.modules:
+            for key in [k for k, v in m.__dict__.items() if not isinstance(v, dict) and k not in attrs]:
+                delattr(m, key)
+            m.__dict__.update(attrs)
+            m._modules.clear()
+            m._modules.update(children)
+            for name, before in hooks.items():
+                current = getattr(m, name, None)
+                if current is not None:
+                    for key in [k for k in current if k not in before]:
+                        del current[key]
+        for c, values in self.configs:
+            for k, v in values.items():
+                setattr(c, k, v)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,223 @@
+"""SFT warm-start (`runrl_engine.sft`) on the builtin tiny model: it learns a format, trains only assistant tokens,
+keeps a LoRA base frozen, and hands the model back to RL exactly as it got it (weights aside)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from runrl_engine.config import RunConfig
+from runrl_engine.data import load_sft
+from runrl_engine.models import load_policy, load_tokenizer
+from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.sft import run_sft, sft_trainer
+
+FRUITS = ["apple", "banana", "orange", "grape", "lemon", "cherry", "tomato", "potato"]
+ANSWER = "<answer>aaa</answer>"
+EOS, PAD = 507, 505
+
+
+def user(fruit: str) -> list[dict]:
+    return [{"role": "user", "content": f"Say the code for {fruit}"}]
+
+
+def write_sft(path: Path, n: int = 32) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": user(FRUITS[i % len(FRUITS)]) + [{"role": "assistant", "content": ANSWER}]})
+                    + "\n")
+    return path
+
+
+def make_cfg(sft_file: Path, **over) -> RunConfig:
+    values = dict(model="builtin:tiny", prompt_file="unused.jsonl", reward_file="unused.py", sft_file=str(sft_file),
+                  sft_epochs=4, sft_learning_rate=2e-2, micro_batch_size=4, max_prompt_length=64,
+                  completion_length=32, seed=0)
+    values.update(over)
+    return RunConfig.from_dict(values)
+
+
+def ids_of(tok, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def answer_logprob(model, tok) -> float:
+    """Mean log-probability per token of ANSWER + <|im_end|> after each fruit's prompt (computed directly)."""
+    model.eval()
+    total, count = 0.0, 0
+    answer = tok(ANSWER, add_special_tokens=False)["input_ids"] + [EOS]
+    for fruit in FRUITS:
+        prompt = ids_of(tok, user(fruit), generation_prompt=True)
+        ids = torch.tensor([prompt + answer])
+        logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        picked = logps.gather(-1, ids[0, 1:, None])[len(prompt) - 1:, 0]
+        total, count = total + picked.sum().item(), count + len(answer)
+    return total / count
+
+
+def format_rate(model, tok) -> float:
+    """Share of sampled completions (temperature 1) containing the taught `<answer>` tag."""
+    model.eval()
+    prompts = [ids_of(tok, user(f), generation_prompt=True) for f in FRUITS]
+    comps = generate(model, prompts, num_samples=4, seeds=list(range(4 * len(FRUITS))),
+                     params=SamplingParams(max_new_tokens=16), stop_ids={EOS}, pad_id=PAD)
+    return sum("<answer>" in tok.decode(c.tokens) for c in comps) / len(comps)
+
+
+def module_marks(model) -> dict[str, tuple]:
+    """Per module: train flag, instance attribute names, hook counts (what a trainer could leave behind)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return {name: (m.training, sorted(m.__dict__), tuple(len(getattr(m, h)) for h in hooks))
+            for name, m in model.named_modules()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft_full")
+    cfg = make_cfg(write_sft(tmp / "sft.jsonl"))
+    tok = load_tokenizer(cfg)
+    model = load_policy(cfg, "cpu", torch.float32)
+    model.eval()
+    before = {"logprob": answer_logprob(model, tok), "format": format_rate(model, tok), "marks": module_marks(model),
+              "use_cache": model.config.use_cache, "config": model.config.to_dict(),
+              "params": {n: (id(p), p.requires_grad, p.dtype) for n, p in model.named_parameters()}}
+    records, lines = [], []
+    rng_before = torch.random.get_rng_state()
+    summary = run_sft(model, tok, cfg, tmp, log=lines.append, metrics=records.append, device="cpu")
+    rng_after = torch.random.get_rng_state()
+    marks_after = module_marks(model)  # before any helper below touches the model
+    after = {"logprob": answer_logprob(model, tok), "format": format_rate(model, tok), "marks": marks_after,
+             "rng_kept": torch.equal(rng_before, rng_after)}
+    return cfg, model, summary, records, lines, before, after
+
+
+def test_sft_lowers_the_loss_and_raises_the_answer_logprob(full_run):
+    _, _, summary, _, _, before, after = full_run
+    assert summary["sft/steps"] == 4 * 32 // 4
+    assert summary["sft/loss_first"] > 5.0  # ~ln(512): random init
+    assert summary["sft/loss_last"] < 0.3 * summary["sft/loss_first"]
+    assert before["logprob"] < -5.0
+    assert after["logprob"] > before["logprob"] + 3.0
+
+
+def test_sft_raises_the_starting_reward_of_a_format_task(full_run):
+    _, _, _, _, _, before, after = full_run
+    assert before["format"] <= 0.05
+    assert after["format"] >= 0.5
+
+
+def test_metrics_get_sft_loss_every_step_and_log_summarises(full_run):
+    cfg, _, summary, records, lines, _, _ = full_run
+    assert [r["step"] for r in records] == list(range(1, summary["sft/steps"] + 1))
+    for r in records:
+        assert set(r) == {"step", "sft/loss", "sft/epoch", "sft/learning_rate"}
+        assert math.isfinite(r["sft/loss"]) and r["sft/learning_rate"] <= cfg.sft_learning_rate
+    assert records[0]["sft/loss"] == summary["sft/loss_first"] and records[-1]["sft/loss"] == summary["sft/loss_last"]
+    assert records[-1]["sft/epoch"] == pytest.approx(cfg.sft_epochs)
+    assert len(lines) == 2 and "32 example(s)" in lines[0] and f"{summary['sft/steps']} step(s)" in lines[1]
+
+
+def test_model_is_handed_back_as_it_was(full_run):
+    _, model, _, _, _, before, after = full_run
+    assert after["marks"] == before["marks"]  # eval mode, no patched forward, no tags, no hooks
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert model.config.use_cache == before["use_cache"]
+    assert model.config.to_dict() == before["config"]
+    assert {n: (id(p), p.requires_grad, p.dtype) for n, p in model.named_parameters()} == before["params"]
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert after["rng_kept"]
+
+
+def test_only_assistant_tokens_get_labels(tiny_model_dir, tmp_path):
+    convs = [
+        [{"role": "system", "content": "You are a helpful assistant."}, *user("apple"),
+         {"role": "assistant", "content": ANSWER}],
+        [*user("banana"), {"role": "assistant", "content": "<answer>bbb</answer>"},
+         {"role": "user", "content": "Again, in one word"}, {"role": "assistant", "content": "bbb"}],
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    cfg = make_cfg(path)
+    tok = load_tokenizer(cfg)
+    trainer = sft_trainer(load_policy(cfg, "cpu", torch.float32), tok, cfg, load_sft(path), tmp_path, device="cpu")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(convs))])
+    for row, conv in enumerate(convs):
+        full = ids_of(tok, conv)
+        n = len(full)
+        assert batch["input_ids"][row, :n].tolist() == full
+        expected = [-100] * n
+        for i, m in enumerate(conv):
+            if m["role"] != "assistant":
+                continue
+            start = len(ids_of(tok, conv[:i], generation_prompt=True))  # after "<|im_start|>assistant\n"
+            end = full.index(EOS, start) + 1  # the body and its <|im_end|>; not the "\n" after it
+            assert full[:start] == ids_of(tok, conv[:i], generation_prompt=True)
+            expected[start:end] = full[start:end]
+        assert batch["labels"][row, :n].tolist() == expected
+        assert (batch["labels"][row, n:] == -100).all()  # padding
+        assert sum(t != -100 for t in expected) == sum(
+            len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1 for m in conv if m["role"] == "assistant")
+
+
+def test_tool_calls_render_as_the_template_writes_them(tiny_model_dir, tmp_path):
+    """Rows whose tool-call arguments have different keys: Arrow must not merge them into each other."""
+    def conv(name, args):
+        return [*user("apple"), {"role": "assistant", "content": None,
+                                 "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]}]
+    convs = [conv("get_weather", {"city": "Paris"}), conv("calculator", {"expression": "2 + 2", "precise": True})]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    cfg = make_cfg(path)
+    tok = load_tokenizer(cfg)
+    trainer = sft_trainer(load_policy(cfg, "cpu", torch.float32), tok, cfg, load_sft(path), tmp_path, device="cpu")
+    assert [trainer.train_dataset[i]["input_ids"] for i in range(2)] == [ids_of(tok, c) for c in convs]
+
+
+def test_template_without_assistant_markers_is_a_clear_error(tiny_model_dir, tmp_path):
+    from runrl_engine.errors import UserError
+    from runrl_engine.models import FALLBACK_CHAT_TEMPLATE
+
+    cfg = make_cfg(write_sft(tmp_path / "sft.jsonl", n=2))
+    tok = load_tokenizer(cfg)
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE  # what a base model without a template gets
+    model = load_policy(cfg, "cpu", torch.float32)
+    marks = module_marks(model)
+    with pytest.raises(UserError, match="generation"):
+        run_sft(model, tok, cfg, tmp_path, log=lambda _: None, metrics=lambda _: None, device="cpu")
+    assert module_marks(model) == marks
+
+
+def test_lora_sft_trains_only_the_same_adapter(tiny_model_dir, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    cfg = make_cfg(write_sft(tmp_path / "sft.jsonl", n=16), use_lora=True, lora_rank=8, lora_alpha=16, sft_epochs=1)
+    tok = load_tokenizer(cfg)
+    model = load_policy(cfg, "cpu", torch.float32)
+    model.train()  # as the RL trainer holds it; SFT must hand it back in train mode
+    model.config.use_cache = True  # Trainer sets it to `args.use_cache` (False); it must come back True
+    adapters = {n: (m, m.lora_A["default"], m.lora_B["default"]) for n, m in model.named_modules()
+                if isinstance(m, LoraLayer)}
+    assert adapters
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    marks = module_marks(model)
+
+    summary = run_sft(model, tok, cfg, tmp_path, log=lambda _: None, metrics=lambda _: None, device="cpu")
+
+    assert summary["sft/steps"] == 4
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    now = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert now.keys() == adapters.keys()
+    for n, (layer, a, b) in adapters.items():
+        assert now[n] is layer and layer.lora_A["default"] is a and layer.lora_B["default"] is b
+    changed = {n for n, p in model.named_parameters() if not torch.equal(weights[n], p)}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # B starts at zero: the adapter now does something
+    base = [n for n, p in model.named_parameters() if "lora_" not in n]
+    assert base and all(torch.equal(weights[n], dict(model.named_parameters())[n]) for n in base)
+    assert module_marks(model) == marks and model.training and model.config.use_cache is True
