@@ -23,23 +23,43 @@ from runrl_engine.algorithms.losses import (
     token_weights,
 )
 from runrl_engine.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from runrl_engine.algorithms.ppo import (
+    approx_kl,
+    explained_variance,
+    masked_entropy,
+    ppo_advantages,
+    sequence_importance_ratio,
+    sequence_log_ratio,
+    token_level_rewards,
+    turn_end_positions,
+    value_loss,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "LOSS_TYPES",
+    "approx_kl",
     "clipped_surrogate",
     "entropy_from_logits",
+    "explained_variance",
     "gae",
     "get_advantage_estimator",
     "get_loss_type",
     "kl_k3",
+    "masked_entropy",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "ppo_advantages",
     "register_advantage",
     "register_loss_type",
     "selective_log_softmax",
+    "sequence_importance_ratio",
+    "sequence_log_ratio",
+    "token_level_rewards",
     "token_weights",
+    "turn_end_positions",
+    "value_loss",
 ]
