@@ -4,6 +4,7 @@ Run it, then point a run's `tools:` at the URL it prints:
 
     python examples/mcp_calculator.py --port 8765                  # http://127.0.0.1:8765/mcp
     python examples/mcp_calculator.py --port 8765 --transport sse  # http://127.0.0.1:8765/sse
+    python examples/mcp_calculator.py --port 8765 --tools add      # serve only `add`
 
 Tools: `add(a, b)`, `multiply(a, b)`, `evaluate(expression)` (arithmetic only: the expression is parsed
 into a Python AST and only numbers, + - * / // % ** and parentheses are evaluated; nothing is `eval`ed),
@@ -94,8 +95,9 @@ def _session_key(ctx: Context) -> str:
     return key
 
 
-def build_server() -> MCPServer:
-    """The calculator server; state lives in this closure, so every server instance starts empty."""
+def build_server(only: list[str] | None = None) -> MCPServer:
+    """The calculator server; state lives in this closure, so every server instance starts empty.
+    `only` keeps just the named tools (every tool schema is rendered into the model's prompt)."""
     server = MCPServer("runrl-calculator", version="1.0", log_level="WARNING")
     memory: dict[str, list[str]] = {}
 
@@ -137,6 +139,13 @@ def build_server() -> MCPServer:
         """Return everything remembered in this session, as a JSON list."""
         return json.dumps(memory.get(_session_key(ctx), []))
 
+    if only:
+        known = {t.name for t in server._tool_manager.list_tools()}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise SystemExit(f"unknown tool(s) {unknown}; choose from {sorted(known)}")
+        for name in known - set(only):
+            server.remove_tool(name)
     return server
 
 
@@ -145,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
+    parser.add_argument("--tools", help="comma-separated subset of tools to serve, e.g. add,multiply")
     args = parser.parse_args(argv)
-    server = build_server()
+    server = build_server(args.tools.split(",") if args.tools else None)
     path = "/mcp" if args.transport == "streamable-http" else "/sse"
     print(f"serving MCP ({args.transport}) at http://{args.host}:{args.port}{path}", flush=True)
     if args.transport == "sse":

@@ -113,7 +113,7 @@ class RunConfig:
     # ---- reward sandbox ------------------------------------------------------------------------------------
     reward_workers: int = _f(2, "Sandbox worker processes running the reward/environment code.", ge=1, le=256)
     reward_timeout_s: float = _f(30.0, "Per-call timeout of the reward/environment code, seconds.", gt=0)
-    reward_memory_mb: int = _f(4096, "Address-space limit of each sandbox worker, MiB.", ge=64)
+    reward_memory_mb: int = _f(4096, "Memory limit (RLIMIT_DATA: heap and anonymous mappings) of each sandbox worker, MiB.", ge=64)
     reward_allow_network: bool = _f(True, "Let reward code reach the network (LLM judges); false isolates it "
                                           "where the host supports it.")
     max_failed_reward_steps: int = _f(3, "Stop the run after this many consecutive steps whose rewards all "

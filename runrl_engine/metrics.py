@@ -96,7 +96,11 @@ class RunOutputs:
             return
         self._metrics.write(json.dumps(_jsonable(record)) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            if "step" in record:
+                self._wandb.log(numbers, step=record["step"])
+            else:  # SFT warm-start records come before RL step 1
+                self._wandb.log(numbers)
 
     def completions(self, records: list[dict[str, Any]]) -> None:
         if not self.enabled or not records:

@@ -26,6 +26,7 @@ or resume of the SFT phase (`save_strategy="no"`: a resumed run starts from its 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -48,8 +49,11 @@ _TOKEN_IDS = ("use_cache", "pad_token_id", "eos_token_id", "bos_token_id")
 
 
 def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Path, *, log: Callable[[str], None],
-            metrics: Callable[[dict], None], device: str | torch.device) -> dict[str, float]:
-    """Train `model` in place on `cfg.sft_file`; return `{"sft/loss_first", "sft/loss_last", "sft/steps", ...}`."""
+            metrics: Callable[[dict], None], device: str | torch.device,
+            tools: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Train `model` in place on `cfg.sft_file`; return `{"sft/loss_first", "sft/loss_last", "sft/steps", ...}`.
+
+    `tools` (OpenAI-style function schemas) are rendered into every example, as they are into RL prompts."""
     if not cfg.sft_file:
         raise ConfigError("SFT warm-start needs `sft_file`", where="sft_file", fix="set `sft_file: path/to/sft.jsonl`")
     examples = load_sft(cfg.sft_file)
@@ -59,7 +63,7 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Pat
     losses: list[float] = []
     try:
         trainer = sft_trainer(model, tokenizer, cfg, examples, Path(out_dir), device=device,
-                              callbacks=[_metrics_callback(metrics, losses)])
+                              callbacks=[_metrics_callback(metrics, losses)], tools=tools)
         kept = len(trainer.train_dataset)  # TRL drops rows whose assistant tokens all fall past max_length
         if not kept:
             raise DataError(f"no example has an assistant token within max_length={trainer.args.max_length} tokens",
@@ -85,7 +89,8 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Pat
 
 
 def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples: list[SFTExample], out_dir: Path, *,
-                device: str | torch.device, callbacks: list | None = None) -> Any:
+                device: str | torch.device, callbacks: list | None = None,
+                tools: list[dict[str, Any]] | None = None) -> Any:
     """The configured `SFTTrainer` (dataset already tokenised and labelled). Building it patches `model`;
     `run_sft` restores it afterwards, so other callers (tests inspecting labels) should use a throwaway model."""
     import datasets
@@ -118,8 +123,12 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
     )
     # One JSON value per message: Arrow's default typing merges the nested structs of all rows, so one row's tool-call
     # `arguments` would gain every other row's argument names as None (and the template would render them).
-    dataset = datasets.Dataset.from_list([{"messages": ex.messages} for ex in examples],
-                                         features=datasets.Features({"messages": datasets.List(datasets.Json())}))
+    rows = [{"messages": ex.messages} for ex in examples]
+    features = {"messages": datasets.List(datasets.Json())}
+    if tools:  # TRL passes a JSON-string `tools` column to apply_chat_template
+        rows = [{**row, "tools": json.dumps(tools)} for row in rows]
+        features["tools"] = datasets.Value("string")
+    dataset = datasets.Dataset.from_list(rows, features=datasets.Features(features))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # per-map progress bars would flood the run's stderr
     try:

@@ -142,7 +142,12 @@ class Trainer:
         if cfg.sft_file and not (resume and ckpt.latest_checkpoint(output_dir)):
             from runrl_engine.sft import run_sft
 
-            run_sft(policy, self.tokenizer, cfg, output_dir, log=self.log, metrics=self.outputs.metrics, device=device)
+            # SFT records carry their own counter (`sft_step`) so `step` stays the RL step everywhere
+            def sft_metrics(record: dict[str, Any]) -> None:
+                self.outputs.metrics({"phase": "sft", "sft_step": record.pop("step"), **record})
+
+            run_sft(policy, self.tokenizer, cfg, output_dir, log=self.log, metrics=sft_metrics, device=device,
+                    tools=self.tool_schemas or None)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.effective_learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
@@ -156,7 +161,7 @@ class Trainer:
         self.episode_settings = EpisodeSettings(
             sampling=SamplingParams(max_new_tokens=cfg.completion_length, temperature=cfg.temperature,
                                     top_p=cfg.top_p, top_k=cfg.top_k),
-            stop_ids=self._stop_ids(), pad_id=self.tokenizer.pad_token_id,
+            stop_ids=self._stop_ids(), pad_id=self.tokenizer.pad_token_id, end_of_turn_id=self.tokenizer.eos_token_id,
             max_turns=cfg.max_turns if (self.env_mode or cfg.tools) else 1,
             max_episode_tokens=cfg.max_episode_tokens, max_tool_calls=cfg.max_tool_calls,
             tool_timeout_s=cfg.tool_timeout_s)
@@ -307,8 +312,7 @@ class Trainer:
         model.eval()
         with self.acc.autocast():
             run_episodes(model, self.renderer, episodes, self.episode_settings, seed_of, group_size=G,
-                         env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools,
-                         log=self.log)
+                         env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools)
         model.train(was_training)
         return episodes
 

@@ -11,7 +11,8 @@ never re-tokenised.
 A turn whose text holds `<tool_call>` blocks is answered by the tools (one MCP session per episode) and the
 model continues; a turn without tool calls goes to the environment's `step` (type `environment`) or ends the
 episode (type `reward_function`, whose reward then sees that final text). Episodes end at `done`, after
-`max_turns` assistant turns, or when the next turn could exceed `max_episode_tokens` (truncated).
+`max_turns` assistant turns, or when the next turn could exceed `max_episode_tokens` (truncated). A turn cut
+at `completion_length` still goes to the environment, closed with the end-of-turn token as context.
 
 Not covered: KV-cache reuse across turns (each turn re-reads the episode's context), streaming tool output.
 """
@@ -76,14 +77,22 @@ class ChatRenderer:
         return self.encode(self.render(messages, add_generation_prompt=True))
 
     def continuation_ids(self, history: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[int]:
+        """Ids of the text the template puts after `history` to add `new` and open the next assistant turn.
+
+        When `history` ends with an assistant turn, the episode's tokens stop at the sampled end-of-turn token;
+        whatever the template writes after that token (ChatML's newline) is part of the insertion."""
         before = self.render(history, add_generation_prompt=False)
         after = self.render(history + new, add_generation_prompt=True)
+        tail = ""
+        eot = self.tokenizer.eos_token
+        if history and history[-1]["role"] == "assistant" and eot and eot in before:
+            tail = before[before.rindex(eot) + len(eot):]
         if not after.startswith(before):
             raise UserError("the model's chat template renders earlier turns differently once a new turn is added, "
                             "so multi-turn token sequences would not match the template", where="model",
                             fix="use a model whose chat template keeps earlier turns unchanged (e.g. Qwen2.5 "
                                 "instruct, or Qwen3 with thinking off), or single-turn `type: reward_function`")
-        return self.encode(after[len(before):])
+        return self.encode(tail + after[len(before):])
 
 
 @dataclass
@@ -95,6 +104,7 @@ class EpisodeSettings:
     max_episode_tokens: int = 1 << 30
     max_tool_calls: int = 8
     tool_timeout_s: float = 30.0
+    end_of_turn_id: int = 0  # appended (mask 0) to a turn cut at max_new_tokens when the episode goes on
 
 
 def _turn_text(tokenizer: Any, tokens: list[int], finished: bool) -> str:
@@ -103,7 +113,7 @@ def _turn_text(tokenizer: Any, tokens: list[int], finished: bool) -> str:
 
 def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[Episode], settings: EpisodeSettings,
                  seed_of: Callable[[Episode, int], int], *, group_size: int = 1, env: Any = None, tools: Any = None,
-                 tool_urls: Sequence[str] = (), log: Callable[[str], None] = print) -> list[Episode]:
+                 tool_urls: Sequence[str] = ()) -> list[Episode]:
     """Run every episode to its end. `episodes` arrive with prompt ids set, `group_size` consecutive per prompt
     (their first turn then shares one prefill).
 
@@ -147,10 +157,16 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
                 ep.turns += 1
                 ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
                 ep.messages.append({"role": "assistant", "content": ep.final_text})
-                if not comp.finished:  # hit completion_length mid-turn: the episode cannot continue cleanly
-                    ep.done = True
-                    continue
-                calls = _tool_calls(ep) if tool_urls else None
+                last_turn = turn == settings.max_turns - 1  # nothing inserted after it would ever be read
+                calls = _tool_calls(ep) if tool_urls and comp.finished and not last_turn else None
+                if not comp.finished:
+                    if env is None:  # hit completion_length: this was the final answer, cut short
+                        ep.done = True
+                        continue
+                    # the environment still judges the cut-short turn; close it with the end-of-turn token the
+                    # template expects, as context (mask 0: the policy did not sample it)
+                    ep.tokens.append(settings.end_of_turn_id)
+                    ep.mask.append(0)
                 if calls:
                     to_tools.append((ep, calls))
                 elif env is not None:
@@ -159,7 +175,7 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
                     ep.done = ep.finished = True
             _answer_tools(renderer, tools, to_tools, settings)
             if to_env:
-                _step_env(renderer, env, to_env, log)
+                _step_env(renderer, env, to_env, insert_observation=turn < settings.max_turns - 1)
         for ep in episodes:
             if not ep.done:  # out of turns
                 ep.done = True
@@ -213,7 +229,7 @@ def _answer_tools(renderer: ChatRenderer, tools: Any, pending: list, settings: E
         _insert(renderer, ep, messages)
 
 
-def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], log: Callable[[str], None]) -> None:
+def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], *, insert_observation: bool) -> None:
     steps = env.step([ep.env_id for ep in episodes], [ep.final_text for ep in episodes])
     for ep, step in zip(episodes, steps):
         if step.error:
@@ -224,5 +240,5 @@ def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], log: Ca
         ep.info.update(step.info)
         if step.done:
             ep.done = ep.finished = True
-        else:
+        elif insert_observation:
             _insert(renderer, ep, [{"role": "user", "content": step.observation}])
