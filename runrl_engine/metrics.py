@@ -11,30 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-SECRET_PATTERNS = [re.compile(p) for p in (r"hf_[A-Za-z0-9]{8,}", r"rl_[A-Za-z0-9]{6,}_[A-Za-z0-9]{16,}",
-                                           r"sk-[A-Za-z0-9_\-]{16,}")]
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "[REDACTED]")
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub("[REDACTED]", text)
-    return text
-
-
-def env_secrets() -> list[str]:
-    names = [n for n in os.environ if n in SECRET_ENV or n.startswith("RUNRL_") and "KEY" in n]
-    return [os.environ[n] for n in names if os.environ[n]]
-
+from runrl_engine.sandbox.isolation import env_secret_values, redact
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -63,7 +45,7 @@ class RunOutputs:
                  run_name: str = "", resume: bool = False):
         self.out_dir = out_dir
         self.enabled = enabled
-        self.secrets = [s for s in secrets if s] + env_secrets()
+        self.secrets = [s for s in secrets if s] + env_secret_values()
         self._bar = None
         self._wandb = None
         if not enabled:
