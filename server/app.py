@@ -1,0 +1,105 @@
+"""`create_app(settings)`: the RunRL REST service assembled from data.
+
+Routes come from one list per resource module (`server/routes/*`), all mounted under `/api/v1`; middleware
+is a list (auth + quota); exception handlers map everything to the envelope (server/errors.py); the lifespan
+opens the store, recovers runs left behind by a previous process, starts the worker slots, and keeps house
+(key usage counters flushed, runs with expired leases failed). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Mount
+
+from server.auth import AuthMiddleware, Authenticator
+from server.errors import EXCEPTION_HANDLERS
+from server.queue import RunQueue
+from server.ratelimit import RateLimiter
+from server.deploy import DeploymentManager
+from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation
+from server.settings import Settings
+from server.store import ResponseCache, Store
+from server.worker import Worker
+
+log = logging.getLogger("runrl.server")
+API_PREFIX = "/api/v1"
+RESOURCE_ROUTES = [health.ROUTES, keys.ROUTES, files.ROUTES, validation.ROUTES, runs.ROUTES, tools.ROUTES,
+                   shared.ROUTES, search.ROUTES, deployments.ROUTES]
+USAGE_FLUSH_S = 5.0
+
+
+@dataclass
+class Services:
+    """Everything a route needs, built once per app (no module-level state)."""
+
+    settings: Settings
+    store: Store
+    auth: Authenticator
+    limiter: RateLimiter
+    queue: RunQueue
+    worker: Worker
+    deployments: DeploymentManager
+    cache: ResponseCache = field(default_factory=ResponseCache)
+
+
+def build_services(settings: Settings) -> Services:
+    for d in (settings.data_dir, settings.files_dir, settings.runs_dir):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds user files and run secrets
+    store = Store(settings.db_path)
+    queue = RunQueue(store, worker_id=uuid.uuid4().hex, lease_s=settings.lease_s)
+    return Services(settings=settings, store=store, auth=Authenticator(store), limiter=RateLimiter(), queue=queue,
+                    worker=Worker(settings, store, queue),
+                    deployments=DeploymentManager(store, settings.runs_dir, settings.deploy_command,
+                                                  settings.data_dir / "deployments"))
+
+
+def create_app(settings: Settings) -> Starlette:
+    services = build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        failed = services.queue.recover(settings.runs_dir)
+        if failed:
+            log.warning("runs failed after restart: %s", failed)
+        if settings.start_worker:
+            services.worker.start()
+        services.deployments.resume_all()
+
+        async def housekeeping() -> None:
+            """Flush key-usage counters; fail runs whose lease expired (a worker slot that died)."""
+            last_sweep = time.monotonic()
+            while True:
+                await asyncio.sleep(USAGE_FLUSH_S)
+                services.limiter.flush(services.store)
+                if time.monotonic() - last_sweep > settings.lease_s:
+                    last_sweep = time.monotonic()
+                    await asyncio.to_thread(services.queue.recover, settings.runs_dir)
+
+        flusher = asyncio.create_task(housekeeping())
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            await asyncio.to_thread(services.worker.stop)
+            services.deployments.shutdown()
+            services.limiter.flush(services.store)
+            services.store.close()
+
+    routes = [route for group in RESOURCE_ROUTES for route in group]
+    app = Starlette(
+        routes=[Mount(API_PREFIX, routes=routes)],
+        middleware=[Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

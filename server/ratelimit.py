@@ -1,0 +1,77 @@
+"""Per-key hourly request quota (spec §1.5).
+
+Fixed windows aligned to the clock hour: a key may make `requests_per_hour` requests per hour, the window
+resets at the top of the next hour (`X-RateLimit-Reset`, unix seconds), and a request over the quota is
+answered 429 `rate_limit_exceeded` with `Retry-After`. Counters live in memory (one server process per data
+dir); lifetime totals are flushed to the store in batches so that counting never costs a write per request.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from server.store import Store, now_iso
+
+WINDOW_S = 3600
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: int  # unix seconds when the window ends
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.reset - time.time()))
+
+    def headers(self) -> dict[str, str]:
+        h = {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining),
+             "X-RateLimit-Reset": str(self.reset)}
+        if not self.allowed:
+            h["Retry-After"] = str(self.retry_after)
+        return h
+
+
+class RateLimiter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[int, tuple[int, int]] = {}  # key id -> (window start, count)
+        self._unflushed: dict[int, tuple[int, str]] = {}
+
+    def hit(self, key_id: int, limit: int, now: float | None = None) -> Decision:
+        now = time.time() if now is None else now
+        start = int(now // WINDOW_S * WINDOW_S)
+        with self._lock:
+            w_start, count = self._windows.get(key_id, (start, 0))
+            if w_start != start:
+                count = 0
+            allowed = count < limit
+            if allowed:
+                count += 1
+                n, _ = self._unflushed.get(key_id, (0, ""))
+                self._unflushed[key_id] = (n + 1, now_iso())
+            self._windows[key_id] = (start, count)
+        return Decision(allowed, limit, max(0, limit - count), start + WINDOW_S)
+
+    def used(self, key_id: int, now: float | None = None) -> tuple[int, int]:
+        """(requests in the current window, window reset time)."""
+        now = time.time() if now is None else now
+        start = int(now // WINDOW_S * WINDOW_S)
+        with self._lock:
+            w_start, count = self._windows.get(key_id, (start, 0))
+        return (count if w_start == start else 0), start + WINDOW_S
+
+    def unflushed(self, key_id: int) -> int:
+        with self._lock:
+            return self._unflushed.get(key_id, (0, ""))[0]
+
+    def flush(self, store: Store) -> None:
+        with self._lock:
+            pending, self._unflushed = self._unflushed, {}
+        if pending:
+            store.add_key_usage(pending)

@@ -1,0 +1,114 @@
+"""Route helpers shared by the resource modules: scope guard, paging, typed body fields.
+
+Each resource module exposes `ROUTES`, a list of `api(...)` entries; `create_app` assembles them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.auth import Principal
+from server.errors import ApiError
+
+Handler = Callable[[Request, Principal], Awaitable[Response]]
+MAX_PER_PAGE = 100
+
+
+def api(path: str, handler: Handler, methods: list[str], scope: str) -> Route:
+    """A route whose handler runs only for an authenticated key holding `scope` (`any`: any valid key)."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        principal = request.scope.get("state", {}).get("principal")
+        if principal is None:
+            raise ApiError(401, "Missing API key: send `Authorization: Bearer rl_...`")
+        if scope != "any" and not principal.allows(scope):
+            raise ApiError(403, f"This API key lacks the `{scope}` scope", details={"required_scope": scope})
+        return await handler(request, principal)
+
+    endpoint.required_scope = scope  # type: ignore[attr-defined]  (read by the auth-matrix test)
+    return Route(path, endpoint, methods=methods)
+
+
+def services(request: Request) -> Any:
+    return request.app.state.services
+
+
+def int_param(request: Request, name: str, default: int | None, *, lo: int | None = None,
+              hi: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"Invalid query parameter {name}", details={name: "must be an integer"}) from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ApiError(422, f"Invalid query parameter {name}", details={name: f"must be {bounds}"})
+    return value
+
+
+def bool_param(request: Request, name: str, default: bool = False) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise ApiError(422, f"Invalid query parameter {name}", details={name: "must be true or false"})
+
+
+def paging(request: Request) -> tuple[int, int]:
+    page = int_param(request, "page", 1, lo=1)
+    per_page = int_param(request, "per_page", 20, lo=1, hi=MAX_PER_PAGE)
+    return page, per_page  # type: ignore[return-value]
+
+
+def sort_clause(request: Request, allowed: dict[str, str], default: str) -> str:
+    """`sort`/`direction` query params -> an ORDER BY clause from a whitelist (never raw user text)."""
+    sort = request.query_params.get("sort") or default
+    direction = (request.query_params.get("direction") or "desc").lower()
+    if sort not in allowed:
+        raise ApiError(422, "Invalid sort", details={"sort": f"one of {sorted(allowed)}"})
+    if direction not in ("asc", "desc"):
+        raise ApiError(422, "Invalid direction", details={"direction": "asc or desc"})
+    return f"{allowed[sort]} {direction.upper()}, rowid {direction.upper()}"
+
+
+def paged(items: list[Any], page: int, per_page: int, total: int) -> dict[str, Any]:
+    last = max(1, -(-total // per_page))
+    return {"items": items, "pagination": {"current_page": page, "per_page": per_page, "total": total,
+                                           "last_page": last}}
+
+
+def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False,
+          default: Any = None) -> Any:
+    """A typed body field; wrong type or missing required -> 422 naming the field."""
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiError(422, "Validation failed", details={name: "is required"})
+        return default
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ApiError(422, "Validation failed", details={name: f"must be {_kind_name(kinds)}"})
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise ApiError(422, "Validation failed", details={name: f"must be {_kind_name(kinds)}"})
+    if isinstance(value, str) and required and not value.strip():
+        raise ApiError(422, "Validation failed", details={name: "must not be empty"})
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+             dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

@@ -1,0 +1,156 @@
+"""`/deployments`: check, create (pending -> active | failed), list, detail, delete (soft; stops the model
+server), and the inference proxy `POST /deployments/{id}/v1/chat/completions` (= `{api_url}/v1/chat/...`).
+Every deployment endpoint needs the `write` scope (spec §1.7)."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from server.auth import Principal
+from server.errors import ApiError, not_found, ok, read_json
+from server.routes import api, paged, paging, services
+from server.store import now_iso
+
+LIVE = ("pending", "active")
+
+
+def _base(request: Request) -> str:
+    return (services(request).settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def deployment_object(svc: Any, row: dict[str, Any], base: str) -> dict[str, Any]:
+    run = svc.store.run(row["run_id"])
+    obj = {"id": row["id"], "run_id": row["run_id"], "base_model": row["base_model"],
+           "api_url": f"{base}/api/v1/deployments/{row['id']}" if row["status"] == "active" else "",
+           "status": row["status"], "error_message": row["error_message"], "created_at": row["created_at"],
+           "updated_at": row["updated_at"],
+           "run": {"id": run["id"], "status": run["status"], "model": run["model"], "hf_name": run["hf_name"]}
+           if run else None}
+    return {**obj, "deployment": dict(obj)}  # SDK 0.2.0 read `data.deployment`; 0.2.1+ reads `data`
+
+
+def _checks(svc: Any, p: Principal, run_id: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    if isinstance(run_id, bool) or not isinstance(run_id, int):
+        raise ApiError(422, "Validation failed", details={"run_id": "is required (an integer run id)"})
+    run = svc.store.run(run_id, p.user_id)
+    if run is None:
+        raise not_found("Run")
+    reasons = []
+    if run["status"] != "COMPLETED":
+        reasons.append(f"run {run_id} is {run['status']}; only COMPLETED runs can be deployed")
+    elif not (svc.deployments.model_dir(run_id) / "config.json").exists():
+        reasons.append(f"run {run_id} has no final model (final/config.json is missing)")
+    live = svc.store.one("SELECT id FROM deployments WHERE run_id = ? AND status IN ('pending', 'active')", (run_id,))
+    if live:
+        reasons.append(f"run {run_id} is already deployed (deployment {live['id']})")
+    return run, reasons
+
+
+async def check(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    run, reasons = _checks(svc, p, body.get("run_id"))
+    return ok({"run_id": run["id"], "deployable": not reasons, "can_deploy": not reasons, "reasons": reasons,
+               "base_model": run["model"], "model_path_exists": (svc.deployments.model_dir(run["id"]) / "config.json")
+               .exists()})
+
+
+async def create(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    run, reasons = _checks(svc, p, body.get("run_id"))
+    if reasons:
+        raise ApiError(422, reasons[0], details={"run_id": "; ".join(reasons)})
+    now = now_iso()
+    dep_id = svc.store.insert("deployments", {"user_id": p.user_id, "run_id": run["id"], "base_model": run["model"],
+                                              "status": "pending", "created_at": now, "updated_at": now})
+    svc.deployments.start(dep_id)
+    row = svc.store.one("SELECT * FROM deployments WHERE id = ?", (dep_id,))
+    return ok(deployment_object(svc, row, _base(request)), message="Deployment started", status=201)
+
+
+def _owned(request: Request, p: Principal) -> dict[str, Any]:
+    raw = request.path_params["deployment_id"]
+    row = services(request).store.one("SELECT * FROM deployments WHERE id = ? AND user_id = ?",
+                                      (int(raw) if raw.isdigit() else -1, p.user_id))
+    if row is None:
+        raise not_found("Deployment")
+    return row
+
+
+async def list_deployments(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    page, per_page = paging(request)
+    sql, args = "SELECT * FROM deployments WHERE user_id = ? AND status != 'deleted'", [p.user_id]
+    status = request.query_params.get("status")
+    if status:
+        sql += " AND status = ?"
+        args.append(status)
+    rows, total = svc.store.page(sql, args, "id DESC", page, per_page)
+    return ok(paged([deployment_object(svc, r, _base(request)) for r in rows], page, per_page, total))
+
+
+async def retrieve(request: Request, p: Principal) -> Response:
+    return ok(deployment_object(services(request), _owned(request, p), _base(request)))
+
+
+async def delete(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = _owned(request, p)
+    if row["status"] != "deleted":
+        svc.deployments.stop(row["id"])
+    row = svc.store.one("SELECT * FROM deployments WHERE id = ?", (row["id"],))
+    return ok(deployment_object(svc, row, _base(request)), message="Deployment deleted")
+
+
+async def _proxy(request: Request, p: Principal, method: str, path: str) -> Response:
+    """Forward to the deployment's model server, streaming the answer back unchanged."""
+    svc = services(request)
+    row = _owned(request, p)
+    if row["status"] != "active":
+        raise ApiError(422, f"Deployment {row['id']} is {row['status']}, not active",
+                       details={"status": row["status"]})
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{row['port']}", timeout=httpx.Timeout(600, connect=5))
+    upstream_req = client.build_request(method, path, content=await request.body(),
+                                        headers={"Content-Type": "application/json"})
+    try:
+        upstream = await client.send(upstream_req, stream=True)
+    except httpx.HTTPError as exc:
+        await client.aclose()
+        raise ApiError(503, f"The model server is not reachable: {exc}") from None
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+
+    async def close() -> None:
+        await upstream.aclose()
+        await client.aclose()
+
+    return StreamingResponse(body(), status_code=upstream.status_code,
+                             media_type=upstream.headers.get("content-type", "application/json"),
+                             background=BackgroundTask(close))
+
+
+async def chat_completions(request: Request, p: Principal) -> Response:
+    return await _proxy(request, p, "POST", "/v1/chat/completions")
+
+
+async def models(request: Request, p: Principal) -> Response:
+    return await _proxy(request, p, "GET", "/v1/models")
+
+
+ROUTES = [
+    api("/deployments", list_deployments, ["GET"], "write"),
+    api("/deployments", create, ["POST"], "write"),
+    api("/deployments/check", check, ["POST"], "write"),
+    api("/deployments/{deployment_id}", retrieve, ["GET"], "write"),
+    api("/deployments/{deployment_id}", delete, ["DELETE"], "write"),
+    api("/deployments/{deployment_id}/v1/chat/completions", chat_completions, ["POST"], "write"),
+    api("/deployments/{deployment_id}/v1/models", models, ["GET"], "write"),
+]

@@ -1,0 +1,276 @@
+"""`/runs`: create (validated), list, detail, history, cancel. Outputs (logs, SSE, metrics, completions) are in
+`run_outputs.py`.
+
+The create body is RunRL's (spec §2.1): file ids become paths of the caller's own files, `tool_ids` become
+MCP URLs, and the rest maps onto `RunConfig` keys, which also lets engine keys such as `max_steps` or
+`num_generations` through. The whole config is validated by `RunConfig.from_dict` before the run is queued,
+so a bad value is a 422 naming the field, not a failed run. Unknown keys are ignored and echoed in
+`parameters`; `hf_token` is kept out of `parameters` and of the stored config (it lives only in the run's
+private secrets column and in the short-lived `run.yaml` the worker hands to `runrl train`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runrl_engine.config import REDACTED, RunConfig
+from runrl_engine.errors import ConfigError
+from server.auth import Principal
+from server.errors import ApiError, ok, read_json
+from server.queue import ACTIVE, RunStatus
+from server.routes import api, paged, paging, services
+from server.routes.files import file_path, file_ref
+from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
+from server.store import now_iso
+
+RUN_TYPES = ("reward_function", "environment")
+CACHEABLE = {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}
+# API ranges (spec §2.1, §6); the engine's own ranges are checked by RunConfig afterwards.
+API_RANGES = {"completion_length": (128, 8192), "epochs": (1, 100), "learning_rate_multiplier": (0.1, 10.0)}
+API_DEFAULTS = {"completion_length": 1024, "epochs": 1, "learning_rate_multiplier": 1.0, "use_lora": False,
+                "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.0}
+API_ONLY = {"prompt_file_id", "reward_file_id", "sft_file_id", "tool_ids"}
+# Config keys a request may not set directly: server paths and tool URLs come only from ids.
+NOT_FROM_BODY = {"prompt_file", "reward_file", "sft_file", "tools"}
+SECRET_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
+CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+# The columns a Run object needs (never `config` or `secrets`).
+RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
+               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id")
+
+
+def _by_id(svc: Any, sql: str, ids: set[Any]) -> dict[Any, dict[str, Any]]:
+    if not ids:
+        return {}
+    rows = svc.store.all(sql.format(marks=", ".join("?" for _ in ids)), list(ids))
+    return {r["id"]: r for r in rows}
+
+
+def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run objects for `rows`, with their files and tools fetched in two queries for the whole list."""
+    file_ids = {r[k] for r in rows for k in ("prompt_file_id", "reward_file_id", "sft_file_id") if r[k]}
+    files = _by_id(svc, "SELECT id, name, type, deleted_at FROM files WHERE id IN ({marks})", file_ids)
+    tools = _by_id(svc, "SELECT id, name, mcp_url, description FROM tools WHERE id IN ({marks})",
+                   {t for r in rows for t in r["tool_ids"]})
+    now = now_iso()
+
+    def ref(file_id: str | None) -> dict[str, Any] | None:
+        if not file_id:
+            return None
+        return file_ref(files.get(file_id)) or {"id": file_id, "name": None, "type": None, "deleted": True}
+
+    out = []
+    for row in rows:
+        status = row["status"]
+        step, progress = read_progress(svc.settings.runs_dir, row["id"], status, row["total_steps"])
+        duration = None
+        if row["started_at"]:
+            end = row["completed_at"] or now
+            duration = int((_parse(end) - _parse(row["started_at"])).total_seconds())
+        out.append({
+            "id": row["id"], "status": status, "type": row["type"], "model": row["model"],
+            "parameters": row["parameters"], "uses_tools": bool(row["tool_ids"]), "progress": progress,
+            "current_step": step, "total_steps": row["total_steps"],
+            "created_at": row["created_at"], "updated_at": row["updated_at"], "started_at": row["started_at"],
+            "completed_at": row["completed_at"], "error_message": row["error_message"], "wandb_url": None,
+            "hf_name": row["hf_name"], "prompt_file": ref(row["prompt_file_id"]),
+            "reward_file": ref(row["reward_file_id"]), "sft_file": ref(row["sft_file_id"]),
+            "tools": [tools.get(t) or {"id": t, "name": None, "mcp_url": None, "description": None}
+                      for t in row["tool_ids"]],
+            "billing_start_time": row["started_at"], "billing_end_time": row["completed_at"],
+            "duration_seconds": duration})
+    return out
+
+
+def run_object(svc: Any, row: dict[str, Any]) -> dict[str, Any]:
+    return run_objects(svc, [row])[0]
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+# ---- create -----------------------------------------------------------------------------------------------
+
+def _file_for(svc: Any, p: Principal, body: dict[str, Any], name: str, types: tuple[str, ...],
+              errors: dict[str, str], required: bool) -> dict[str, Any] | None:
+    file_id = body.get(name)
+    if file_id in (None, ""):
+        if required:
+            errors[name] = "is required"
+        return None
+    if not isinstance(file_id, str):
+        errors[name] = "must be a file id (string)"
+        return None
+    row = svc.store.file(file_id, p.user_id)
+    if row is None:
+        errors[name] = f"file {file_id} not found"
+    elif row["type"] not in types:
+        errors[name] = f"file {file_id} has type {row['type']!r}; expected {' or '.join(types)}"
+    else:
+        return row
+    return None
+
+
+def _check_api_fields(body: dict[str, Any], errors: dict[str, str]) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"].strip():
+        errors["model"] = "is required (a model id such as Qwen/Qwen3-4B, or builtin:tiny)"
+    if body.get("type") not in RUN_TYPES:
+        errors["type"] = f"is required: one of {list(RUN_TYPES)}"
+    for key, (lo, hi) in API_RANGES.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            errors[key] = f"must be a number between {lo:g} and {hi:g}"
+        elif key != "learning_rate_multiplier" and not float(value).is_integer():
+            errors[key] = "must be an integer"
+    reqs = body.get("package_requirements")
+    if reqs is not None and (not isinstance(reqs, list) or not all(isinstance(r, str) for r in reqs)):
+        errors["package_requirements"] = "must be a list of pip requirement strings"
+    for key in ("hf_token", "hf_name"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            errors[key] = "must be a string"
+
+
+def _tools(svc: Any, p: Principal, body: dict[str, Any], errors: dict[str, str]) -> list[dict[str, Any]]:
+    ids = body.get("tool_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        errors["tool_ids"] = "must be a list of tool ids (integers)"
+        return []
+    tools = []
+    for tool_id in ids:
+        t = svc.store.one("SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)", (tool_id, p.user_id))
+        if t is None:
+            errors["tool_ids"] = f"tool {tool_id} not found"
+            return []
+        tools.append(t)
+    return tools
+
+
+def _estimate_steps(path: str, cfg: RunConfig) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    with open(path, "rb") as fh:
+        n = sum(1 for line in fh if line.strip())
+    n_eval = min(cfg.eval_max_prompts, int(n * cfg.eval_fraction))
+    n_train = n - n_eval if n - n_eval >= 1 else n
+    return cfg.epochs * max(1, math.ceil(n_train / cfg.prompts_per_step))
+
+
+async def create(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    errors: dict[str, str] = {}
+    _check_api_fields(body, errors)
+    prompt = _file_for(svc, p, body, "prompt_file_id", ("prompt",), errors, True)
+    reward = _file_for(svc, p, body, "reward_file_id", ("reward_function", "environment"), errors, True)
+    sft = _file_for(svc, p, body, "sft_file_id", ("sft",), errors, False)
+    tools = _tools(svc, p, body, errors)
+    if errors:
+        raise ApiError(422, "Validation failed", details=errors)
+    config: dict[str, Any] = {k: v for k, v in body.items()
+                              if k in CONFIG_KEYS and k not in NOT_FROM_BODY and v is not None}
+    config.update(prompt_file=str(file_path(svc, prompt)), reward_file=str(file_path(svc, reward)),
+                  tools=[t["mcp_url"] for t in tools])
+    if sft:
+        config["sft_file"] = str(file_path(svc, sft))
+    try:
+        cfg = RunConfig.from_dict(config, source="run")
+    except ConfigError as exc:
+        key = (exc.where or "").split(": ", 1)[-1] or "body"
+        raise ApiError(422, f"Invalid run configuration: {exc.message}",
+                       details={key: exc.message + (f" ({exc.fix})" if exc.fix else "")}) from None
+    secrets = {k: config.pop(k) for k in list(config) if k in SECRET_KEYS}
+    parameters = {**API_DEFAULTS, **{k: v for k, v in body.items() if k not in API_ONLY}}
+    for k in SECRET_KEYS & parameters.keys():
+        parameters[k] = REDACTED
+    now = now_iso()
+    run_id = svc.store.insert_run({
+        "user_id": p.user_id, "status": RunStatus.PENDING.value, "type": cfg.type, "model": cfg.model,
+        "parameters": parameters, "config": config, "secrets": secrets, "prompt_file_id": prompt["id"],
+        "reward_file_id": reward["id"], "sft_file_id": sft["id"] if sft else None,
+        "tool_ids": [t["id"] for t in tools], "hf_name": cfg.hf_name,
+        "total_steps": _estimate_steps(config["prompt_file"], cfg), "created_at": now, "updated_at": now},
+        "Run queued")
+    for t in tools:
+        svc.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (t["id"],))
+    svc.worker.wake()
+    return ok(run_object(svc, svc.store.run(run_id)), message="Run created", status=201)
+
+
+# ---- read / cancel ----------------------------------------------------------------------------------------
+
+async def list_runs(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    # Pages whose runs can no longer change without a database write are served from a cache (the runs
+    # list is what clients poll); RUNNING/SETTING_UP runs read progress from disk, so they are never cached.
+    cache_key, generation = (p.user_id, request.url.query), svc.store.generation()
+    cached = svc.cache.get(cache_key, generation)
+    if cached is not None:
+        return Response(cached, media_type="application/json")
+    page, per_page = paging(request)
+    sql, args = f"SELECT {RUN_COLUMNS} FROM runs WHERE user_id = ?", [p.user_id]
+    status = request.query_params.get("status")
+    if status:
+        wanted = [s.strip().upper() for s in status.split(",") if s.strip()]
+        bad = [s for s in wanted if s not in RunStatus.__members__]
+        if bad:
+            raise ApiError(422, "Invalid status filter", details={"status": f"one of {list(RunStatus.__members__)}"})
+        sql += f" AND status IN ({', '.join('?' for _ in wanted)})"
+        args += wanted
+    for param, op in (("created_after", ">="), ("created_before", "<")):
+        value = request.query_params.get(param)
+        if value:
+            sql += f" AND created_at {op} ?"
+            args.append(value)
+    for param in ("type", "model"):
+        value = request.query_params.get(param)
+        if value:
+            sql += f" AND {param} = ?"
+            args.append(value)
+    direction = "ASC" if (request.query_params.get("direction") or "desc").lower() == "asc" else "DESC"
+    rows, total = svc.store.page(sql, args, f"id {direction}", page, per_page)
+    response = ok(paged(run_objects(svc, rows), page, per_page, total))
+    if all(r["status"] in CACHEABLE for r in rows):
+        svc.cache.put(cache_key, generation, response.body)
+    return response
+
+
+async def retrieve(request: Request, p: Principal) -> Response:
+    return ok(run_object(services(request), owned_run(request, p)))
+
+
+async def history(request: Request, p: Principal) -> Response:
+    row = owned_run(request, p)
+    return ok({"run_id": row["id"], "history": services(request).store.history(row["id"])})
+
+
+async def cancel(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = owned_run(request, p)
+    if RunStatus(row["status"]) not in ACTIVE:
+        return ok(run_object(svc, row), message=f"Run already finished ({row['status']})")
+    svc.store.update("runs", "id", row["id"], {"cancel_requested": 1, "updated_at": now_iso()})
+    if not svc.queue.transition(row["id"], RunStatus.CANCELLED, "Cancelled by user before it started",
+                                only_from=RunStatus.PENDING):
+        svc.worker.cancel(row["id"])
+    return ok(run_object(svc, svc.store.run(row["id"])), message="Cancellation requested")
+
+
+ROUTES = [
+    api("/runs", list_runs, ["GET"], "read"),
+    api("/runs", create, ["POST"], "write"),
+    api("/runs/{run_id}", retrieve, ["GET"], "read"),
+    api("/runs/{run_id}/history", history, ["GET"], "read"),
+    api("/runs/{run_id}/cancel", cancel, ["POST"], "write"),
+    *OUTPUT_ROUTES,
+]

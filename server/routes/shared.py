@@ -1,0 +1,221 @@
+"""`/shared-configurations`: saved run recipes (configuration dict + prompt/reward/SFT file references).
+
+Visibility: `public` (listed by browse, readable by every key), `unlisted` (readable by anyone who has the
+uuid, not listed), `private` (owner only; anyone else gets 404). A recipe may reference the caller's own files,
+or files of another user that a public/unlisted recipe shares; those are copied into the caller's account
+when saved. `copy` clones a readable recipe and its files into the caller's account and returns the new ids.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.auth import Principal
+from server.errors import ApiError, not_found, ok, read_json
+from server.routes import api, field, paged, paging, services
+from server.routes.files import file_path, file_ref, insert_file, preview_of, read_text
+from server.store import now_iso
+
+VISIBILITIES = ("public", "unlisted", "private")
+FILE_KEYS = (("prompt_file_id", "prompt", ("prompt",)), ("reward_file_id", "reward", ("reward_function", "environment")),
+             ("sft_file_id", "sft", ("sft",)))
+CODE_SNIPPET_LINES = 60
+
+
+def config_object(svc: Any, row: dict[str, Any], p: Principal, base: str) -> dict[str, Any]:
+    likes = svc.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
+    liked = svc.store.one("SELECT 1 AS x FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
+                          (row["uuid"], p.user_id)) is not None
+    creator = svc.store.one("SELECT id, name FROM users WHERE id = ?", (row["user_id"],))
+    files = {}
+    for key, short, _ in FILE_KEYS:
+        ref = svc.store.one("SELECT * FROM files WHERE id = ?", (row[key],)) if row[key] else None
+        files[f"{short}_file"] = file_ref(ref)
+    return {"uuid": row["uuid"], "name": row["name"], "description": row["description"],
+            "visibility": row["visibility"], "configuration": row["configuration"],
+            "shareable_url": f"{base}/runs/create?config={row['uuid']}",
+            "stats": {"likes": likes, "copies": row["copies"]}, "creator": creator,
+            "is_owner": row["user_id"] == p.user_id, "liked": liked, "files": files,
+            "prompt_file_id": row["prompt_file_id"], "reward_file_id": row["reward_file_id"],
+            "sft_file_id": row["sft_file_id"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+def _base(request: Request) -> str:
+    return (services(request).settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def readable(request: Request, p: Principal) -> dict[str, Any]:
+    row = services(request).store.one("SELECT * FROM shared_configs WHERE uuid = ?", (request.path_params["uuid"],))
+    if row is None or (row["user_id"] != p.user_id and row["visibility"] == "private"):
+        raise not_found("Shared configuration")
+    return row
+
+
+def _owned(request: Request, p: Principal) -> dict[str, Any]:
+    row = readable(request, p)
+    if row["user_id"] != p.user_id:
+        raise ApiError(403, "Only the configuration's owner can change it")
+    return row
+
+
+def _copy_file(svc: Any, row: dict[str, Any], user_id: int) -> str:
+    data = file_path(svc, row).read_bytes()
+    return insert_file(svc, user_id, row["name"], row["type"], data, row["original_filename"], row["mime_type"])["id"]
+
+
+def _resolve_file(svc: Any, p: Principal, key: str, types: tuple[str, ...], file_id: Any) -> str | None:
+    """The caller's own file id, or a copy of a file another user shares through a readable recipe."""
+    if file_id in (None, ""):
+        return None
+    if not isinstance(file_id, str):
+        raise ApiError(422, "Validation failed", details={key: "must be a file id"})
+    row = svc.store.file(file_id)
+    shared = row is not None and (row["user_id"] == p.user_id or svc.store.one(
+        f"SELECT 1 AS x FROM shared_configs WHERE {key} = ? AND visibility != 'private'", (file_id,)) is not None)
+    if not shared:
+        raise ApiError(422, "Validation failed", details={key: f"file {file_id} not found"})
+    if row["type"] not in types:
+        raise ApiError(422, "Validation failed", details={key: f"file has type {row['type']!r}; expected {types[0]}"})
+    return file_id if row["user_id"] == p.user_id else _copy_file(svc, row, p.user_id)
+
+
+def _visibility(value: Any) -> str:
+    if value not in VISIBILITIES:
+        raise ApiError(422, "Validation failed", details={"visibility": f"one of {list(VISIBILITIES)}"})
+    return value
+
+
+async def create(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    name = field(body, "name", str, required=True).strip()
+    values = {"uuid": str(uuidlib.uuid4()), "user_id": p.user_id, "name": name,
+              "description": field(body, "description", str),
+              "visibility": _visibility(body.get("visibility", "private")),
+              "configuration": field(body, "configuration", dict, default={})}
+    for key, _, types in FILE_KEYS:
+        values[key] = _resolve_file(svc, p, key, types, body.get(key))
+    values["created_at"] = values["updated_at"] = now_iso()
+    svc.store.insert("shared_configs", values)
+    row = svc.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (values["uuid"],))
+    return ok(config_object(svc, row, p, _base(request)), message="Configuration saved", status=201)
+
+
+async def list_own(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    rows = svc.store.all("SELECT * FROM shared_configs WHERE user_id = ? ORDER BY created_at DESC, rowid DESC",
+                         (p.user_id,))
+    return ok([config_object(svc, r, p, _base(request)) for r in rows])
+
+
+async def browse(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    page, per_page = paging(request)
+    sql, args = "SELECT * FROM shared_configs WHERE visibility = 'public'", []
+    model = request.query_params.get("model")
+    if model:
+        sql += " AND json_extract(configuration, '$.model') = ?"
+        args.append(model)
+    mode = request.query_params.get("reward_mode") or request.query_params.get("type")
+    if mode:
+        sql += " AND coalesce(json_extract(configuration, '$.reward_mode'), json_extract(configuration, '$.type')) = ?"
+        args.append(mode)
+    search = request.query_params.get("search") or request.query_params.get("q")
+    if search:
+        sql += " AND (name LIKE ? OR description LIKE ?)"
+        args += [f"%{search}%"] * 2
+    rows, total = svc.store.page(sql, args, "created_at DESC, rowid DESC", page, per_page)
+    return ok(paged([config_object(svc, r, p, _base(request)) for r in rows], page, per_page, total))
+
+
+async def retrieve(request: Request, p: Principal) -> Response:
+    return ok(config_object(services(request), readable(request, p), p, _base(request)))
+
+
+async def data(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = readable(request, p)
+    out: dict[str, Any] = {"uuid": row["uuid"], "configuration": row["configuration"]}
+    for key, short, _ in FILE_KEYS:
+        f = svc.store.file(row[key]) if row[key] else None
+        if f is None:
+            out[f"{short}_preview" if short != "reward" else "reward_code"] = None
+        elif short == "reward":
+            lines = read_text(svc, f).splitlines()
+            out["reward_code"] = "\n".join(lines[:CODE_SNIPPET_LINES])
+            out["reward_code_truncated"] = len(lines) > CODE_SNIPPET_LINES
+        else:
+            out[f"{short}_preview"] = preview_of(svc, f, 5)
+    return ok(out)
+
+
+async def copy(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = readable(request, p)
+    new = {"uuid": str(uuidlib.uuid4()), "user_id": p.user_id, "name": row["name"],
+           "description": row["description"], "visibility": "private", "configuration": row["configuration"]}
+    for key, _, _ in FILE_KEYS:
+        f = svc.store.file(row[key]) if row[key] else None
+        new[key] = _copy_file(svc, f, p.user_id) if f else None
+    new["created_at"] = new["updated_at"] = now_iso()
+    svc.store.insert("shared_configs", new)
+    svc.store.execute("UPDATE shared_configs SET copies = copies + 1 WHERE uuid = ?", (row["uuid"],))
+    return ok({"uuid": new["uuid"], "source_uuid": row["uuid"], "configuration": new["configuration"],
+               "prompt_file_id": new["prompt_file_id"], "reward_file_id": new["reward_file_id"],
+               "sft_file_id": new["sft_file_id"]}, message="Configuration copied", status=201)
+
+
+async def like(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = readable(request, p)
+    removed = svc.store.execute("DELETE FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
+                                (row["uuid"], p.user_id))
+    if not removed:
+        svc.store.insert("shared_config_likes", {"uuid": row["uuid"], "user_id": p.user_id})
+    likes = svc.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
+    return ok({"uuid": row["uuid"], "liked": not removed, "likes": likes})
+
+
+async def update(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = _owned(request, p)
+    body = await read_json(request)
+    values: dict[str, Any] = {}
+    if "name" in body:
+        values["name"] = field(body, "name", str, required=True).strip()
+    if "description" in body:
+        values["description"] = field(body, "description", str)
+    if "visibility" in body:
+        values["visibility"] = _visibility(body["visibility"])
+    if "configuration" in body:
+        values["configuration"] = field(body, "configuration", dict, required=True)
+    if values:
+        values["updated_at"] = now_iso()
+        svc.store.update("shared_configs", "uuid", row["uuid"], values)
+    row = svc.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (row["uuid"],))
+    return ok(config_object(svc, row, p, _base(request)), message="Configuration updated")
+
+
+async def delete(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = _owned(request, p)
+    svc.store.execute("DELETE FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
+    svc.store.execute("DELETE FROM shared_configs WHERE uuid = ?", (row["uuid"],))
+    return ok({"uuid": row["uuid"], "deleted": True}, message="Configuration deleted")
+
+
+ROUTES = [
+    api("/shared-configurations", list_own, ["GET"], "read"),
+    api("/shared-configurations", create, ["POST"], "write"),
+    api("/shared-configurations/browse", browse, ["GET"], "read"),
+    api("/shared-configurations/{uuid}", retrieve, ["GET"], "read"),
+    api("/shared-configurations/{uuid}", update, ["PUT"], "write"),
+    api("/shared-configurations/{uuid}", delete, ["DELETE"], "write"),
+    api("/shared-configurations/{uuid}/data", data, ["GET"], "read"),
+    api("/shared-configurations/{uuid}/copy", copy, ["POST"], "write"),
+    api("/shared-configurations/{uuid}/like", like, ["POST"], "write"),
+]

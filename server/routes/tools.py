@@ -1,0 +1,148 @@
+"""`/tools`: MCP tool registrations (CRUD; name unique per owner; listings show public tools plus the
+caller's own) and `POST /tools/test-mcp`, a real MCP handshake (initialize + tools/list through the official
+`mcp` client, streamable HTTP or SSE by URL path) done by `runrl_engine.tools.mcp_client.handshake_async`."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.auth import Principal
+from server.errors import ApiError, not_found, ok, read_json
+from server.routes import api, bool_param, field, paged, paging, services, sort_clause
+from server.store import now_iso
+
+SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
+         "updated_at": "updated_at"}
+
+
+def tool_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "description": row["description"], "mcp_url": row["mcp_url"],
+            "owner_user_id": row["user_id"], "is_public": bool(row["is_public"]), "verified": bool(row["verified"]),
+            "usage_count": row["usage_count"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+def check_url(value: Any) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ApiError(422, "Validation failed", details={"mcp_url": "must be an http(s) URL, e.g. https://host/mcp"})
+    return value
+
+
+def visible_tool(request: Request, p: Principal) -> dict[str, Any]:
+    raw = request.path_params["tool_id"]
+    row = services(request).store.one("SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)",
+                                      (int(raw) if raw.isdigit() else -1, p.user_id))
+    if row is None:
+        raise not_found("Tool")
+    return row
+
+
+def _owned(request: Request, p: Principal, *, admin_ok: bool = False) -> dict[str, Any]:
+    row = visible_tool(request, p)
+    if row["user_id"] != p.user_id and not (admin_ok and "admin" in p.scopes):
+        raise ApiError(403, "Only the tool's owner can change it")
+    return row
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = field(body, "name", str, required=True).strip()
+    if len(name) > 255:
+        raise ApiError(422, "Validation failed", details={"name": "at most 255 characters"})
+    return name
+
+
+def _duplicate(name: str) -> ApiError:
+    return ApiError(422, f"You already have a tool named {name!r}", details={"name": "must be unique per owner"})
+
+
+async def list_tools(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    page, per_page = paging(request)
+    sql, args = "SELECT * FROM tools WHERE (user_id = ? OR is_public = 1)", [p.user_id]
+    if bool_param(request, "owned_only"):
+        sql += " AND user_id = ?"
+        args.append(p.user_id)
+    if bool_param(request, "public_only"):
+        sql += " AND is_public = 1"
+    if request.query_params.get("verified"):
+        sql += " AND verified = ?"
+        args.append(int(bool_param(request, "verified")))
+    search = request.query_params.get("search")
+    if search:
+        like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql += " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\')"
+        args += [like, like]
+    rows, total = svc.store.page(sql, args, sort_clause(request, SORTS, "created_at"), page, per_page)
+    return ok(paged([tool_object(r) for r in rows], page, per_page, total))
+
+
+async def create(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    name = _name(body)
+    now = now_iso()
+    values = {"user_id": p.user_id, "name": name, "description": field(body, "description", str),
+              "mcp_url": check_url(body.get("mcp_url")), "is_public": int(field(body, "is_public", bool, default=False)),
+              "created_at": now, "updated_at": now}
+    try:
+        tool_id = svc.store.insert("tools", values)
+    except sqlite3.IntegrityError:
+        raise _duplicate(name) from None
+    return ok(tool_object(svc.store.one("SELECT * FROM tools WHERE id = ?", (tool_id,))), message="Tool created",
+              status=201)
+
+
+async def retrieve(request: Request, p: Principal) -> Response:
+    return ok(tool_object(visible_tool(request, p)))
+
+
+async def update(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = _owned(request, p)
+    body = await read_json(request)
+    values: dict[str, Any] = {}
+    if "name" in body:
+        values["name"] = _name(body)
+    if "description" in body:
+        values["description"] = field(body, "description", str)
+    if "is_public" in body:
+        values["is_public"] = int(field(body, "is_public", bool, required=True))
+    if "mcp_url" in body:
+        values["mcp_url"] = check_url(body["mcp_url"])
+    if values:
+        values["updated_at"] = now_iso()
+        try:
+            svc.store.update("tools", "id", row["id"], values)
+        except sqlite3.IntegrityError:
+            raise _duplicate(values["name"]) from None
+    return ok(tool_object(svc.store.one("SELECT * FROM tools WHERE id = ?", (row["id"],))), message="Tool updated")
+
+
+async def delete(request: Request, p: Principal) -> Response:
+    svc = services(request)
+    row = _owned(request, p, admin_ok=True)
+    svc.store.execute("DELETE FROM tools WHERE id = ?", (row["id"],))
+    return ok({"id": row["id"], "deleted": True}, message="Tool deleted")
+
+
+async def test_mcp(request: Request, p: Principal) -> Response:
+    from runrl_engine.tools.mcp_client import handshake_async
+
+    body = await read_json(request)
+    url = check_url(body.get("mcp_url"))
+    return ok(await handshake_async(url))
+
+
+ROUTES = [
+    api("/tools", list_tools, ["GET"], "read"),
+    api("/tools", create, ["POST"], "write"),
+    api("/tools/test-mcp", test_mcp, ["POST"], "write"),
+    api("/tools/{tool_id}", retrieve, ["GET"], "read"),
+    api("/tools/{tool_id}", update, ["PUT"], "write"),
+    api("/tools/{tool_id}", delete, ["DELETE"], "write"),
+]

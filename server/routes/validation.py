@@ -1,0 +1,86 @@
+"""Validation on both path families (`/validation/*` per the docs, `/validate/*` per the SDK).
+
+The same checks as `runrl validate`: prompt and SFT files through `runrl_engine.data`; reward/environment code
+through `runrl_engine.sandbox.validate_user_code`, which runs the code in the sandbox on up to three rows of
+the given prompt file and reports what it returned. Problems in the user's input are a `valid: false`
+payload (200), not an HTTP error; a file that does not exist or is not the caller's is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runrl_engine import data
+from runrl_engine.errors import UserError
+from runrl_engine.sandbox import validate_user_code
+from server.auth import Principal
+from server.errors import ApiError, ok, read_json
+from server.routes import api, field, services
+from server.routes.files import file_path, owned_file
+
+MODES = {"function": "function", "reward_function": "function", "reward": "function",
+         "environment": "environment", "env": "environment"}
+SAMPLE_ROWS = 3
+
+
+def _typed_file(request: Request, p: Principal, file_id: Any, name: str, ftype: str) -> dict[str, Any]:
+    if not isinstance(file_id, str) or not file_id:
+        raise ApiError(422, "Validation failed", details={name: "is required (a file id)"})
+    row = owned_file(request, p, file_id)
+    if row["type"] != ftype:
+        raise ApiError(422, "Validation failed", details={name: f"file {file_id} has type {row['type']!r}, "
+                                                                 f"expected {ftype!r}"})
+    return row
+
+
+async def reward_function(request: Request, p: Principal) -> Response:
+    body = await read_json(request)
+    source = body.get("functionCode", body.get("function_code", body.get("code")))
+    if not isinstance(source, str):
+        raise ApiError(422, "Validation failed", details={"functionCode": "is required (the Python source)"})
+    mode = MODES.get(field(body, "mode", str, default="function"))
+    if mode is None:
+        raise ApiError(422, "Validation failed", details={"mode": "must be `function` or `environment`"})
+    rows = None
+    prompt_id = body.get("prompt_file_id")
+    if prompt_id:
+        prompt = _typed_file(request, p, prompt_id, "prompt_file_id", "prompt")
+        try:
+            rows = [r.fields for r in data.load_prompts(file_path(services(request), prompt))[:SAMPLE_ROWS]]
+        except UserError as exc:
+            return ok({"valid": False, "error": f"prompt file: {exc.message}", "errors": [exc.render()],
+                       "details": {"stage": "prompt_file", "prompt_file_id": prompt_id}})
+    report = await asyncio.to_thread(validate_user_code, source, mode=mode, sample_rows=rows)
+    if prompt_id:
+        report.setdefault("details", {})["prompt_file_id"] = prompt_id
+    return ok(report)
+
+
+async def _file_report(request: Request, p: Principal, name: str, ftype: str, check: Any) -> Response:
+    body = await read_json(request)
+    row = _typed_file(request, p, body.get(name, body.get("file_id")), name, ftype)
+    report = (await asyncio.to_thread(check, file_path(services(request), row))).to_dict()
+    report["details"][name] = row["id"]
+    return ok(report)
+
+
+async def prompt_file(request: Request, p: Principal) -> Response:
+    return await _file_report(request, p, "prompt_file_id", "prompt", data.validate_prompt_file)
+
+
+async def sft_file(request: Request, p: Principal) -> Response:
+    return await _file_report(request, p, "sft_file_id", "sft", data.validate_sft_file)
+
+
+# Docs paths (`/validation/...`) and SDK paths (`/validate/...`), each family also accepting the other's
+# file-endpoint spelling.
+ROUTES = [
+    api(f"/{family}/{name}", handler, ["POST"], "read")
+    for family in ("validation", "validate")
+    for name, handler in (("reward-function", reward_function), ("prompt", prompt_file), ("prompt-file", prompt_file),
+                          ("sft", sft_file), ("sft-file", sft_file))
+]

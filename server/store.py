@@ -1,0 +1,228 @@
+"""SQLite (WAL) repository: users, API keys, files, runs + history, tools, shared configurations, deployments.
+
+One connection per `Store`, serialised by a lock: every statement is short, the server is one process, and
+the job queue (queue.py) relies on `UPDATE ... WHERE status = ?` being atomic under that lock. File bytes and
+run outputs live on disk under the data dir; this module holds only their metadata.
+
+Rows come back as plain dicts with JSON columns decoded; turning rows into API objects is the routes' job.
+Every query that reads a user's resource takes the `user_id`, so ownership is enforced where data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL REFERENCES users(id), name TEXT NOT NULL,
+    prefix TEXT NOT NULL UNIQUE, key_hash TEXT NOT NULL, last4 TEXT NOT NULL, scopes TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1, requests_per_hour INTEGER NOT NULL, expires_at TEXT,
+    total_requests INTEGER NOT NULL DEFAULT 0, last_used_at TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, user_id INTEGER NOT NULL, name TEXT NOT NULL, original_filename TEXT,
+    type TEXT NOT NULL, file_size INTEGER NOT NULL, mime_type TEXT, storage TEXT NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, deleted_at TEXT);
+CREATE INDEX IF NOT EXISTS files_user ON files(user_id, deleted_at);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, status TEXT NOT NULL, type TEXT NOT NULL,
+    model TEXT NOT NULL, parameters TEXT NOT NULL, config TEXT NOT NULL, secrets TEXT NOT NULL DEFAULT '{}',
+    prompt_file_id TEXT, reward_file_id TEXT, sft_file_id TEXT, tool_ids TEXT NOT NULL DEFAULT '[]',
+    hf_name TEXT, total_steps INTEGER, error_message TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER, lease_owner TEXT, lease_expires_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, started_at TEXT, completed_at TEXT);
+CREATE INDEX IF NOT EXISTS runs_user ON runs(user_id, id);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, id);
+CREATE TABLE IF NOT EXISTS run_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL,
+    timestamp TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_run ON run_history(run_id, id);
+CREATE TABLE IF NOT EXISTS tools (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, name TEXT NOT NULL, description TEXT,
+    mcp_url TEXT NOT NULL, is_public INTEGER NOT NULL DEFAULT 0, verified INTEGER NOT NULL DEFAULT 0,
+    usage_count INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    UNIQUE(user_id, name));
+CREATE TABLE IF NOT EXISTS shared_configs (
+    uuid TEXT PRIMARY KEY, user_id INTEGER NOT NULL, name TEXT NOT NULL, description TEXT,
+    visibility TEXT NOT NULL, configuration TEXT NOT NULL, prompt_file_id TEXT, reward_file_id TEXT,
+    sft_file_id TEXT, copies INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shared_config_likes (
+    uuid TEXT NOT NULL, user_id INTEGER NOT NULL, PRIMARY KEY (uuid, user_id));
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, run_id INTEGER NOT NULL,
+    base_model TEXT NOT NULL, status TEXT NOT NULL, api_url TEXT NOT NULL DEFAULT '', error_message TEXT,
+    pid INTEGER, port INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, deleted_at TEXT);
+"""
+
+JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration"}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in JSON_COLUMNS & out.keys():
+        if isinstance(out[key], str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+def _encode(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+class ResponseCache:
+    """Rendered responses keyed by (user, request), valid while `Store.generation()` is unchanged."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._entries: dict[Any, tuple[Any, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, generation: Any) -> bytes | None:
+        with self._lock:
+            hit = self._entries.get(key)
+        return hit[1] if hit and hit[0] == generation else None
+
+    def put(self, key: Any, generation: Any, body: bytes) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (generation, body)
+
+
+class Store:
+    """The repository. Thread-safe; one instance per data dir per process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._writes = 0
+
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever the database may have changed: our own writes, or commits by other connections
+        (`PRAGMA data_version`). Read it before reading data that a cache will keep."""
+        with self._lock:
+            return self._writes, self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- primitives ----------------------------------------------------------------------------------------
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE) under the lock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._writes += 1
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+        with self._lock:
+            return _decode(self._db.execute(sql, args).fetchone())
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_decode(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+            return row[0] if row else None
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; returns lastrowid for INSERT, rowcount otherwise."""
+        with self._lock:
+            self._writes += 1
+            cur = self._db.execute(sql, args)
+            return cur.lastrowid if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
+
+    def insert(self, table: str, values: dict[str, Any]) -> int:
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        return self.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_encode(v) for v in values.values()])
+
+    def insert_run(self, values: dict[str, Any], message: str) -> int:
+        """Insert a run with its first history entry in one transaction (a worker may claim it at once)."""
+        cols, marks = ", ".join(values), ", ".join("?" for _ in values)
+        with self.tx() as db:
+            run_id = db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})",
+                                [_encode(v) for v in values.values()]).lastrowid
+            db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
+                       (run_id, values["status"], message, values["created_at"]))
+        return int(run_id)
+
+    def update(self, table: str, key: str, key_value: Any, values: dict[str, Any]) -> int:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        return self.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?",
+                            [_encode(v) for v in values.values()] + [key_value])
+
+    def page(self, sql: str, args: Sequence[Any], order_by: str, page: int, per_page: int
+             ) -> tuple[list[dict[str, Any]], int]:
+        """Rows of `sql` (a SELECT without ORDER BY) for one page, and the total count."""
+        total = self.scalar(f"SELECT COUNT(*) FROM ({sql})", args)
+        rows = self.all(f"{sql} ORDER BY {order_by} LIMIT ? OFFSET ?", [*args, per_page, (page - 1) * per_page])
+        return rows, int(total or 0)
+
+    # ---- users and keys ------------------------------------------------------------------------------------
+    def get_or_create_user(self, name: str) -> int:
+        with self.tx() as db:
+            row = db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+            if row:
+                return int(row[0])
+            return int(db.execute("INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now_iso())).lastrowid)
+
+    def key_by_prefix(self, prefix: str) -> dict[str, Any] | None:
+        return self.one("SELECT * FROM api_keys WHERE prefix = ?", (prefix,))
+
+    def add_key_usage(self, counts: dict[int, tuple[int, str]]) -> None:
+        """Flush request counters: key id -> (requests since last flush, last-used timestamp)."""
+        with self.tx() as db:
+            db.executemany("UPDATE api_keys SET total_requests = total_requests + ?, last_used_at = ? WHERE id = ?",
+                           [(n, ts, key_id) for key_id, (n, ts) in counts.items()])
+
+    # ---- runs ----------------------------------------------------------------------------------------------
+    def add_history(self, run_id: int, status: str, message: str) -> None:
+        self.insert("run_history", {"run_id": run_id, "status": status, "message": message, "timestamp": now_iso()})
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        return self.all("SELECT status, message, timestamp FROM run_history WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def run(self, run_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return self.one("SELECT * FROM runs WHERE id = ? AND user_id = ?", (run_id, user_id))
+
+    def file(self, file_id: str, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.one("SELECT * FROM files WHERE id = ? AND deleted_at IS NULL", (file_id,))
+        return self.one("SELECT * FROM files WHERE id = ? AND user_id = ? AND deleted_at IS NULL", (file_id, user_id))
+
+    def active_runs_using_file(self, file_id: str) -> list[int]:
+        rows = self.all("SELECT id FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING') AND "
+                        "(prompt_file_id = ? OR reward_file_id = ? OR sft_file_id = ?)", (file_id,) * 3)
+        return [r["id"] for r in rows]

@@ -1,0 +1,250 @@
+"""Runs queued runs as `runrl train` subprocesses.
+
+`execute_next()` is the synchronous step: claim one run, prepare its directory (input files snapshotted
+into `inputs/`, a private `run.yaml` holding the config with its secrets, deleted when training ends), start
+the training command in its own process group with stdout → `process.log` and stderr → `stderr.log`, renew
+the lease while it runs, and record how it ended. `start()` runs that step in `slots` threads.
+
+Exit status → state: 0 COMPLETED; a cancel request → CANCELLED (the whole process group is killed); 2 (a
+user error) or anything else → FAILED with the last lines of stderr as `error_message`. Secrets of the run
+are redacted from everything this module writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.queue import RunQueue, RunStatus
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("runrl.worker")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ERROR_TAIL_LINES = 20
+S = RunStatus
+
+
+# Token shapes redacted from every served log line even when they are not the run's own secrets: this
+# API's keys and Hugging Face tokens (user code may print either).
+TOKEN_PATTERN = re.compile(r"\brl_[a-z0-9]{8}_[a-z0-9]{32}\b|\bhf_[A-Za-z0-9]{30,}\b")
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return TOKEN_PATTERN.sub("***", text)
+
+
+def error_from_stderr(stderr: str, returncode: int) -> str:
+    """The user-facing reason a training process failed: the `error: ...` paragraph if there is one (exit
+    2), otherwise the tail of stderr (a traceback's last lines)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error:"):
+            return "\n".join(lines[i:])[:4000]
+    for i in range(len(lines) - 1, -1, -1):  # a crash: the last traceback, without the log lines before it
+        if lines[i].startswith("Traceback (most recent call last)"):
+            lines = lines[i:]
+            break
+    tail = "\n".join(lines[-ERROR_TAIL_LINES:])[-4000:]
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        return f"Training process was killed by {name}." + (f"\n{tail}" if tail else "")
+    return tail or f"Training process exited with code {returncode} and printed no error."
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store, queue: RunQueue):
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.settings.slots):
+            t = threading.Thread(target=self._loop, name=f"runrl-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop taking runs; runs in progress are stopped and end FAILED with a clear message."""
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            running = list(self._procs)
+        for run_id in running:
+            self._kill(run_id, "The server shut down while this run was in progress; it was stopped.")
+        for t in self._threads:
+            t.join(timeout=self.settings.cancel_grace_s + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.execute_next() is None:
+                    self._wake.wait(self.settings.poll_interval_s)
+                    self._wake.clear()
+            except Exception:  # a bug here must not kill the slot; the run itself was already failed
+                log.exception("worker slot error")
+                time.sleep(self.settings.poll_interval_s)
+
+    # ---- cancel ------------------------------------------------------------------------------------------------
+    def cancel(self, run_id: int) -> None:
+        """Kill a running run's process group (the worker then records CANCELLED)."""
+        self._kill(run_id, None)
+
+    def _kill(self, run_id: int, fail_message: str | None) -> None:
+        with self._lock:
+            proc = self._procs.get(run_id)
+        if proc is None:
+            return
+        if fail_message:
+            self.store.update("runs", "id", run_id, {"error_message": fail_message})
+        threading.Thread(target=self._terminate, args=(proc,), daemon=True).start()
+
+    def _terminate(self, proc: subprocess.Popen) -> None:
+        for sig, wait in ((signal.SIGTERM, self.settings.cancel_grace_s), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                proc.wait(timeout=wait)
+                # the leader is gone; make sure nothing else in the group survives
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            return
+
+    # ---- one run -------------------------------------------------------------------------------------------
+    def execute_next(self) -> int | None:
+        """Claim one PENDING run and run it to its end (blocking). Returns its id, or None if none queued."""
+        run = self.queue.claim()
+        if run is None:
+            return None
+        try:
+            self._execute(run)
+        except Exception as exc:
+            log.exception("run %s: worker error", run["id"])
+            message = f"Internal error while running: {type(exc).__name__}: {exc}"
+            self.queue.transition(run["id"], S.FAILED, message, error_message=message)
+        return run["id"]
+
+    def _prepare(self, run: dict[str, Any], run_dir: Path) -> Path:
+        inputs = run_dir / "inputs"
+        inputs.mkdir(parents=True, exist_ok=True)
+        config = dict(run["config"])
+        for key, suffix in (("prompt_file", "prompt.jsonl"), ("reward_file", "reward.py"), ("sft_file", "sft.jsonl")):
+            src = config.get(key)
+            if src:
+                dst = inputs / suffix
+                shutil.copyfile(src, dst)
+                config[key] = str(dst)
+        config.update(run["secrets"])
+        path = run_dir / "run.yaml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
+        return path
+
+    def _execute(self, run: dict[str, Any]) -> None:
+        run_id = run["id"]
+        run_dir = self.settings.runs_dir / str(run_id)
+        secrets = list(run["secrets"].values())
+        config_path = self._prepare(run, run_dir)
+        env = {**os.environ, **self.settings.extra_env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [*self.settings.train_command, str(config_path), "--output", str(run_dir)]
+        with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
+            with self._lock:
+                if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
+                                                            (run_id,)):
+                    proc = None
+                else:
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                            cwd=str(run_dir), start_new_session=True)
+                    self._procs[run_id] = proc
+        if proc is None:
+            config_path.unlink(missing_ok=True)
+            if self._stop.is_set() and not self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
+                                                             (run_id,)):
+                self.queue.transition(run_id, S.PENDING, "Released unstarted: the server is shutting down; "
+                                                         "it runs after the restart")
+            else:
+                self.queue.transition(run_id, S.CANCELLED, "Cancelled before training started")
+            return
+        self.queue.heartbeat(run_id, pid=proc.pid)
+        self.queue.transition(run_id, S.RUNNING, "Starting training process", pid=proc.pid)
+        last_beat = time.monotonic()
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=self.settings.poll_interval_s)
+                except subprocess.TimeoutExpired:
+                    pass
+                if time.monotonic() - last_beat > self.settings.lease_s / 3:
+                    self.queue.heartbeat(run_id)
+                    last_beat = time.monotonic()
+        finally:
+            with self._lock:
+                self._procs.pop(run_id, None)
+            config_path.unlink(missing_ok=True)
+            try:  # nothing the training started (sandbox workers, grandchildren) outlives it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._finish(run_id, run_dir, proc.returncode, secrets)
+
+    def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str]) -> None:
+        row = self.store.run(run_id)
+        for name in ("stderr.log", "process.log", "logs.txt"):  # whatever the trainer did, no secret stays
+            path = run_dir / name
+            if path.exists():
+                text = path.read_text(encoding="utf-8", errors="replace")
+                clean = redact(text, secrets)
+                if clean != text:
+                    path.write_text(clean, encoding="utf-8")
+        stderr = (run_dir / "stderr.log").read_text(encoding="utf-8", errors="replace")
+        if row["cancel_requested"]:
+            self._note(run_dir, "run cancelled; training process group stopped")
+            self.queue.transition(run_id, S.CANCELLED, "Cancelled by user; training process stopped")
+        elif row["error_message"] and code != 0:  # set by stop(): the server shut down
+            self._note(run_dir, row["error_message"])
+            self.queue.transition(run_id, S.FAILED, row["error_message"])
+        elif code == 0:
+            self._note(run_dir, "training finished")
+            self.queue.transition(run_id, S.COMPLETED, "Training completed")
+        else:
+            message = error_from_stderr(stderr, code)
+            kind = "a configuration or data error" if code == 2 else f"exit code {code}"
+            self._note(run_dir, f"training failed ({kind}): {message}")
+            self.queue.transition(run_id, S.FAILED, f"Training failed ({kind})", error_message=message)
+
+    @staticmethod
+    def _note(run_dir: Path, text: str) -> None:
+        """Append a server line to the run's log (after the trainer has exited, so lines never interleave)."""
+        with open(run_dir / "logs.txt", "a", encoding="utf-8") as fh:
+            for line in text.splitlines():
+                fh.write(f"[server] {line}\n")
