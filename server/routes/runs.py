@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +47,8 @@ CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
                "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id")
 
+
+HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # no "..", no leading "/" "~" "."
 
 def _by_id(svc: Any, sql: str, ids: set[Any]) -> dict[Any, dict[str, Any]]:
     if not ids:
@@ -121,8 +124,12 @@ def _file_for(svc: Any, p: Principal, body: dict[str, Any], name: str, types: tu
 
 
 def _check_api_fields(body: dict[str, Any], errors: dict[str, str]) -> None:
-    if not isinstance(body.get("model"), str) or not body["model"].strip():
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
         errors["model"] = "is required (a model id such as Qwen/Qwen3-4B, or builtin:tiny)"
+    elif not (model.startswith("builtin:") or HF_MODEL_ID.fullmatch(model)):
+        # a path would let any API user load (and read) a directory of the server's file system
+        errors["model"] = "must be a Hugging Face model id (org/name) or builtin:NAME; server paths are not accepted"
     if body.get("type") not in RUN_TYPES:
         errors["type"] = f"is required: one of {list(RUN_TYPES)}"
     for key, (lo, hi) in API_RANGES.items():

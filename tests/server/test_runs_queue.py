@@ -224,6 +224,8 @@ def test_create_validation_and_ownership(live):
             (body(p, r, tool_ids=[999]), {"tool_ids"}),
             (body(p, r, lora_dropout=5.0), {"lora_dropout"}),  # engine range, checked by RunConfig
             (body(p, r, num_generations=0), {"num_generations"}),
+            (body(p, r, model="/root/secret-model"), {"model"}),  # no server paths over the API
+            (body(p, r, model="../runs/1/final"), {"model"}),
         ]
         for payload, fields in cases:
             res = c.post("/runs", json=payload)
