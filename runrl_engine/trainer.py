@@ -87,6 +87,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-load/save bars would flood logs; the run has its own progress
         self.cfg = cfg
         self.out = output_dir
         device = resolve_device(cfg)
