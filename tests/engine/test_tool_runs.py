@@ -46,7 +46,7 @@ def calculator_url():
 def tool_config(url: str, **over) -> dict:
     config = dict(model="builtin:tiny", prompt_file=str(DATA / "prompts.jsonl"), reward_file=str(DATA / "reward.py"),
                   tools=[url], max_turns=2, max_tool_calls=2, completion_length=32, max_steps=1, prompts_per_step=4,
-                  num_generations=4, micro_batch_size=8, learning_rate=1e-3, eval_every=0, save_every=0, seed=0)
+                  num_generations=8, micro_batch_size=8, learning_rate=1e-3, eval_every=0, save_every=0, seed=0)
     config.update(over)
     return config
 
@@ -68,7 +68,8 @@ def test_warm_started_model_calls_tools_and_sees_results(warm_started_run):
     assert result.history[-1]["tool_calls_per_episode"] > 0
     completions = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
     tool_turns = [m for c in completions for m in c.get("messages", []) if m["role"] == "tool"]
-    # results of executed calls came back into the conversation: add() answers with a number
+    # results of executed calls came back into the conversation: add() answers with a number (after this short
+    # SFT about 1 sample in 5 is a well-formed call; 32 episodes make "none at all" very unlikely on any CPU)
     answered = [m["content"] for m in tool_turns if not m["content"].startswith("Error")]
     assert answered, tool_turns
     assert all(isinstance(float(text), float) for text in answered)
