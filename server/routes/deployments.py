@@ -110,7 +110,6 @@ async def delete(request: Request, p: Principal) -> Response:
 
 async def _proxy(request: Request, p: Principal, method: str, path: str) -> Response:
     """Forward to the deployment's model server, streaming the answer back unchanged."""
-    svc = services(request)
     row = _owned(request, p)
     if row["status"] != "active":
         raise ApiError(422, f"Deployment {row['id']} is {row['status']}, not active",
