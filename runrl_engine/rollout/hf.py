@@ -57,7 +57,7 @@ def sample(logits: torch.Tensor, generators: Sequence[torch.Generator], params: 
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: int, seeds: Sequence[int],
              params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Completion]:
     """`num_samples` completions of each prompt; result index = prompt_index * num_samples + sample_index.
@@ -82,6 +82,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
         mask = mask.repeat_interleave(num_samples, dim=0)
         pos = pos.repeat_interleave(num_samples, dim=0)
 
+    # the attention mask of every step is a prefix of one preallocated buffer (no per-token concatenation)
+    width = mask.shape[1]
+    full_mask = torch.ones(n, width + params.max_new_tokens, dtype=mask.dtype, device=device)
+    full_mask[:, :width] = mask
     tokens: list[list[int]] = [[] for _ in range(n)]
     finished = [False] * n
     active = list(range(n))  # completion index of each row still in the batch
@@ -99,10 +103,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
             keep = (~done).nonzero().flatten()
             cache.batch_select_indices(keep)
             active = [active[i] for i in keep.tolist()]
-            nxt, mask, pos = nxt[keep], mask[keep], pos[keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            nxt, full_mask, pos = nxt[keep], full_mask[keep], pos[keep]
+        width += 1
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, cache=cache,
+        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=full_mask[:, :width], position_ids=pos, cache=cache,
                     use_cache=True)
         logits = out.logits[:, -1, :]
     return [Completion(tokens=t, finished=f) for t, f in zip(tokens, finished)]
