@@ -275,6 +275,7 @@ class Trainer:
                 if self.cfg.eval_every and self.eval_rows and (step % self.cfg.eval_every == 0 or step == self.total_steps):
                     with self._timer(times, "eval"):
                         record["eval_reward_mean"] = self._evaluate(step)
+                    record["time/eval_s"] = times["eval"]
                 self.outputs.metrics(record)
                 self.outputs.progress(step, record)
                 history.append(record)

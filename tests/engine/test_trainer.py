@@ -49,6 +49,7 @@ def test_reward_rises_and_outputs_are_written(tmp_path, tiny_model_dir):
                 "reward_info/chars", "peak_rss_mb"):
         assert key in metrics[-1], key
     assert "eval_reward_mean" in metrics[9] and "eval_reward_mean" not in metrics[8]
+    assert metrics[9]["time/eval_s"] > 0 and {"time/rollout_s", "time/update_s"} <= set(metrics[0])
     completions = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == set(range(1, 31))
     first_step = [c for c in completions if c["step"] == 1]
