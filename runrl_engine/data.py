@@ -112,25 +112,29 @@ def _check_prompt_obj(obj: Any) -> tuple[PromptRow | None, str | None]:
     return PromptRow(messages=[dict(m) for m in obj[key]], fields=fields, line=0), None
 
 
-def load_prompts(path: str | Path) -> list[PromptRow]:
-    """All rows of a prompt JSONL file; raises `DataError` naming file:line for the first bad lines."""
-    path = Path(path)
-    rows, errors = [], []
+def _load(path: Path, check: Callable[[Any], tuple[Any, str | None]], noun: str, fix: str) -> list:
+    """Every good item of a JSONL file; raises `DataError` naming file:line for the first bad lines."""
+    items, errors = [], []
     for number, obj, err in _json_lines(path):
-        row, problem = (None, err) if err else _check_prompt_obj(obj)
+        item, problem = (None, err) if err else check(obj)
         if problem:
             errors.append(f"{path}:{number}: {problem}")
         else:
-            row.line = number
-            rows.append(row)
+            item.line = number
+            items.append(item)
     if errors:
         shown = "\n  ".join(errors[:5]) + (f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else "")
-        raise DataError(f"{len(errors)} bad line(s) in the prompt file:\n  {shown}", where=str(path),
-                        fix="each line must be {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}], ...}; "
-                            "run `runrl validate prompt FILE` to list every problem")
-    if not rows:
-        raise DataError("the prompt file has no prompts", where=str(path), fix="add one JSON object per line")
-    return rows
+        raise DataError(f"{len(errors)} bad line(s) in the {noun} file:\n  {shown}", where=str(path), fix=fix)
+    if not items:
+        raise DataError(f"the {noun} file is empty", where=str(path), fix="add one JSON object per line")
+    return items
+
+
+def load_prompts(path: str | Path) -> list[PromptRow]:
+    """All rows of a prompt JSONL file; raises `DataError` naming file:line for the first bad lines."""
+    return _load(Path(path), _check_prompt_obj, "prompt",
+                 fix="each line must be {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}], ...}; "
+                     "run `runrl validate prompt FILE` to list every problem")
 
 
 def _validate(path: Path, check: Callable[[Any], tuple[Any, str | None]], noun: str) -> tuple[ValidationReport, list]:
@@ -190,7 +194,7 @@ def _check_sft_obj(obj: Any) -> tuple[SFTExample | None, str | None]:
             completion = [{"role": "assistant", "content": completion}]
         problem = _check_messages(completion, "completion", ROLES)
         if problem:
-            return None, problem if not isinstance(obj["completion"], str) else "`completion` must be a string"
+            return None, problem
         messages = [dict(m) for m in obj["prompt"]] + [dict(m) for m in completion]
     else:
         return None, "expected `messages` (a conversation) or `prompt` + `completion`"
@@ -200,23 +204,10 @@ def _check_sft_obj(obj: Any) -> tuple[SFTExample | None, str | None]:
 
 
 def load_sft(path: str | Path) -> list[SFTExample]:
-    path = Path(path)
-    out, errors = [], []
-    for number, obj, err in _json_lines(path):
-        ex, problem = (None, err) if err else _check_sft_obj(obj)
-        if problem:
-            errors.append(f"{path}:{number}: {problem}")
-        else:
-            ex.line = number
-            out.append(ex)
-    if errors:
-        shown = "\n  ".join(errors[:5])
-        raise DataError(f"{len(errors)} bad line(s) in the SFT file:\n  {shown}", where=str(path),
-                        fix="each line must be {\"messages\": [..., {\"role\": \"assistant\", ...}]} or "
-                            "{\"prompt\": [...], \"completion\": \"...\"}; run `runrl validate sft FILE`")
-    if not out:
-        raise DataError("the SFT file has no examples", where=str(path), fix="add one JSON object per line")
-    return out
+    """All examples of an SFT JSONL file; raises `DataError` naming file:line for the first bad lines."""
+    return _load(Path(path), _check_sft_obj, "SFT",
+                 fix="each line must be {\"messages\": [..., {\"role\": \"assistant\", ...}]} or "
+                     "{\"prompt\": [...], \"completion\": \"...\"}; run `runrl validate sft FILE`")
 
 
 def validate_sft_file(path: str | Path) -> ValidationReport:

@@ -54,7 +54,7 @@ def test_validator_reports_everything(tmp_path):
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_prompts(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="no prompts"):
+    with pytest.raises(DataError, match="prompt file is empty"):
         load_prompts(jsonl(tmp_path, [""]))
     assert validate_prompt_file(tmp_path / "nope.jsonl").valid is False
 
