@@ -2,15 +2,17 @@
 
 Nothing here knows about configs, models, processes or logging: tensors, masks and scalars in; tensors and
 detached diagnostics out. Names used in run configs resolve through two small registries:
-`advantage_estimator` -> `ADVANTAGE_ESTIMATORS` (`get_advantage_estimator`) and `loss_type` -> `LOSS_TYPES`
+`advantage_estimator` -> `ADVANTAGE_ESTIMATORS` (`get_advantage_estimator`, `uses_critic`) and `loss_type` -> `LOSS_TYPES`
 (`get_loss_type`). Imports torch only.
 """
 
 from runrl_engine.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
+    CRITIC_ESTIMATORS,
     gae,
     get_advantage_estimator,
     register_advantage,
+    uses_critic,
 )
 from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from runrl_engine.algorithms.losses import (
@@ -37,6 +39,7 @@ from runrl_engine.algorithms.ppo import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "CRITIC_ESTIMATORS",
     "LOSS_TYPES",
     "approx_kl",
     "clipped_surrogate",
@@ -61,5 +64,6 @@ __all__ = [
     "token_level_rewards",
     "token_weights",
     "turn_end_positions",
+    "uses_critic",
     "value_loss",
 ]

@@ -15,8 +15,15 @@ row per prompt). A group whose rewards are all equal carries no signal and gets 
   token-broadcast scores (weighting a sequence by its length); this whitens per sequence, so the estimator needs
   no token mask. The result differs from verl's only through that weighting.
 
-`gae` (PPO with a critic) is a plain function on per-token rewards and values, not part of the registry: its
-inputs are different.
+Critic estimators take per-token rewards and the critic's values instead (registered with `critic=True`):
+
+    estimator(token_rewards: Tensor[B, T], values: Tensor[B, T], mask: Tensor[B, T], *, gamma, lam)
+        -> (advantages: Tensor[B, T], returns: Tensor[B, T])
+
+- `gae`: generalised advantage estimation (PPO); `algorithm: ppo` trains the critic it needs.
+
+`uses_critic(name)` tells the trainer which signature a name has; one registry serves both, so a config names
+any of them with the same key and an unknown name lists them all.
 
 Rewards must be finite: the reward stage scores failed calls as 0 before they reach here.
 """
@@ -34,8 +41,10 @@ from runrl_engine.errors import ConfigError
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AdvantageEstimator",
+    "CRITIC_ESTIMATORS",
     "register_advantage",
     "get_advantage_estimator",
+    "uses_critic",
     "grpo_advantages",
     "dr_grpo_advantages",
     "rloo_advantages",
@@ -46,18 +55,27 @@ __all__ = [
 AdvantageEstimator = Callable[..., tuple[Tensor, dict[str, float]]]
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+CRITIC_ESTIMATORS: set[str] = set()  # names whose estimator takes per-token rewards and critic values
 
 
-def register_advantage(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator: make `fn` available as `advantage_estimator: <name>`."""
+def register_advantage(name: str, *, critic: bool = False) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: make `fn` available as `advantage_estimator: <name>` (`critic=True`: the per-token signature)."""
 
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADVANTAGE_ESTIMATORS[name] = fn
+        if critic:
+            CRITIC_ESTIMATORS.add(name)
         return fn
 
     return decorator
+
+
+def uses_critic(name: str) -> bool:
+    """Whether `advantage_estimator: <name>` needs a critic's values (ConfigError for an unknown name)."""
+    get_advantage_estimator(name)
+    return name in CRITIC_ESTIMATORS
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
@@ -175,6 +193,7 @@ def reinforce_pp_advantages(
     return advantages, _diagnostics(rewards, grouped, advantages)
 
 
+@register_advantage("gae", critic=True)
 def gae(rewards_per_token: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the tokens `mask` selects.
 

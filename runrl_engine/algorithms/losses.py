@@ -227,6 +227,7 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: Tensor | None = None,
     kl_bias_correction: bool = True,
+    importance_sampling_level: str = "token",
     num_sequences: Count | None = None,
     num_tokens: Count | None = None,
     max_completion_length: int | None = None,
@@ -242,6 +243,10 @@ def policy_loss(
     token on-policy instead of k3's `1 - exp(ref_logp - logp)`. Off restores the plain k3 penalty.
     `num_sequences`, `num_tokens`: counts over the whole optimizer step (see the module docstring), default this
     batch's; `max_completion_length`: required for `dr_grpo`. `epsilon_high` defaults to `epsilon_low`.
+    `importance_sampling_level`: `token` (PPO/GRPO: one ratio per token) or `sequence` (GSPO: every token of a
+    sequence uses the geometric mean of its tokens' ratios, `ppo.sequence_log_ratio`); the KL term keeps the
+    per-token log-probs and, with bias correction, is weighted by the sequence ratio, differentiated through the
+    mean as TRL 1.16 does (the surrogate's straight-through gradient gives the same result as TRL's there).
 
     Returns (loss: 0-d tensor, diagnostics: detached 0-d tensors): the clip ratios and ratio stats of
     `clipped_surrogate`, `pg_loss` (the loss without the KL term), `kl` (token mean of the KL term above over
@@ -260,8 +265,20 @@ def policy_loss(
     logp = torch.where(keep, logp, zero)
     old_logp = torch.where(keep, old_logp.detach().to(logp.dtype), zero)
 
+    if importance_sampling_level == "sequence":
+        from runrl_engine.algorithms.ppo import sequence_log_ratio
+
+        surrogate_logp = old_logp + sequence_log_ratio(logp, old_logp, keep)
+        # the KL weight differentiates through the mean, as TRL's [B, 1] ratio does
+        kl_log_ratio = masked_mean(logp - old_logp, keep, dim=1).unsqueeze(1)
+    elif importance_sampling_level == "token":
+        surrogate_logp = logp
+        kl_log_ratio = logp - old_logp
+    else:
+        raise ConfigError(f"unknown importance_sampling_level {importance_sampling_level!r}; valid: sequence, token",
+                          where="importance_sampling_level", fix="set importance_sampling_level to token or sequence")
     per_token_loss, diagnostics = clipped_surrogate(
-        logp,
+        surrogate_logp,
         old_logp,
         advantages.detach(),
         epsilon_low=epsilon_low,
@@ -283,7 +300,7 @@ def policy_loss(
         ref_logp = torch.where(keep, ref_logp.detach().to(logp.dtype), zero)
         kl = kl_k3(logp, ref_logp)
         if kl_bias_correction:
-            kl = kl * torch.exp(logp - old_logp)
+            kl = kl * torch.exp(kl_log_ratio)
         if beta != 0.0:
             loss = loss + beta * masked_sum(weights * kl, keep)
         diagnostics["kl"] = masked_mean(kl.detach(), keep)

@@ -16,11 +16,13 @@ How the pieces compose in a PPO step (the trainer owns the order; nothing here k
     vf, vf_diag = value_loss(values, old_values, returns, mask, value_clip=c, num_tokens=M)
     loss = pg + vf_coef * vf - entropy_coef * masked_entropy(entropy, mask, num_tokens=M)
 
-GAE is not in the `advantage_estimator` registry: registered estimators map one scalar reward per completion
-(`rewards [N], group_size`) to advantages, while GAE needs per-token rewards, critic values and the mask.
+GAE is registered as the critic estimator `gae` in `advantages.py` (`uses_critic("gae")` is true): its inputs
+are per-token rewards, critic values and the mask rather than one reward per completion.
 
-Not covered here: the value head or critic model, minibatching, distributed reductions (the caller passes
-global counts; batch-wide whitening of advantages across processes would need gathered statistics), logging.
+Across data-parallel processes, whiten with the batch-wide statistics: `whiten(x, mask, mean=..., var=...)`
+takes the mean and variance the caller reduced over all processes (`whiten_stats` gives each process's sums).
+
+Not covered here: the value head or critic model (`runrl_engine/value.py`), minibatching, logging.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
     "masked_entropy",
     "sequence_log_ratio",
     "sequence_importance_ratio",
+    "whiten_stats",
+    "whiten",
 ]
 
 Count = int | float | Tensor
@@ -182,6 +186,23 @@ def ppo_advantages(
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns
+
+
+def whiten_stats(x: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """(count, sum, sum of squares) of `x` over the selected positions, to reduce across processes.
+
+    x, mask: equal shapes. Turn the global sums into `mean = s / n`, `var = (q - n * mean**2) / (n - 1)` (unbiased,
+    as `masked_whiten`), then call `whiten`.
+    """
+    keep = mask.bool()
+    x = torch.where(keep, x.detach(), _zero(x)).double()
+    return float(keep.sum()), float(x.sum()), float((x * x).sum())
+
+
+def whiten(x: Tensor, mask: Tensor, *, mean: float, var: float, eps: float = 1e-8) -> Tensor:
+    """`(x - mean) / sqrt(var + eps)` on selected positions, 0 elsewhere, with given (e.g. global) statistics."""
+    keep = mask.bool()
+    return torch.where(keep, (x - mean) / math.sqrt(max(var, 0.0) + eps), _zero(x))
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

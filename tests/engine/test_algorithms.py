@@ -41,7 +41,7 @@ def close(actual, expected, atol=1e-6):
 
 
 def test_registries_hold_the_documented_names():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"}
     assert set(LOSS_TYPES) == {"grpo", "dr_grpo", "dapo", "bnpo"}
 
 

@@ -281,9 +281,16 @@ def test_ppo_advantages_multi_turn_bootstraps_across_the_observation():
     _close(whitened[mask.bool()].std(), 1.0, atol=1e-6)
 
 
-def test_gae_is_not_an_outcome_estimator_in_the_registry():
-    # Registered estimators take (rewards [N], group_size); GAE needs per-token rewards, values and a mask.
-    assert "gae" not in ADVANTAGE_ESTIMATORS
+def test_gae_is_the_registered_critic_estimator_and_unknown_names_list_all():
+    from runrl_engine.algorithms import get_advantage_estimator, uses_critic
+    from runrl_engine.errors import ConfigError
+
+    from runrl_engine.algorithms import gae
+
+    assert ADVANTAGE_ESTIMATORS["gae"] is gae and uses_critic("gae")
+    assert not any(uses_critic(n) for n in ("grpo", "dr_grpo", "rloo", "reinforce_pp"))
+    with pytest.raises(ConfigError, match="dr_grpo, gae, grpo, reinforce_pp, rloo"):
+        get_advantage_estimator("vtrace")
 
 
 # ---------------------------------------------------------------- GSPO sequence-level importance ratio
@@ -335,7 +342,7 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_model("tiny", cache_dir=tmp_path_factory.mktemp("tiny-cache"))
 
 
-def _trl_sequence_trainer(tiny_dir, tmp_path, loss_type):
+def _trl_sequence_trainer(tiny_dir, tmp_path, loss_type, beta=0.0):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -344,7 +351,7 @@ def _trl_sequence_trainer(tiny_dir, tmp_path, loss_type):
         output_dir=str(tmp_path / "grpo"),
         loss_type=loss_type,
         importance_sampling_level="sequence",
-        beta=0.0,
+        beta=beta,
         epsilon=EPSILON,
         epsilon_high=EPSILON_HIGH,
         max_completion_length=8,
@@ -371,13 +378,14 @@ def _trl_sequence_trainer(tiny_dir, tmp_path, loss_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
-def test_gspo_loss_and_gradients_equal_trl_sequence_level(tiny_dir, tmp_path, loss_type):
-    """TRL's real `_compute_loss` with importance_sampling_level="sequence" vs ours on the same model and tokens."""
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("bnpo", 0.0), ("dapo", 0.04)])
+def test_gspo_loss_and_gradients_equal_trl_sequence_level(tiny_dir, tmp_path, loss_type, beta):
+    """TRL's real `_compute_loss` with importance_sampling_level="sequence" vs ours on the same model and tokens;
+    with beta > 0 the KL term keeps per-token log-probs and is weighted by the sequence ratio (bias correction)."""
     pytest.importorskip("trl")
     from runrl_engine.algorithms import selective_log_softmax
 
-    trainer = _trl_sequence_trainer(tiny_dir, tmp_path, loss_type)
+    trainer = _trl_sequence_trainer(tiny_dir, tmp_path, loss_type, beta)
     model = trainer.model
     g = torch.Generator().manual_seed(0)
     prompt_lengths, completion_lengths, prompt_width, width = [3, 2, 4, 1], [6, 3, 5, 1], 4, 6
@@ -405,6 +413,11 @@ def test_gspo_loss_and_gradients_equal_trl_sequence_level(tiny_dir, tmp_path, lo
     shift = torch.tensor([[-0.3], [0.3], [0.05], [-0.1]])
     noise = (torch.rand(logp.shape, generator=g) - 0.5) * 0.2
     batch["old_per_token_logps"] = torch.where(mask.bool(), logp + shift + noise, 0.0)
+    ref_logp = None
+    if beta:
+        ref_logp = torch.where(mask.bool(), logp + (torch.rand(logp.shape, generator=g) - 0.5) * 0.4, 0.0)
+        batch["ref_per_token_logps"] = ref_logp
+        batch["num_items_in_batch"] = mask.sum()
 
     theirs = trainer._compute_loss(model, batch)
     theirs.backward()
@@ -415,8 +428,8 @@ def test_gspo_loss_and_gradients_equal_trl_sequence_level(tiny_dir, tmp_path, lo
     logp = our_logp()
     old_logp = batch["old_per_token_logps"]
     ours, _ = policy_loss(
-        old_logp + sequence_log_ratio(logp, old_logp, mask), old_logp, batch["advantages"], mask,
-        loss_type=loss_type, epsilon_low=EPSILON, epsilon_high=EPSILON_HIGH,
+        logp, old_logp, batch["advantages"], mask, loss_type=loss_type, epsilon_low=EPSILON,
+        epsilon_high=EPSILON_HIGH, importance_sampling_level="sequence", beta=beta, ref_logp=ref_logp,
     )
     ours.backward()
     torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-5)
