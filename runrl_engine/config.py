@@ -70,12 +70,35 @@ class RunConfig:
     hf_name: str | None = _f(None, "Hugging Face repo (`user/name`) to push the final model to.")
 
     # ---- algorithm -----------------------------------------------------------------------------------------
-    algorithm: Literal["grpo", "ppo"] = _f("grpo", "RL algorithm.")
+    algorithm: Literal["grpo", "ppo"] = _f("grpo", "RL algorithm: `grpo` (critic-free, group-relative "
+                                                     "advantages) or `ppo` (a learned critic and GAE).")
     # The choices below are the keys of the registries in `algorithms/` (a test keeps them equal); they are
     # spelled out here so that validating a config never imports torch.
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = _f("dapo", "Policy-loss normalisation (see README).")
-    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = _f(
-        "grpo", "How rewards become advantages within each prompt's group.")
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = _f(
+        None, "How rewards become advantages: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp` (within each prompt's "
+              "group) or `gae` (with the critic of `algorithm: ppo`); unset = `grpo`, or `gae` under ppo.")
+    importance_sampling_level: Literal["token", "sequence"] = _f(
+        "token", "Policy ratio per token (PPO/GRPO) or per sequence (GSPO: the geometric mean of its tokens').")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch; > 1 reuses the samples with real old log-probs.",
+                         ge=1, le=100)
+    num_minibatches: int = _f(1, "Optimizer steps per pass over each rollout batch (the batch is split into this "
+                                 "many shuffled minibatches).", ge=1, le=4096)
+    entropy_coef: float = _f(0.0, "Entropy bonus: `entropy_coef` times the token-mean entropy is subtracted "
+                                  "from the loss.", ge=0, le=10)
+    kl_in_reward: bool = _f(False, "PPO: put `beta` times the per-token KL to the reference into the rewards "
+                                   "(before GAE) instead of adding it to the loss.")
+    critic: Literal["head", "separate"] = _f(
+        "head", "PPO value model: `head` = a value head on the policy's backbone (trained with the policy, and "
+                "with its LoRA adapter); `separate` = a second copy of the model with its own value head.")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss.", ge=0, le=100)
+    value_clip: float | None = _f(0.2, "PPO: clip range of the value update around the old values (null = no "
+                                       "clipping).", ge=0)
+    gamma: float = _f(1.0, "PPO/GAE discount per token.", ge=0, le=1)
+    lam: float = _f(0.95, "PPO/GAE lambda.", ge=0, le=1)
+    whiten_advantages: bool = _f(True, "PPO/GAE: normalise advantages to mean 0, std 1 over the batch.")
+    critic_learning_rate: float | None = _f(None, "Learning rate of the value head / critic; unset = the policy's "
+                                                  "learning rate.", gt=0, le=1)
     scale_rewards: bool = _f(True, "Divide group-centred rewards by the group std (GRPO); false = Dr. GRPO.")
     num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).", ge=1, le=1024)
     prompts_per_step: int = _f(8, "Prompts per optimizer step (all processes together).", ge=1, le=100000)
@@ -141,6 +164,13 @@ class RunConfig:
         "auto", "Attention kernel; `auto` = sdpa.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     num_threads: int | None = _f(None, "CPU threads for torch (unset = torch's default).", ge=1)
+    rollout_backend: Literal["hf", "paged", "vllm"] = _f(
+        "hf", "What generates rollouts: `hf` (our KV-cached loop, per-completion seeds), `paged` (transformers' "
+              "continuous batching), `vllm` (colocated vLLM, needs `pip install vllm` and CUDA); `paged`/`vllm` "
+              "are single-process only.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory the colocated vLLM engine may take "
+                                                 "(weights + KV cache) while awake; `rollout_backend: vllm` only.",
+                                            gt=0, le=0.95)
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -183,9 +213,29 @@ class RunConfig:
             if not getattr(self, name):
                 raise ConfigError(f"required key {name!r} is missing", where=source,
                                   fix=f"add `{name}: ...` ({_help(name)})")
-        if self.algorithm == "ppo":
-            raise ConfigError("algorithm 'ppo' is not available yet in this engine version", where=f"{source}: algorithm",
-                              fix="use `algorithm: grpo`")
+        ppo = self.algorithm == "ppo"
+        if self.advantage_estimator is None:
+            self.advantage_estimator = "gae" if ppo else "grpo"
+        critic_estimator = self.advantage_estimator == "gae"  # the registry's critic estimators (a test checks)
+        if ppo and not critic_estimator:
+            raise ConfigError(f"algorithm 'ppo' trains a critic for GAE, but advantage_estimator is "
+                              f"{self.advantage_estimator!r}, which needs none", where=f"{source}: advantage_estimator",
+                              fix=f"use `algorithm: grpo` with advantage_estimator {self.advantage_estimator!r} "
+                                  "(ppo_epochs, num_minibatches and entropy_coef work there too), or "
+                                  "`advantage_estimator: gae`")
+        if critic_estimator and not ppo:
+            raise ConfigError("advantage_estimator 'gae' needs the critic that `algorithm: ppo` trains",
+                              where=f"{source}: advantage_estimator",
+                              fix="set `algorithm: ppo`, or pick grpo, dr_grpo, rloo or reinforce_pp")
+        if self.kl_in_reward and not critic_estimator:
+            raise ConfigError("kl_in_reward puts the KL penalty into per-token rewards, which only GAE uses",
+                              where=f"{source}: kl_in_reward",
+                              fix="set `algorithm: ppo`, or keep the KL as a loss term (kl_in_reward: false)")
+        rollouts = self.prompts_per_step * self.num_generations
+        if self.num_minibatches > rollouts:
+            raise ConfigError(f"num_minibatches={self.num_minibatches} is more than the {rollouts} rollouts of a step "
+                              f"(prompts_per_step x num_generations)", where=f"{source}: num_minibatches",
+                              fix=f"use at most {rollouts}")
 
     # ---- output ---------------------------------------------------------------------------------------------
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:

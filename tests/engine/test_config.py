@@ -52,11 +52,30 @@ def test_unknown_key_names_nearest(tmp_path):
     ("use_lora", "yes", "true or false"),
     ("loss_type", "ppo", "'grpo', 'dr_grpo', 'dapo', 'bnpo'"),
     ("device", "tpu", "'auto', 'cpu', 'cuda'"),
+    ("advantage_estimator", "vtrace", "'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'gae'"),
+    ("importance_sampling_level", "batch", "'token', 'sequence'"),
+    ("critic", "shared", "'head', 'separate'"),
+    ("ppo_epochs", 0, ">= 1"),
 ])
 def test_bad_values_say_the_allowed_range(key, value, expect):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict({**BASE, key: value})
     assert key in err.value.render() and expect in err.value.render()
+
+
+def test_estimator_defaults_follow_the_algorithm_and_mismatches_are_refused():
+    assert RunConfig.from_dict(BASE).advantage_estimator == "grpo"
+    ppo = RunConfig.from_dict({**BASE, "algorithm": "ppo"})
+    assert ppo.advantage_estimator == "gae" and RunConfig.from_dict(ppo.to_dict()) == ppo
+    assert RunConfig.from_dict({**BASE, "advantage_estimator": "rloo", "ppo_epochs": 2}).ppo_epochs == 2
+    cases = [({"algorithm": "ppo", "advantage_estimator": "rloo"}, "advantage_estimator", "algorithm: grpo"),
+             ({"advantage_estimator": "gae"}, "advantage_estimator", "algorithm: ppo"),
+             ({"kl_in_reward": True, "beta": 0.1}, "kl_in_reward", "kl_in_reward: false"),
+             ({"num_minibatches": 65}, "num_minibatches", "at most 64")]
+    for extra, key, fix in cases:
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_dict({**BASE, **extra})
+        assert key in err.value.render() and fix in err.value.render(), err.value.render()
 
 
 def test_missing_required_key():
@@ -90,7 +109,12 @@ def test_choices_match_the_algorithm_registries():
 
     hints = typing.get_type_hints(RunConfig)
     assert set(typing.get_args(hints["loss_type"])) == set(LOSS_TYPES)
-    assert set(typing.get_args(hints["advantage_estimator"])) == set(ADVANTAGE_ESTIMATORS)
+    literal = next(a for a in typing.get_args(hints["advantage_estimator"]) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(ADVANTAGE_ESTIMATORS)
+    # the config's own notion of which estimator needs a critic (no torch import there) matches the registry
+    from runrl_engine.algorithms.advantages import CRITIC_ESTIMATORS
+
+    assert CRITIC_ESTIMATORS == {"gae"}
 
 
 def test_every_field_documented():
