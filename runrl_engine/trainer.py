@@ -37,6 +37,7 @@ from runrl_engine.data import PromptRow, load_prompts, load_sft
 from runrl_engine.errors import ConfigError, DataError, TrainingAborted
 from runrl_engine.metrics import RunOutputs, peak_rss_mb
 from runrl_engine.models import load_policy, load_reference, load_tokenizer, resolve_device, resolve_dtype
+from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
 from runrl_engine.rollout.hf import SamplingParams
 from runrl_engine.sandbox import EnvSandbox, RewardSandbox, inspect_user_code, install_requirements
@@ -161,13 +162,14 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
         self.params = params
         self.advantage_fn = get_advantage_estimator(cfg.advantage_estimator)
+        self.rollout_backend = rollout_backend_for(cfg, world_size=self.world, compute_dtype=self.compute_dtype)
         self.episode_settings = EpisodeSettings(
             sampling=SamplingParams(max_new_tokens=cfg.completion_length, temperature=cfg.temperature,
                                     top_p=cfg.top_p, top_k=cfg.top_k),
             stop_ids=self._stop_ids(), pad_id=self.tokenizer.pad_token_id, end_of_turn_id=self.tokenizer.eos_token_id,
             max_turns=cfg.max_turns if (self.env_mode or cfg.tools) else 1,
             max_episode_tokens=cfg.max_episode_tokens, max_tool_calls=cfg.max_tool_calls,
-            tool_timeout_s=cfg.tool_timeout_s)
+            tool_timeout_s=cfg.tool_timeout_s, backend=self.rollout_backend)
         sandbox_cls = EnvSandbox if self.env_mode else RewardSandbox
         self.sandbox = sandbox_cls(Path(cfg.reward_file), num_workers=cfg.reward_workers,
                                    timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
@@ -291,6 +293,7 @@ class Trainer:
 
     def close(self) -> None:
         self.sandbox.close()
+        self.rollout_backend.close()
         if self.tools is not None:
             self.tools.close()
         self.outputs.close()
@@ -314,7 +317,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        with self.acc.autocast():
+        with self.acc.autocast(), rollout_phase(self.rollout_backend, model):  # wake, push weights; sleep after
             run_episodes(model, self.renderer, episodes, self.episode_settings, seed_of, group_size=G,
                          env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools)
         model.train(was_training)

@@ -26,7 +26,8 @@ import torch
 
 from runrl_engine.data import PromptRow
 from runrl_engine.errors import UserError
-from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.rollout.backends import HFBackend, RolloutBackend
+from runrl_engine.rollout.hf import SamplingParams
 
 
 @dataclass
@@ -105,6 +106,7 @@ class EpisodeSettings:
     max_tool_calls: int = 8
     tool_timeout_s: float = 30.0
     end_of_turn_id: int = 0  # appended (mask 0) to a turn cut at max_new_tokens when the episode goes on
+    backend: RolloutBackend = field(default_factory=HFBackend)  # what samples each turn (rollout/backends.py)
 
 
 def _turn_text(tokenizer: Any, tokens: list[int], finished: bool) -> str:
@@ -147,9 +149,10 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
                 break
             shared = turn == 0 and len(live) == len(episodes) and not any(ep.tokens for ep in live)
             group = group_size if shared else 1
-            completions = generate(model, [ep.prompt_ids + ep.tokens for ep in live[::group]], num_samples=group,
-                                   seeds=[seed_of(ep, turn) for ep in live], params=settings.sampling,
-                                   stop_ids=settings.stop_ids, pad_id=settings.pad_id)
+            completions = settings.backend.generate(
+                model, [ep.prompt_ids + ep.tokens for ep in live[::group]], num_samples=group,
+                seeds=[seed_of(ep, turn) for ep in live], params=settings.sampling, stop_ids=settings.stop_ids,
+                pad_id=settings.pad_id)
             to_env, to_tools = [], []
             for ep, comp in zip(live, completions):
                 ep.tokens += comp.tokens
