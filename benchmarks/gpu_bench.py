@@ -179,7 +179,8 @@ def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], devi
     hist = trainer.run().history
     return {"step_s": _intervals(t0, ends), "completion_tokens": [r["completion_length_mean"] * n_seq for r in hist],
             "gen_s": [r["time/rollout_s"] for r in hist], "update_s": [r["time/update_s"] for r in hist],
-            "peak_vram_mb": _cuda_peak_mb()}
+            # the trainer resets the CUDA peak at every step's record: the run's peak is the largest step's
+            "peak_vram_mb": max((r["peak_vram_mb"] for r in hist if "peak_vram_mb" in r), default=None)}
 
 
 def run_trl(model_dir: Path, work: Path, wl: dict[str, Any], device: str) -> dict[str, Any]:

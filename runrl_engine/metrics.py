@@ -37,6 +37,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def step_peak_memory() -> dict[str, float]:
+    """Peak memory of this process since the previous call, in MiB, then the peaks are reset: `peak_rss_mb` (Linux
+    VmHWM, reset through /proc/self/clear_refs; where that is unavailable, the process-lifetime `ru_maxrss`) and,
+    when CUDA is initialised, `peak_vram_mb` (torch's `max_memory_allocated` on the current device: tensors torch
+    allocated, not the caching allocator's reserve or other libraries' memory)."""
+    out = {"peak_rss_mb": peak_rss_mb()}
+    try:
+        with open("/proc/self/status") as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        out["peak_rss_mb"] = hwm_kib / 1024.0
+    except (OSError, StopIteration, ValueError):
+        pass
+    torch = sys.modules.get("torch")  # never import torch here: the server imports this module
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 class RunOutputs:
     """The run directory's log, metric and completion streams (main process only)."""
 

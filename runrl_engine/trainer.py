@@ -35,7 +35,7 @@ from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig, apply_overrides, load_config
 from runrl_engine.data import PromptRow, load_prompts, load_sft
 from runrl_engine.errors import ConfigError, DataError, TrainingAborted
-from runrl_engine.metrics import RunOutputs, peak_rss_mb
+from runrl_engine.metrics import RunOutputs, step_peak_memory
 from runrl_engine.models import load_policy, load_reference, load_tokenizer, resolve_device, resolve_dtype
 from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
@@ -438,7 +438,6 @@ class Trainer:
             "completion_length_mean": gen_tokens / n, "completion_length_min": min(lengths),
             "completion_length_max": max(lengths), "truncated_fraction": sum(p["truncated"] for p in parts) / n,
             "step_time_s": step_time, "tokens_per_s": gen_tokens / step_time if step_time > 0 else 0.0,
-            "peak_rss_mb": peak_rss_mb(),
         }
         if self.env_mode or self.cfg.tools:
             record["turns_per_episode"] = sum(p["turns"] for p in parts) / n
@@ -448,8 +447,7 @@ class Trainer:
         record.update({k: v for k, v in update.items() if k not in record})
         record.update({f"advantage/{k}": v for k, v in adv_diag.items()})
         record.update({f"time/{k}_s": v for k, v in times.items()})
-        if torch.cuda.is_available():
-            record["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        record.update(step_peak_memory())  # peak_rss_mb (+ peak_vram_mb) since the previous record, then reset
         merged: dict[str, list[float]] = {}
         for p in parts:
             for k, (total, count) in p["info"].items():
