@@ -21,10 +21,12 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # [B, C] long, right-padded
     completion_mask: torch.Tensor  # [B, C] long, 1 on real completion tokens (attention)
     loss_mask: torch.Tensor  # [B, C] float, 1 on tokens sampled by the policy and trained on, else 0
-    advantages: torch.Tensor  # [B] float, one per sequence
+    advantages: torch.Tensor  # [B] float, one per sequence; or [B, C] per token (GAE)
     rewards: torch.Tensor  # [B] float
     old_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the sampling policy (None: on-policy)
     ref_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the reference policy
+    old_values: torch.Tensor | None = None  # [B, C] float, critic values at sampling time (PPO)
+    returns: torch.Tensor | None = None  # [B, C] float, value targets (PPO)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -56,14 +58,20 @@ class RolloutBatch:
 
         return replace(self, prompt_ids=p(self.prompt_ids), prompt_mask=p(self.prompt_mask),
                        completion_ids=c(self.completion_ids), completion_mask=c(self.completion_mask),
-                       loss_mask=c(self.loss_mask), advantages=self.advantages[index], rewards=self.rewards[index],
-                       old_logp=c(self.old_logp), ref_logp=c(self.ref_logp))
+                       loss_mask=c(self.loss_mask), rewards=self.rewards[index],
+                       advantages=c(self.advantages) if self.advantages.dim() == 2 else self.advantages[index],
+                       old_logp=c(self.old_logp), ref_logp=c(self.ref_logp), old_values=c(self.old_values),
+                       returns=c(self.returns))
 
-    def micro_batches(self, size: int) -> list["RolloutBatch"]:
-        """Length-bucketed micro-batches: rows sorted by total length so padding stays small."""
+    def micro_batch_indices(self, size: int) -> list[torch.Tensor]:
+        """Row indices of length-bucketed micro-batches: rows sorted by total length so padding stays small."""
         lengths = self.prompt_mask.sum(dim=1) + self.completion_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
-        return [self.select(order[i:i + size]) for i in range(0, len(self), size)]
+        return [order[i:i + size] for i in range(0, len(self), size)]
+
+    def micro_batches(self, size: int) -> list["RolloutBatch"]:
+        """Length-bucketed micro-batches (`micro_batch_indices`), padding trimmed."""
+        return [self.select(index) for index in self.micro_batch_indices(size)]
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

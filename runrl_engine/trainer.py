@@ -1,8 +1,16 @@
 """The RL loop: rollout -> reward -> advantages -> update -> log, each phase named and timed.
 
-One optimizer step per batch of rollouts (on-policy), so the "old" log-probs of the clipped surrogate are
-the detached current ones and no extra forward pass is spent on them. The reference policy is loaded only
-when `beta > 0`; under LoRA it is the same model with the adapter disabled. Data-parallel through
+By default one optimizer step per batch of rollouts (on-policy), so the "old" log-probs of the clipped
+surrogate are the detached current ones and no extra forward pass is spent on them. With `ppo_epochs` > 1 or
+`num_minibatches` > 1 the batch is reused, and an `old_logprobs` phase first records the sampling policy's
+log-probs. The reference policy is loaded only when `beta > 0`; under LoRA it is the same model with the
+adapter disabled.
+
+PPO (`algorithm: ppo`, advantage estimator `gae`) adds a critic (`value.py`: a value head on the policy's
+backbone, or a separate value model): the `old_logprobs` phase also records its values, rewards are placed
+on the last token of each assistant turn (environment step rewards) or of the episode, minus `beta` x KL per
+token with `kl_in_reward`, GAE turns them into per-token advantages (whitened over the whole batch, all
+processes), and the update adds the clipped value loss. Data-parallel through
 accelerate: each step's prompts are split across processes with every prompt's group kept whole on one
 process, loss denominators are global (see `algorithms.losses`), and only the main process writes.
 
@@ -10,8 +18,8 @@ Rollouts are `Episode`s (`rollout/episodes.py`): single-turn completions, or mul
 sandboxed `CustomEnv` (`type: environment`) and MCP tools (`tools`). An optional SFT warm-start (`sft_file`)
 trains the same policy object before the first RL step.
 
-Not covered here: PPO with a critic (the `algorithm: ppo` key is reserved), vLLM generation, generation
-under FSDP/ZeRO-3 sharding (the configs in configs/accelerate/ are untested).
+Not covered here: generation under FSDP/ZeRO-3 sharding (the configs in configs/accelerate/ are untested),
+adaptive KL controllers (beta is fixed), a critic warm-up phase before policy updates.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from runrl_engine import checkpoint as ckpt
-from runrl_engine.algorithms.advantages import get_advantage_estimator
-from runrl_engine.algorithms.logprobs import selective_log_softmax
+from runrl_engine.algorithms import ppo as ppo_math
+from runrl_engine.algorithms.advantages import get_advantage_estimator, uses_critic
+from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from runrl_engine.algorithms.losses import policy_loss
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig, apply_overrides, load_config
@@ -41,8 +50,11 @@ from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
 from runrl_engine.rollout.hf import SamplingParams
 from runrl_engine.sandbox import EnvSandbox, RewardSandbox, inspect_user_code, install_requirements
+from runrl_engine.value import PolicyWithValue, load_critic
 
 STRING_INFO_SAMPLES = 5  # RunRL shows 5 sampled string-valued info entries per step
+# update statistics that are already each micro-batch's share of a whole-batch value (summed, not token-averaged)
+ADDITIVE_STATS = {"loss", "pg_loss", "value_loss", "entropy"}
 
 
 @dataclass
@@ -104,6 +116,11 @@ class Trainer:
         if cfg.prompts_per_step % self.world:
             raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world} processes",
                               where="prompts_per_step", fix=f"use a multiple of {self.world}")
+        local_rollouts = cfg.prompts_per_step // self.world * cfg.num_generations
+        if cfg.num_minibatches > local_rollouts:
+            raise ConfigError(f"num_minibatches={cfg.num_minibatches} is more than the {local_rollouts} rollouts each "
+                              f"of {self.world} processes has per step", where="num_minibatches",
+                              fix=f"use at most {local_rollouts}, or more prompts_per_step")
 
         # user inputs first: fail on a bad file before spending time on the model
         self.env_mode = cfg.type == "environment"
@@ -152,15 +169,38 @@ class Trainer:
 
             run_sft(policy, self.tokenizer, cfg, output_dir, log=self.log, metrics=sft_metrics, device=device,
                     tools=self.tool_schemas or None)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.effective_learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        # PPO's critic: a value head on the policy (one forward gives both) or a separate value model
+        self.use_critic = uses_critic(cfg.advantage_estimator)
+        critic = None
+        if self.use_critic and cfg.critic == "head":
+            policy = PolicyWithValue(policy)
+        elif self.use_critic:
+            critic = load_critic(cfg, device, param_dtype)
+        self.value_on_policy = isinstance(policy, PolicyWithValue)
+        value_params = (policy.value_parameters() if self.value_on_policy else
+                        [p for p in critic.parameters() if p.requires_grad] if critic is not None else [])
+        value_ids = {id(p) for p in value_params}
+        params = [p for p in policy.parameters() if p.requires_grad and id(p) not in value_ids]
+        groups: list[dict[str, Any]] = [{"params": params}]
+        if value_params:
+            groups.append({"params": value_params, "lr": cfg.critic_learning_rate or cfg.effective_learning_rate})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.effective_learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
         from transformers import get_scheduler
 
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
-                                  num_training_steps=self.total_steps)
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
-        self.params = params
+        self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
+        updates = self.total_steps * self.updates_per_step
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates),
+                                  num_training_steps=updates)
+        self.critic: torch.nn.Module | None = None
+        if critic is None:
+            self.model, self.optimizer, self.scheduler = self.acc.prepare(policy, optimizer, scheduler)
+        else:
+            self.model, self.critic, self.optimizer, self.scheduler = self.acc.prepare(policy, critic, optimizer,
+                                                                                     scheduler)
+        self.params, self.value_params = params, value_params
+        # samples reused (or a critic baseline needed): record log-probs/values before the update changes them
+        self.needs_old_pass = self.use_critic or self.updates_per_step > 1
         self.advantage_fn = get_advantage_estimator(cfg.advantage_estimator)
         self.rollout_backend = rollout_backend_for(cfg, world_size=self.world, compute_dtype=self.compute_dtype)
         self.episode_settings = EpisodeSettings(
@@ -229,9 +269,14 @@ class Trainer:
             probe.close()
         return runtime
 
+    def _policy(self) -> torch.nn.Module:
+        """The Hugging Face policy, unwrapped from DDP and (PPO's `critic: head`) from its value head."""
+        model = self.acc.unwrap_model(self.model)
+        return model.policy if isinstance(model, PolicyWithValue) else model
+
     def _stop_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.acc.unwrap_model(self.model), "generation_config", None), "eos_token_id", None)
+        gen_eos = getattr(getattr(self._policy(), "generation_config", None), "eos_token_id", None)
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         return {i for i in ids if i is not None}
 
@@ -269,10 +314,14 @@ class Trainer:
                     episodes = self._rollout(self._my_prompts(step), step)
                 with self._timer(times, "reward"):
                     self._score(episodes)
+                batch = self._collate(episodes)
+                if self.needs_old_pass:
+                    with self._timer(times, "old_logprobs"):
+                        self._old_pass(batch)
                 with self._timer(times, "advantages"):
-                    batch, adv_diag = self._make_batch(episodes)
+                    adv_diag, critic_stats = self._advantages(batch, episodes)
                 with self._timer(times, "update"):
-                    update_stats = self._update(batch)
+                    update_stats = {**self._update(batch, step), **critic_stats}
                 record = self._record(step, episodes, batch, adv_diag, update_stats, times, time.perf_counter() - t0)
                 if self.cfg.eval_every and self.eval_rows and (step % self.cfg.eval_every == 0 or step == self.total_steps):
                     with self._timer(times, "eval"):
@@ -314,7 +363,7 @@ class Trainer:
         def seed_of(ep: Episode, turn: int) -> int:
             return sample_seed(self.cfg.seed, step, ep.prompt_index, ep.sample_index, salt * 1_000 + turn)
 
-        model = self.acc.unwrap_model(self.model)
+        model = self._policy()
         was_training = model.training
         model.eval()
         with self.acc.autocast(), rollout_phase(self.rollout_backend, model):  # wake, push weights; sleep after
@@ -331,70 +380,191 @@ class Trainer:
         for ep, r in zip(episodes, results):
             ep.reward, ep.info, ep.error = r.reward, r.info, r.error
 
-    def _make_batch(self, episodes: list[Episode]) -> tuple[RolloutBatch, dict[str, float]]:
-        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
-        opts = {"scale_rewards": self.cfg.scale_rewards} if self.cfg.advantage_estimator == "grpo" else {}
-        advantages, diag = self.advantage_fn(rewards, self.cfg.num_generations, **opts)
+    def _collate(self, episodes: list[Episode]) -> RolloutBatch:
+        """The step's episodes as one padded batch (advantages are filled in by `_advantages`)."""
         prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], self.tokenizer.pad_token_id)
+        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
         dev = self.acc.device
-        batch = RolloutBatch(
+        return RolloutBatch(
             prompt_ids=prompt_ids.to(dev), prompt_mask=prompt_mask.to(dev),
             completion_ids=pad_right([ep.tokens for ep in episodes], self.tokenizer.pad_token_id).to(dev),
             completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(dev),
             loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(dev),
-            advantages=advantages.to(dev), rewards=rewards.to(dev))
-        return batch, {k: float(v) for k, v in diag.items()}
+            advantages=torch.zeros_like(rewards).to(dev), rewards=rewards.to(dev))
 
-    def _token_logps(self, model: torch.nn.Module, mb: RolloutBatch) -> torch.Tensor:
-        """[b, C] log-probs of the completion tokens (temperature-scaled, as they were sampled)."""
+    @torch.no_grad()
+    def _old_pass(self, batch: RolloutBatch) -> None:
+        """Log-probs of the sampled tokens under the policy that sampled them (the clipped ratio's `old` when
+        samples are reused), the critic's values at sampling time, and the reference log-probs when beta > 0,
+        before any update of this step. Same train mode as the update, so the first ratio is 1."""
+        self.model.train()
+        if self.critic is not None:
+            self.critic.train()
+        B, C = batch.completion_ids.shape
+        dev = self.acc.device
+        old_logp = torch.zeros(B, C, device=dev)
+        old_values = torch.zeros(B, C, device=dev) if self.use_critic else None
+        ref_logp = torch.zeros(B, C, device=dev) if self.cfg.beta > 0 else None
+        for index in batch.micro_batch_indices(self.cfg.micro_batch_size):
+            mb = batch.select(index)
+            c = mb.completion_ids.shape[1]
+            with self.acc.autocast():
+                logp, values, _ = self._forward(self.model, mb)
+                if self.critic is not None:
+                    values = self._critic_values(mb)
+                old_logp[index, :c] = logp.float()
+                if old_values is not None:
+                    old_values[index, :c] = values.float()
+                if ref_logp is not None:
+                    ref_logp[index, :c] = self._ref_logps(mb).float()
+        batch.old_logp, batch.old_values, batch.ref_logp = old_logp, old_values, ref_logp
+
+    def _advantages(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[dict[str, float], dict[str, float]]:
+        """Fill `batch.advantages` (and `batch.returns` for GAE). Returns (estimator diagnostics, critic stats)."""
+        cfg = self.cfg
+        if not self.use_critic:
+            opts = {"scale_rewards": cfg.scale_rewards} if cfg.advantage_estimator == "grpo" else {}
+            advantages, diag = self.advantage_fn(batch.rewards.cpu(), cfg.num_generations, **opts)
+            batch.advantages = advantages.to(batch.rewards.device)
+            return {k: float(v) for k, v in diag.items()}, {}
+        mask = batch.loss_mask
+        kl = batch.old_logp - batch.ref_logp if cfg.kl_in_reward and batch.ref_logp is not None else None
+        token_rewards = ppo_math.token_level_rewards(None, mask, kl=kl, kl_coef=cfg.beta,
+                                                     turn_rewards=reward_positions(episodes, mask, self.env_mode))
+        advantages, returns = self.advantage_fn(token_rewards, batch.old_values, mask, cfg.gamma, cfg.lam)
+        n, adv_sum, adv_sq = self._sum(*ppo_math.whiten_stats(advantages, mask))
+        adv_mean, adv_var = _mean_var(n, adv_sum, adv_sq)
+        if cfg.whiten_advantages:
+            advantages = ppo_math.whiten(advantages, mask, mean=adv_mean, var=adv_var)
+        batch.advantages, batch.returns = advantages, returns
+        # how well the critic, as it was when these samples were drawn, predicted their returns (whole batch)
+        _, ret_sum, ret_sq = self._sum(*ppo_math.whiten_stats(returns, mask))
+        _, err_sum, err_sq = self._sum(*ppo_math.whiten_stats(returns - batch.old_values, mask))
+        _, val_sum, _ = self._sum(*ppo_math.whiten_stats(batch.old_values, mask))
+        returns_mean, returns_var = _mean_var(n, ret_sum, ret_sq)
+        error_var = _mean_var(n, err_sum, err_sq)[1]
+        critic = {"explained_variance": 1 - error_var / returns_var if returns_var > 0 else 0.0,
+                  "value_mean": val_sum / max(n, 1), "returns_mean": returns_mean}
+        if kl is not None:
+            critic["kl_penalty_mean"] = self._sum(float((kl * mask).sum()))[0] / max(n, 1)
+        return {"advantage_mean_raw": adv_mean, "advantage_std_raw": math.sqrt(max(adv_var, 0.0))}, critic
+
+    def _forward(self, model: torch.nn.Module, mb: RolloutBatch, *,
+                 entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Completion tokens' log-probs [b, C] (temperature-scaled, as they were sampled); the value head's
+        values [b, C] when `model` is the policy carrying it; entropies [b, C] when asked."""
         C = mb.completion_ids.shape[1]
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    logits_to_keep=C + 1, use_cache=False)
-        logits = out.logits[:, :-1, :]
+        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                      logits_to_keep=C + 1)
+        values = None
+        if model is self.model and self.value_on_policy:
+            logits, values = model(**inputs)
+            values = values[:, :-1]
+        else:
+            logits = model(**inputs, use_cache=False).logits
+        logits = logits[:, :-1, :]
         if self.cfg.temperature != 1.0:
             logits = logits / self.cfg.temperature
-        return selective_log_softmax(logits, mb.completion_ids)
+        logp = selective_log_softmax(logits, mb.completion_ids)
+        return logp, values, entropy_from_logits(logits) if entropy else None
+
+    def _critic_values(self, mb: RolloutBatch) -> torch.Tensor:
+        """The separate critic's values [b, C], aligned with the completion tokens' log-probs."""
+        C = mb.completion_ids.shape[1]
+        return self.critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                           logits_to_keep=C + 1)[:, :-1]
 
     @torch.no_grad()
     def _ref_logps(self, mb: RolloutBatch) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._token_logps(self.ref_model, mb)
-        policy = self.acc.unwrap_model(self.model)
+            return self._forward(self.ref_model, mb)[0]
+        policy = self._policy()
         with policy.disable_adapter():
-            return self._token_logps(policy, mb)
+            return self._forward(policy, mb)[0]
 
-    def _update(self, batch: RolloutBatch) -> dict[str, float]:
+    def _update(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """`ppo_epochs` passes over the batch, each split into `num_minibatches` shuffled optimizer steps (one
+        step over the whole batch by default). Returns the statistics averaged over those optimizer steps."""
         cfg = self.cfg
         self.model.train()
+        if self.critic is not None:
+            self.critic.train()
+        totals: dict[str, float] = {}
+        for epoch in range(cfg.ppo_epochs):
+            if cfg.num_minibatches == 1:
+                parts = [batch]
+            else:  # the same permutation on every process (each shuffles its own rows)
+                gen = torch.Generator().manual_seed(sample_seed(cfg.seed, step, epoch, 0, salt=7))
+                order = torch.randperm(len(batch), generator=gen).to(batch.rewards.device)
+                parts = [batch.select(part) for part in order.tensor_split(cfg.num_minibatches)]
+            for part in parts:
+                for k, v in self._optimizer_step(part).items():
+                    totals[k] = totals.get(k, 0.0) + v
+        stats = {k: v / self.updates_per_step for k, v in totals.items()}
+        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def _no_sync(self, sync: bool) -> contextlib.ExitStack:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an optimizer step."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for model in (self.model, self.critic):
+                if model is not None:
+                    stack.enter_context(self.acc.no_sync(model))
+        return stack
+
+    def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
+        cfg = self.cfg
         n_seq, n_tok = (int(x) for x in self._sum(len(batch), float(batch.loss_mask.sum())))
         micro = batch.micro_batches(cfg.micro_batch_size)
+        want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         for i, mb in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
-            with sync, self.acc.autocast():
-                if cfg.beta > 0:
+            with self._no_sync(i == len(micro) - 1), self.acc.autocast():
+                if cfg.beta > 0 and mb.ref_logp is None:
                     mb.ref_logp = self._ref_logps(mb)
-                logp = self._token_logps(self.model, mb)
+                logp, values, entropy = self._forward(self.model, mb, entropy=want_entropy)
                 old = logp.detach() if mb.old_logp is None else mb.old_logp
                 loss, diag = policy_loss(logp, old, mb.advantages, mb.loss_mask, loss_type=cfg.loss_type,
-                                         epsilon_low=cfg.epsilon, epsilon_high=cfg.clip_high, beta=cfg.beta,
-                                         ref_logp=mb.ref_logp, num_sequences=n_seq, num_tokens=n_tok,
+                                         epsilon_low=cfg.epsilon, epsilon_high=cfg.clip_high,
+                                         beta=0.0 if cfg.kl_in_reward else cfg.beta, ref_logp=mb.ref_logp,
+                                         importance_sampling_level=cfg.importance_sampling_level,
+                                         num_sequences=n_seq, num_tokens=n_tok,
                                          max_completion_length=cfg.completion_length)
+                diag.pop("num_tokens")
+                diag["approx_kl"] = ppo_math.approx_kl(logp, old, mb.loss_mask)
+                if entropy is not None:
+                    bonus = ppo_math.masked_entropy(entropy, mb.loss_mask, num_tokens=n_tok)
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * bonus
+                    diag["entropy"] = bonus.detach()
+                if self.use_critic:
+                    if self.critic is not None:
+                        values = self._critic_values(mb)
+                    vf, vf_diag = ppo_math.value_loss(values, mb.old_values, mb.returns, mb.loss_mask,
+                                                      value_clip=cfg.value_clip, num_tokens=n_tok)
+                    loss = loss + cfg.vf_coef * vf
+                    diag["value_loss"] = vf.detach()
+                    diag["value_clip_fraction"] = vf_diag["value_clip_fraction"]
                 # DDP averages gradients over processes; the loss already uses global denominators.
                 self.acc.backward(loss * self.world)
             sums["loss"] += float(loss.detach())
             tokens = float(mb.loss_mask.sum())
             for k, v in diag.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * tokens
-        grad_norm = float(self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in ADDITIVE_STATS else tokens)
+        stats: dict[str, float] = {}
+        if cfg.max_grad_norm > 0:
+            stats["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if self.value_params:
+                stats["value_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.value_params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(sums)
         totals = dict(zip(keys, self._sum(*(sums[k] for k in keys))))
-        stats = {k: (v if k == "loss" else v / max(n_tok, 1)) for k, v in totals.items()}
-        stats["grad_norm"] = grad_norm
-        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        stats.update({k: (v if k in ADDITIVE_STATS else v / max(n_tok, 1)) for k, v in totals.items()})
+        stats["clip_fraction"] = stats.get("clip_ratio/region_mean", 0.0)
+        stats.setdefault("grad_norm", 0.0)
         return stats
 
     def _evaluate(self, step: int) -> float:
@@ -501,13 +671,36 @@ class Trainer:
         self.acc.wait_for_everyone()
         final = None
         if self.acc.is_main_process:
-            final = ckpt.export_final(self.acc.unwrap_model(self.model), self.tokenizer, self.out,
+            final = ckpt.export_final(self._policy(), self.tokenizer, self.out,
                                       merge_lora=self.cfg.merge_lora)
             self.log(f"final model written to {final}")
             if self.cfg.hf_name:
                 ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log)
         self.acc.wait_for_everyone()
         return final
+
+
+def reward_positions(episodes: Sequence[Episode], loss_mask: torch.Tensor,
+                     step_rewards: bool) -> list[tuple[int, int, float]]:
+    """(row, token, reward) triples placing each episode's reward for GAE. With `step_rewards` (environment
+    runs) each step reward sits on the last token of the assistant turn it answered; otherwise, or for an episode
+    that ended in an error, the episode's reward sits on its last sampled token. loss_mask: [B, C]."""
+    out: list[tuple[int, int, float]] = []
+    for row, (ep, ends) in enumerate(zip(episodes, ppo_math.turn_end_positions(loss_mask))):
+        if not ends:
+            continue  # nothing sampled, nothing to credit
+        if step_rewards and ep.step_rewards and ep.error is None:
+            # a turn cut off before the environment answered has no reward; surplus rewards go to the last turn
+            out.extend((row, ends[min(i, len(ends) - 1)], r) for i, r in enumerate(ep.step_rewards))
+        else:
+            out.append((row, ends[-1], ep.reward))
+    return out
+
+
+def _mean_var(n: float, total: float, squares: float) -> tuple[float, float]:
+    """Mean and unbiased variance from a count, a sum and a sum of squares (reduced over processes)."""
+    mean = total / max(n, 1)
+    return mean, (squares - n * mean * mean) / max(n - 1, 1)
 
 
 def default_output_dir() -> Path:

@@ -226,11 +226,28 @@ def test_create_validation_and_ownership(live):
             (body(p, r, num_generations=0), {"num_generations"}),
             (body(p, r, model="/root/secret-model"), {"model"}),  # no server paths over the API
             (body(p, r, model="../runs/1/final"), {"model"}),
+            (body(p, r, advantage_estimator="vtrace"), {"advantage_estimator"}),
+            (body(p, r, algorithm="ppo", advantage_estimator="rloo"), {"advantage_estimator"}),
         ]
         for payload, fields in cases:
             res = c.post("/runs", json=payload)
             assert res.status_code == 422, (payload, res.text)
             assert set(res.json()["details"]) == fields, res.json()
+        # every estimator and the PPO keys are run parameters
+        store = live.app.state.services.store
+        for estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
+            made = c.post("/runs", json=body(p, r, advantage_estimator=estimator, run_name="sleep=0,code=0"))
+            assert made.status_code in (200, 201, 202), made.text
+            assert store.run(made.json()["data"]["id"])["config"]["advantage_estimator"] == estimator
+        ppo = {"algorithm": "ppo", "ppo_epochs": 2, "num_minibatches": 2, "vf_coef": 0.5, "critic": "separate",
+               "kl_in_reward": True, "beta": 0.05, "importance_sampling_level": "sequence"}
+        made = c.post("/runs", json=body(p, r, run_name="sleep=0,code=0", **ppo))
+        assert made.status_code in (200, 201, 202), made.text
+        stored = store.run(made.json()["data"]["id"])["config"]
+        assert all(stored[k] == v for k, v in ppo.items())
+        from runrl_engine.config import RunConfig
+
+        assert RunConfig.from_dict(stored).advantage_estimator == "gae"  # what the worker's `runrl train` resolves
         # server paths cannot be injected through engine keys
         res = c.post("/runs", json=body(p, r, prompt_file="/etc/passwd", run_name="sleep=0,code=0"))
         run = res.json()["data"]

@@ -1,0 +1,143 @@
+"""PPO with a critic in the real loop (builtin tiny model): it learns, its batches are reused for real (the ratio
+moves and clipping engages), gradient accumulation does not change the update, the critic trains under LoRA
+and as a separate model, the KL can go into the rewards, and environment step rewards land on turn ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runrl_engine import train
+from runrl_engine.data import PromptRow
+from runrl_engine.rollout.episodes import Episode
+from runrl_engine.trainer import reward_positions
+
+ROOT = Path(__file__).resolve().parents[2]
+QS = ROOT / "configs" / "data" / "quickstart"
+PPO_KEYS = ("value_loss", "explained_variance", "clip_fraction", "approx_kl", "entropy")
+
+
+def cfg(**over):
+    base = dict(model="builtin:tiny", prompt_file=str(QS / "prompts.jsonl"), reward_file=str(QS / "reward.py"),
+                algorithm="ppo", completion_length=8, max_steps=2, prompts_per_step=2, num_generations=4,
+                micro_batch_size=8, learning_rate=3e-3, eval_every=0, save_every=0, seed=0, log_completions=0)
+    base.update(over)
+    return base
+
+
+def test_ppo_raises_the_reward_and_logs_its_metrics(tmp_path, tiny_model_dir):
+    result = train(cfg(max_steps=25, completion_length=16, prompts_per_step=4, num_generations=8,
+                       micro_batch_size=32, ppo_epochs=2, num_minibatches=2, entropy_coef=0.01), output_dir=tmp_path)
+    r = [h["reward_mean"] for h in result.history]
+    assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.2, r
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in PPO_KEYS + ("value_mean", "returns_mean", "value_grad_norm", "time/old_logprobs_s"):
+        assert all(key in m for m in metrics), key
+    # batches are reused: the second and later minibatches see a moved policy, so the ratio leaves 1 and clips
+    assert max(m["clip_fraction"] for m in metrics) > 0 and max(m["approx_kl"] for m in metrics) > 0
+    assert metrics[0]["value_mean"] == 0.0 and metrics[-1]["value_mean"] != 0.0  # the zero-initialised head learns
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    config = (tmp_path / "config.yaml").read_text()
+    assert "advantage_estimator: gae" in config
+
+
+def test_one_pass_over_the_batch_keeps_the_ratio_at_one(tmp_path, tiny_model_dir):
+    result = train(cfg(), output_dir=tmp_path)
+    for h in result.history:
+        assert h["clip_fraction"] == 0.0 and h["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert h["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, tiny_model_dir):
+    """8 rollouts in one micro-batch == 8 micro-batches of 1 (value loss, entropy and GAE included)."""
+    over = dict(max_steps=1, entropy_coef=0.05, vf_coef=0.5)
+    whole = train(cfg(micro_batch_size=8, **over), output_dir=tmp_path / "whole")
+    split = train(cfg(micro_batch_size=1, **over), output_dir=tmp_path / "split")
+    for key in ("loss", "value_loss", "entropy", "pg_loss", "explained_variance"):
+        assert split.history[0][key] == pytest.approx(whole.history[0][key], rel=1e-4, abs=1e-6), key
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    a, b = load_file(str(whole.final_dir / "model.safetensors")), load_file(str(split.final_dir / "model.safetensors"))
+    moved = 0
+    for k in base:
+        step = (a[k] - base[k]).abs().max().item()
+        moved += step > 0
+        torch.testing.assert_close(b[k], a[k], atol=max(step * 0.02, 1e-7), rtol=0)
+    assert moved > 0
+
+
+def test_lora_trains_the_value_head_with_the_adapter(tmp_path, tiny_model_dir):
+    from runrl_engine.config import RunConfig
+    from runrl_engine.trainer import Trainer
+
+    trainer = Trainer(RunConfig.from_dict(cfg(use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=1e-2)), tmp_path)
+    try:
+        head = trainer.acc.unwrap_model(trainer.model).value_head.linear
+        before = head.weight.detach().clone()
+        assert head.weight.requires_grad and any("lora_" in n for n, p in trainer.model.named_parameters()
+                                                 if p.requires_grad)
+        trainer.run()
+        assert not torch.equal(head.weight.detach(), before)
+    finally:
+        trainer.close()
+
+
+def test_separate_critic_and_kl_in_reward(tmp_path, tiny_model_dir):
+    from runrl_engine.config import RunConfig
+    from runrl_engine.trainer import Trainer
+
+    trainer = Trainer(RunConfig.from_dict(cfg(critic="separate", beta=0.5, kl_in_reward=True, max_steps=3,
+                                              critic_learning_rate=1e-2)), tmp_path)
+    try:
+        assert trainer.critic is not None and trainer.ref_model is not None
+        critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters() if p.requires_grad}
+        result = trainer.run()
+        moved = [n for n, p in trainer.critic.named_parameters() if p.requires_grad
+                 and not torch.equal(p.detach(), critic_before[n])]
+        assert "value_head.linear.weight" in moved and any(n.startswith("lm.model.layers") for n in moved)
+    finally:
+        trainer.close()
+    history = result.history
+    assert all("kl_penalty_mean" in h for h in history)
+    assert history[0]["kl_penalty_mean"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert history[-1]["kl"] > 0
+
+
+def _episode(tokens_mask: list[int], *, reward: float, step_rewards=(), error=None) -> Episode:
+    ep = Episode(row=PromptRow(messages=[{"role": "user", "content": "x"}], fields={}, line=1), prompt_index=0,
+                 sample_index=0, prompt_ids=[1], tokens=[5] * len(tokens_mask), mask=list(tokens_mask),
+                 reward=reward, step_rewards=list(step_rewards), error=error)
+    return ep
+
+
+def test_environment_step_rewards_sit_on_the_turn_ends():
+    # two assistant turns (mask 1) separated by an observation (mask 0); then a one-turn episode; then an
+    # episode that errored (its reward goes to its last sampled token); then one with nothing sampled
+    eps = [_episode([1, 1, 0, 0, 1, 1, 1, 0], reward=3.0, step_rewards=[1.0, 2.0]),
+           _episode([1, 1, 1], reward=0.5, step_rewards=[0.5]),
+           _episode([1, 0, 1], reward=0.0, step_rewards=[4.0], error="env crashed"),
+           _episode([], reward=1.0)]
+    width = 8
+    mask = torch.tensor([e.mask + [0] * (width - len(e.mask)) for e in eps], dtype=torch.float32)
+    assert reward_positions(eps, mask, step_rewards=True) == [(0, 1, 1.0), (0, 6, 2.0), (1, 2, 0.5), (2, 2, 0.0)]
+    # reward-function runs (tools included) credit the final token only
+    assert reward_positions(eps, mask, step_rewards=False) == [(0, 6, 3.0), (1, 2, 0.5), (2, 2, 0.0)]
+    # a turn cut off before the environment answered gets nothing; extra rewards add up on the last turn
+    cut = [_episode([1, 1, 0, 1], reward=1.0, step_rewards=[1.0])]
+    assert reward_positions(cut, torch.tensor([[1.0, 1, 0, 1]]), True) == [(0, 1, 1.0)]
+    extra = [_episode([1, 1], reward=3.0, step_rewards=[1.0, 2.0])]
+    assert reward_positions(extra, torch.tensor([[1.0, 1]]), True) == [(0, 1, 1.0), (0, 1, 2.0)]
+
+
+def test_multi_turn_environment_under_ppo(tmp_path, tiny_model_dir):
+    """The guess-number environment (step rewards per turn) runs under PPO; observations are not trained on."""
+    env_cfg = ROOT / "configs" / "env_quickstart.yaml"
+    result = train(env_cfg, output_dir=tmp_path, overrides=["algorithm=ppo", "max_steps=2", "eval_every=0",
+                                                             "save_every=0", "prompts_per_step=2",
+                                                             "num_generations=2", "completion_length=8"])
+    assert result.steps == 2 and all(h["env_errors"] == 0 for h in result.history)
+    assert all(h["turns_per_episode"] > 1 for h in result.history)
+    assert all(k in result.history[-1] for k in PPO_KEYS)
