@@ -141,3 +141,11 @@ def test_multi_turn_environment_under_ppo(tmp_path, tiny_model_dir):
     assert result.steps == 2 and all(h["env_errors"] == 0 for h in result.history)
     assert all(h["turns_per_episode"] > 1 for h in result.history)
     assert all(k in result.history[-1] for k in PPO_KEYS)
+
+
+def test_gspo_and_a_critic_free_estimator_with_reused_batches(tmp_path, tiny_model_dir):
+    """`importance_sampling_level: sequence` and `ppo_epochs` > 1 also work without a critic (GRPO family)."""
+    result = train(cfg(algorithm="grpo", advantage_estimator="rloo", importance_sampling_level="sequence",
+                       ppo_epochs=3, max_steps=2, learning_rate=1e-2), output_dir=tmp_path)
+    assert "value_loss" not in result.history[-1] and "time/old_logprobs_s" in result.history[-1]
+    assert max(h["approx_kl"] for h in result.history) > 0  # later epochs see a moved policy

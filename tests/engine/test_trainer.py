@@ -75,19 +75,25 @@ def test_parameters_change_and_same_seed_same_rewards(tmp_path, tiny_model_dir):
     assert sum(not torch.equal(wa[k], base[k]) for k in base) == len(base)  # every tensor moved
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
-    straight = train(cfg(max_steps=4), output_dir=tmp_path / "straight")
+@pytest.mark.parametrize("extra", [{}, {"algorithm": "ppo", "critic": "separate", "ppo_epochs": 2}],
+                         ids=["grpo", "ppo-separate-critic"])
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, extra):
+    """Checkpoints hold everything the next steps depend on (under PPO: the critic and its optimizer state)."""
+    straight = train(cfg(max_steps=4, **extra), output_dir=tmp_path / "straight")
     out = tmp_path / "resumed"
-    train(cfg(max_steps=4, save_every=2), output_dir=out)  # the reference for the resumed run's checkpoint
+    train(cfg(max_steps=4, save_every=2, **extra), output_dir=out)  # the reference for the resumed run's checkpoint
     # cut the run after its step-2 checkpoint: drop later records and the final model, then resume
     lines = (out / "metrics.jsonl").read_text().splitlines()[:2]
     (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     import shutil
 
     shutil.rmtree(out / "final")
-    resumed = train(cfg(max_steps=4, save_every=2), output_dir=out, resume=True)
+    resumed = train(cfg(max_steps=4, save_every=2, **extra), output_dir=out, resume=True)
     assert [h["step"] for h in resumed.history] == [3, 4]
     assert rewards(resumed) == rewards(straight)[2:]
+    for key in ("value_loss", "explained_variance"):
+        if key in straight.history[-1]:
+            assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-4, abs=1e-6), key
     ws, wr = weights(tmp_path / "straight"), weights(out)
     for k in ws:
         torch.testing.assert_close(wr[k], ws[k], atol=1e-6, rtol=1e-5)
