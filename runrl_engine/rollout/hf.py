@@ -6,6 +6,17 @@ multi-process equivalence test depend on it); (2) one prefill per prompt shared 
 finished rows dropped from the batch as they end. The loop does exactly that and nothing else: no beam
 search, no constrained decoding, no speculative decoding. Position ids follow the attention mask, as in
 training (`RolloutBatch.position_ids`), so left padding never shifts positions between the two.
+
+Per-token cost is what matters on CPU, where a decode step of a small model is a few milliseconds of many
+small ops: the KV cache is preallocated for the whole call (`PreallocatedKVLayer`: each token is written in
+place instead of transformers' `DynamicLayer` concatenating the whole cache every step), each row's uniforms
+for every step are drawn from its generator up front (the same numbers, in the same order, as one draw per
+step), and sampled tokens stay in a tensor, so the only per-step host sync is "did any row stop?". For
+Llama-family models on CPU (`LlamaDecodeStep`) the decode steps after the prefill skip the transformers forward
+and its per-op overhead; everything else (other architectures, GPUs, where that path is untested) uses the
+model's own forward. Models with sliding-window, chunked or shared-KV layers keep transformers' cache layers.
+All of this leaves the sampled tokens unchanged: same seeds, same tokens as with a plain transformers forward
+(the tests compare the paths token for token, and the step's logits with a full forward's).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from runrl_engine.batch import pad_left
 
@@ -34,7 +46,8 @@ class Completion:
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p applied to [B, V] float logits (masked entries become -inf)."""
-    logits = logits / params.temperature
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -48,13 +61,196 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, generators: Sequence[torch.Generator], params: SamplingParams) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling, row i drawing its uniform from `generators[i]`."""
+def sample(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: [B, V] logits and [B] uniforms in [0, 1) -> [B] ids."""
     probs = filter_logits(logits.float(), params).softmax(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)
     cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    idx = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
     return idx.clamp(max=probs.shape[-1] - 1)
+
+
+def draw_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """[len(seeds), steps] uniforms, row k from a generator seeded with `seeds[k]`: element t is the t-th draw of
+    that generator, so a row's numbers do not depend on which other rows share the batch."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+class PreallocatedKVLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values live in buffers sized for the whole decode call.
+
+    `update` writes the new positions in place and returns views of the filled prefix, so a decode step costs
+    one small copy per layer instead of `DynamicLayer`'s concatenation of the whole cache. The rest of the
+    `DynamicLayer` contract (sequence length, mask sizes, batch repeat/select) holds unchanged.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, dk = key_states.shape
+        self._k = key_states.new_empty(b, h, self.capacity, dk)
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self._k[:, :, self.length: end] = key_states
+        self._v[:, :, self.length: end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PreallocatedKVLayer is only used by the rollout decode loop, which never crops")
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+
+def decode_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
+    """A cache for one `generate` call: preallocated layers when every layer is plain full attention (what
+    `DynamicCache(config=...)` would fill with `DynamicLayer`s), else transformers' own choice of layers."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedKVLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def _linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) that `module` applies as one `F.linear`: a plain `nn.Linear`, or a peft LoRA `Linear` with
+    its active adapters folded in (delta = B @ A * scaling, as peft's own merge computes it). None for anything
+    else (DoRA, LoRA bias or variants, quantised layers, ...), which makes the caller fall back."""
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(module, "get_delta_weight"):
+        return None
+    weight = base.weight
+    if module.disable_adapters or module.merged:
+        return weight, base.bias
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if module.use_dora.get(name) or getattr(module, "lora_bias", {}).get(name) or name in module.lora_variant:
+            return None
+        weight = weight + module.get_delta_weight(name)
+    return weight, base.bias
+
+
+class LlamaDecodeStep:
+    """One decode step of a Llama-family decoder (`qwen2`, `llama`) computed straight from the model's modules.
+
+    A transformers forward of one token runs ~200 small ops per layer (mask construction, module hooks, views,
+    rotary helpers); at rollout batch sizes on CPU that overhead costs more than the matmuls. This step runs the
+    same computation with the same kernels on the same shapes (norms, rotary and activation through the model's
+    own modules; q/k/v/o and MLP projections as `F.linear`; SDPA called as transformers' `sdpa` integration calls
+    it for one query token), reading and writing the `PreallocatedKVLayer` buffers the prefill filled. LoRA
+    adapters are folded into the projection weights once per `generate` call. `build` returns None whenever the
+    model is outside what this reproduces, and the caller then uses the model's own forward.
+    """
+
+    SUPPORTED = ("qwen2", "llama")
+
+    def __init__(self, core: torch.nn.Module, lm_head: tuple[torch.Tensor, torch.Tensor | None],
+                 projections: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]):
+        self.core, self.lm_head, self.projections = core, lm_head, projections
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cache: DynamicCache) -> "LlamaDecodeStep | None":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(base, "config", None)
+        core, lm_head = getattr(base, "model", None), getattr(base, "lm_head", None)
+        if (config is None or core is None or lm_head is None or config.model_type not in cls.SUPPORTED
+                or getattr(config, "_attn_implementation", None) != "sdpa" or base.training
+                or not all(isinstance(layer, PreallocatedKVLayer) for layer in cache.layers)
+                or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"):
+            return None
+        projections = []
+        for layer in core.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+                     "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+            weights = {key: _linear_weights(mod) for key, mod in names.items()}
+            if any(w is None for w in weights.values()):
+                return None
+            projections.append(weights)
+        head = _linear_weights(lm_head)
+        if head is None:
+            return None
+        return cls(core, head, projections)
+
+    def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                 padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """token_ids, position_ids: [B, 1]; padding_mask: [B, kv] (1 = attend, kv = cache length + 1) or None when
+        no row has padding. Returns [B, V] logits of the next token."""
+        F = torch.nn.functional
+        core = self.core
+        hidden = core.embed_tokens(token_ids)  # [B, 1, H]
+        cos, sin = core.rotary_emb(hidden, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D], as apply_rotary_pos_emb
+        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+        b = token_ids.shape[0]
+        for layer, w, kv in zip(core.layers, self.projections, cache.layers):
+            attn = layer.self_attn
+            d, groups = attn.head_dim, attn.num_key_value_groups
+            x = _rms_norm(layer.input_layernorm, hidden)
+            q = F.linear(x, *w["q"]).view(b, 1, -1, d).transpose(1, 2)
+            k = F.linear(x, *w["k"]).view(b, 1, -1, d).transpose(1, 2)
+            v = F.linear(x, *w["v"]).view(b, 1, -1, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = kv.update(k, v)
+            if groups == 1:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            elif mask is None:
+                out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling, enable_gqa=True)
+            else:  # transformers' `pack_gqa`: the single query token's heads grouped per key/value head
+                out = F.scaled_dot_product_attention(q.reshape(b, -1, groups, d), keys, values, attn_mask=mask,
+                                                     scale=attn.scaling)
+            out = out.reshape(b, -1, 1, d).transpose(1, 2).contiguous().reshape(b, 1, -1)
+            hidden = hidden + F.linear(out, *w["o"])
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            mlp = layer.mlp
+            hidden = hidden + F.linear(mlp.act_fn(F.linear(x, *w["gate"])) * F.linear(x, *w["up"]), *w["down"])
+        return F.linear(_rms_norm(core.norm, hidden), *self.lm_head)[:, -1, :]
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for transformers' Llama/Qwen2 RMSNorm as one fused op (fp32: the same formula, and bitwise the same
+    result on the CPUs tested); any other norm, or another dtype, through the module itself."""
+    if x.dtype == torch.float32 and type(norm).__name__ in ("Qwen2RMSNorm", "LlamaRMSNorm"):
+        return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @torch.inference_mode()
@@ -65,15 +261,17 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     `seeds[k]` seeds completion k (same indexing). The model is used as is (call `.eval()` first).
     """
     device = next(model.parameters()).device
-    n = len(prompts) * num_samples
+    n, steps = len(prompts) * num_samples, params.max_new_tokens
     assert len(seeds) == n, "one seed per completion"
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    uniforms = draw_uniforms(seeds, steps).to(device)
     stop = torch.tensor(sorted(stop_ids), device=device)
 
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
+    width = mask.shape[1]
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = decode_cache(model, width + steps)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
     cache = out.cache
     logits = out.logits[:, -1, :]
     if num_samples > 1:  # one prefill per prompt, shared by its samples
@@ -83,30 +281,38 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
         pos = pos.repeat_interleave(num_samples, dim=0)
 
     # the attention mask of every step is a prefix of one preallocated buffer (no per-token concatenation)
-    width = mask.shape[1]
-    full_mask = torch.ones(n, width + params.max_new_tokens, dtype=mask.dtype, device=device)
+    full_mask = torch.ones(n, width + steps, dtype=mask.dtype, device=device)
     full_mask[:, :width] = mask
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    finished = [False] * n
-    active = list(range(n))  # completion index of each row still in the batch
-    for _ in range(params.max_new_tokens):
-        nxt = sample(logits, [generators[k] for k in active], params)
-        done = torch.isin(nxt, stop)
-        for k, tok in zip(active, nxt.tolist()):
-            tokens[k].append(tok)
-        done_rows = done.nonzero().flatten().tolist()
-        for row in done_rows:
-            finished[active[row]] = True
-        if len(done_rows) == len(active) or len(tokens[active[0]]) >= params.max_new_tokens:
+    sampled = torch.full((n, steps), pad_id, dtype=torch.long, device=device)  # [completion, step]
+    lengths = torch.full((n,), steps, dtype=torch.long)  # completion lengths; rows that stop get theirs set
+    active = torch.arange(n, device=device)  # completion index of each row still in the batch
+    pos = pos[:, -1:]
+    prompt_width = width
+    padded = bool((mask == 0).any())  # no padding: the step runs unmasked attention, as transformers does
+    step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
+    for t in range(steps):
+        nxt = sample(logits, uniforms[active, t], params)
+        sampled[active, t] = nxt
+        if t == steps - 1:
             break
-        if done_rows:  # drop finished rows so later steps cost only what is still running
+        done = torch.isin(nxt, stop)
+        if done.any():  # drop finished rows so later steps cost only what is still running
+            lengths[active[done].cpu()] = t + 1
             keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
             cache.batch_select_indices(keep)
-            active = [active[i] for i in keep.tolist()]
-            nxt, full_mask, pos = nxt[keep], full_mask[keep], pos[keep]
+            active, nxt, full_mask, pos = active[keep], nxt[keep], full_mask[keep], pos[keep]
+            padded = bool((full_mask[:, :prompt_width] == 0).any())
         width += 1
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=full_mask[:, :width], position_ids=pos, cache=cache,
-                    use_cache=True)
-        logits = out.logits[:, -1, :]
-    return [Completion(tokens=t, finished=f) for t, f in zip(tokens, finished)]
+        pos = pos + 1
+        if step is not None:
+            logits = step(nxt.unsqueeze(-1), pos, cache, full_mask[:, :width] if padded else None)
+        else:
+            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=full_mask[:, :width], position_ids=pos,
+                        cache=cache, use_cache=True)
+            logits = out.logits[:, -1, :]
+    rows, lens = sampled.cpu().tolist(), lengths.tolist()
+    # a row that ran to the last step finished if that step sampled a stop token
+    last_stops = torch.isin(sampled[:, -1], stop).tolist() if steps else [False] * n
+    return [Completion(tokens=rows[k][: lens[k]], finished=lens[k] < steps or last_stops[k]) for k in range(n)]

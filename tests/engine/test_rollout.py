@@ -1,6 +1,8 @@
 import torch
+from transformers.cache_utils import DynamicCache
 
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
+from runrl_engine.rollout import hf
 from runrl_engine.rollout.hf import SamplingParams, filter_logits, generate
 
 
@@ -78,3 +80,81 @@ def test_top_p_and_top_k_filter():
     assert kept.tolist() == [[True, True, False, False]]
     kept = filter_logits(logits, SamplingParams(max_new_tokens=1, top_k=3)).isfinite()
     assert kept.tolist() == [[True, True, True, False]]
+
+
+# ---- the decode loop's fast paths against the model's own forward ------------------------------------------
+
+def _generate_all(model, tok, prompts, seeds, n, max_new, stop_ids=None):
+    params = SamplingParams(max_new_tokens=max_new)
+    return generate(model, prompts, num_samples=n, seeds=seeds, params=params,
+                    stop_ids={tok.eos_token_id} if stop_ids is None else stop_ids, pad_id=tok.pad_token_id)
+
+
+def _lora_tiny(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():  # peft initialises B = 0 (a no-op adapter); make the adapter change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model.eval()
+
+
+def test_fast_decode_step_matches_the_model_forward(tiny_model_and_tokenizer, tiny_model_dir, monkeypatch):
+    """Same tokens from `LlamaDecodeStep` as from the transformers forward on the same cache, and from transformers'
+    own `DynamicCache`: with and without left padding, and under LoRA (adapter folded into the weights)."""
+    model, tok = tiny_model_and_tokenizer
+    lora = _lora_tiny(tiny_model_dir)
+    prompt_sets = [[encode(tok, "hi")], [encode(tok, "x"), encode(tok, "a longer prompt with padding")]]
+    cases = [(m, ps) for m in (model, lora) for ps in prompt_sets]
+    fast = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
+    assert all(hf.LlamaDecodeStep.build(m, hf.decode_cache(m, 8)) is not None for m in (model, lora))
+
+    monkeypatch.setattr(hf.LlamaDecodeStep, "build", classmethod(lambda cls, *a: None))
+    slow = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
+    monkeypatch.setattr(hf, "decode_cache", lambda model, capacity: DynamicCache(config=model.config))
+    dynamic = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
+    for f, s, d in zip(fast, slow, dynamic):
+        assert [c.tokens for c in f] == [c.tokens for c in s] == [c.tokens for c in d]
+        assert [c.finished for c in f] == [c.finished for c in s]
+    # the adapter mattered: LoRA changed what was sampled
+    assert [c.tokens for c in fast[2]] != [c.tokens for c in fast[0]]
+
+
+def test_fast_decode_step_logits_equal_a_full_forward(tiny_model_dir):
+    """Logits of one decode step after a left-padded prefill equal those of a full forward over the same tokens."""
+    lora = _lora_tiny(tiny_model_dir)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    ids, mask = pad_left(prompts, 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = hf.decode_cache(lora, ids.shape[1] + 2)
+    with torch.inference_mode():
+        lora(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        step = hf.LlamaDecodeStep.build(lora, cache)
+        nxt = torch.tensor([[20], [21]])
+        full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        logits = step(nxt, pos[:, -1:] + 1, cache, full_mask)
+        full_pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+        expected = lora(input_ids=torch.cat([ids, nxt], 1), attention_mask=full_mask, position_ids=full_pos).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_uniforms_are_each_generators_own_sequence():
+    g = torch.Generator().manual_seed(7)
+    one_at_a_time = torch.cat([torch.rand(1, generator=g) for _ in range(5)])
+    u = hf.draw_uniforms([3, 7], 5)
+    assert u.shape == (2, 5) and torch.equal(u[1], one_at_a_time)
+
+
+def test_a_stop_token_at_the_last_step_finishes_the_completion(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    every_but_0 = set(range(512)) - {0}
+    for max_new in (1, 2):
+        comps = _generate_all(model, tok, [encode(tok, "hello")], list(range(16)), 16, max_new, every_but_0)
+        for c in comps:
+            assert 1 <= len(c.tokens) <= max_new
+            assert c.finished == (c.tokens[-1] != 0)
+        assert any(c.finished for c in comps)
