@@ -152,7 +152,8 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
         "lora_alpha": 2 * max(w.lora_rank, 1), "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": w.seed,
         "eval_every": 0, "eval_fraction": 0.0, "save_every": 0, "log_completions": 0, "merge_lora": False,
         "num_threads": threads, "reward_workers": 2, "device": "cpu", "dtype": "float32",
-        "gradient_checkpointing": False, "lr_scheduler": "constant", "max_grad_norm": 1.0,
+        "gradient_checkpointing": False, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
+        "weight_decay": 0.0, "epsilon": 0.2, "scale_rewards": True, "advantage_estimator": "grpo",
     })
     t_setup = time.perf_counter()
     trainer = Trainer(cfg, work / "ours-run")
@@ -204,7 +205,7 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     args = GRPOConfig(
         output_dir=str(work / "trl-run"), max_steps=w.steps, learning_rate=w.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=w.beta,
-        loss_type="dapo", epsilon=0.2, num_generations=w.num_generations, per_device_train_batch_size=n_seq,
+        loss_type="dapo", epsilon=0.2, scale_rewards="group", num_generations=w.num_generations, per_device_train_batch_size=n_seq,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
         max_completion_length=w.completion_length, temperature=1.0, top_p=1.0, top_k=0,
         bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True, use_vllm=False, report_to=[],
@@ -337,6 +338,17 @@ def summarize_side(runs: list[dict[str, Any]], skip_first: bool = True) -> dict[
     return out
 
 
+def paired_difference(per_seed: dict[str, list[float | None]]) -> dict[str, float | None]:
+    """Mean and standard error over seeds of ours - TRL (same seed on both sides). Seed-to-seed spread of the
+    last-5 reward is large (~0.15 at 30 steps), so with a few seeds `held` can flip either way between two
+    equivalent trainers; the standard error says how far apart the means may be by chance."""
+    diffs = [o - t for o, t in zip(per_seed["ours"], per_seed["trl"]) if o is not None and t is not None]
+    if not diffs:
+        return {"paired_diff_mean": None, "paired_diff_se": None}
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"paired_diff_mean": statistics.mean(diffs), "paired_diff_se": se}
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     import peft
     import torch
@@ -378,7 +390,9 @@ def print_table(info: dict[str, Any], results: dict[str, dict[str, Any]], final:
         f = final["learn"]
         print(f"\nlearning check (mean reward of the last {LAST_N} steps, mean over seeds {f['seeds']}): "
               f"ours {_fmt(f['ours_last5'], '.4f')} {f['ours_last5_per_seed']}, "
-              f"TRL {_fmt(f['trl_last5'], '.4f')} {f['trl_last5_per_seed']} -> held={f['held']}")
+              f"TRL {_fmt(f['trl_last5'], '.4f')} {f['trl_last5_per_seed']} -> held={f['held']}; "
+              f"ours - TRL per seed: mean {_fmt(f['paired_diff_mean'], '+.4f')}, "
+              f"standard error {_fmt(f['paired_diff_se'], '.4f')}")
 
 
 def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_s: float,
@@ -409,7 +423,7 @@ def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_
             final["learn"] = {"ours_last5": last["ours"], "trl_last5": last["trl"],
                               "held": None if None in last.values() else last["ours"] >= last["trl"],
                               "seeds": list(learn_seeds), "ours_last5_per_seed": per_seed["ours"],
-                              "trl_last5_per_seed": per_seed["trl"]}
+                              "trl_last5_per_seed": per_seed["trl"], **paired_difference(per_seed)}
         else:
             res = {side: summarize_side(runs[side]) for side in SIDES}
             o, t = res["ours"], res["trl"]

@@ -57,5 +57,12 @@ def test_both_sides_run_and_summarise(bench, tmp_path, capsys):
                        "trl_peak_rss_mb"}
     assert math.isclose(w1["ratio_step"], w1["ours_step_s"] / w1["trl_step_s"])
     assert w1["ours_train_peak_fraction"] == pytest.approx(w1["ours_train_gflops"] / 100.0)
-    assert set(final["learn"]) >= {"ours_last5", "trl_last5", "held"}
+    assert set(final["learn"]) >= {"ours_last5", "trl_last5", "held", "paired_diff_mean", "paired_diff_se"}
     assert "ratio ours/TRL" in capsys.readouterr().out
+
+
+def test_paired_difference(bench):
+    out = bench.paired_difference({"ours": [0.5, 0.3], "trl": [0.4, 0.4]})  # differences +0.1, -0.1
+    assert out["paired_diff_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert out["paired_diff_se"] == pytest.approx(0.1)  # stdev 0.1414 / sqrt(2)
+    assert bench.paired_difference({"ours": [None], "trl": [0.4]}) == {"paired_diff_mean": None, "paired_diff_se": None}
