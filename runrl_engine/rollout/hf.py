@@ -156,7 +156,8 @@ def _linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     for name in module.active_adapters:
         if name not in module.lora_A:
             continue
-        if module.use_dora.get(name) or getattr(module, "lora_bias", {}).get(name) or name in module.lora_variant:
+        if (getattr(module, "use_dora", {}).get(name) or getattr(module, "lora_bias", {}).get(name)
+                or name in getattr(module, "lora_variant", {})):
             return None
         weight = weight + module.get_delta_weight(name)
     return weight, base.bias
