@@ -184,8 +184,11 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": params}]
         if value_params:
             groups.append({"params": value_params, "lr": cfg.critic_learning_rate or cfg.effective_learning_rate})
+        # fused: one kernel over all parameters (TRL's default `adamw_torch_fused`); 15 -> 5.5 ms per step on
+        # builtin:small, measured on CPU
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=cfg.effective_learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, fused=fused)
         from transformers import get_scheduler
 
         self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches

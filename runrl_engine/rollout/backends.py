@@ -15,7 +15,8 @@ Backends, registered by name:
   randomness comes from its own seed, so results do not depend on batching; the hooks are no-ops.
 - `paged`: transformers' continuous batching (`model.generate_batch`: paged KV cache, requests scheduled as they
   finish; flash attention when installed, else SDPA). Runs on CPU too (tested there on the builtin models, where
-  it reaches 0.24-0.31x of `hf`'s tokens/s on builtin:small, 1 thread). What it does not give: per-completion seeds
+  it reached 0.24-0.31x of `hf`'s tokens/s on builtin:small, 1 thread, measured before `hf`'s
+  decode got faster). What it does not give: per-completion seeds
   (sampling draws from one torch generator seeded per call from the call's seeds, so a completion depends on what
   else is in the batch — runs are repeatable, but not batch-invariant); it reseeds torch's global RNG, which this
   backend saves and restores around the call. When the policy's parameters are not in the compute dtype (fp32
