@@ -48,6 +48,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (the smoke tests)
+from trl_timing import intervals, time_trl_training  # noqa: E402
+
 # real sizes (from the models' published config.json); vocab kept, tokenizer is the tiny one (see above)
 MODELS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -142,10 +145,6 @@ def _cuda_peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def _intervals(t0: float, ends: list[float]) -> list[float]:
-    return [b - a for a, b in zip([t0] + ends[:-1], ends)]
-
-
 # ---- one side (in a worker subprocess, or in-process with --smoke) -----------------------------------------
 
 def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], device: str) -> dict[str, Any]:
@@ -177,7 +176,7 @@ def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], devi
     trainer.outputs.metrics = metrics
     t0 = time.perf_counter()
     hist = trainer.run().history
-    return {"step_s": _intervals(t0, ends), "completion_tokens": [r["completion_length_mean"] * n_seq for r in hist],
+    return {"step_s": intervals(t0, ends), "completion_tokens": [r["completion_length_mean"] * n_seq for r in hist],
             "gen_s": [r["time/rollout_s"] for r in hist], "update_s": [r["time/update_s"] for r in hist],
             # the trainer resets the CUDA peak at every step's record: the run's peak is the largest step's
             "peak_vram_mb": max((r["peak_vram_mb"] for r in hist if "peak_vram_mb" in r), default=None)}
@@ -186,7 +185,7 @@ def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], devi
 def run_trl(model_dir: Path, work: Path, wl: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     prompt_file, reward_file = write_inputs(work)
@@ -215,45 +214,12 @@ def run_trl(model_dir: Path, work: Path, wl: dict[str, Any], device: str) -> dic
                           train_dataset=Dataset.from_list([json.loads(x) for x in prompt_file.read_text().splitlines()]),
                           processing_class=AutoTokenizer.from_pretrained(model_dir))
     assert not trainer.args.gradient_checkpointing
-    totals = {"generate": 0.0, "gen_and_score": 0.0}
-
-    def timed(name: str, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                if cuda:
-                    torch.cuda.synchronize()
-                totals[name] += time.perf_counter() - t
-        return wrapper
-
-    trainer._generate = timed("generate", trainer._generate)
-    trainer._generate_and_score_completions = timed("gen_and_score", trainer._generate_and_score_completions)
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t0, self.ends, self.snaps, self.logs = 0.0, [], [], []
-
-        def on_train_begin(self, *_, **__):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
-            self.snaps.append(dict(totals))
-
-        def on_log(self, _a, _s, _c, logs=None, **__):
-            if logs and "completions/mean_length" in logs:
-                self.logs.append(dict(logs))
-
-    clock = Clock()
-    trainer.add_callback(clock)
-    trainer.train()
-    step_s = _intervals(clock.t0, clock.ends)
-    deltas = [{k: s[k] - (p or {}).get(k, 0.0) for k in s} for p, s in zip([None] + clock.snaps[:-1], clock.snaps)]
-    return {"step_s": step_s, "completion_tokens": [lg["completions/mean_length"] * n_seq for lg in clock.logs],
-            "gen_s": [d["generate"] for d in deltas],
-            "update_s": [t - d["gen_and_score"] for t, d in zip(step_s, deltas)], "peak_vram_mb": _cuda_peak_mb()}
+    timing = time_trl_training(trainer, {"generate": "_generate", "gen_and_score": "_generate_and_score_completions"},
+                               log_key="completions/mean_length", sync=torch.cuda.synchronize if cuda else None)
+    step_s, t = timing["step_s"], timing["phases"]
+    return {"step_s": step_s, "completion_tokens": [lg["completions/mean_length"] * n_seq for lg in timing["logs"]],
+            "gen_s": t["generate"], "update_s": [total - gs for total, gs in zip(step_s, t["gen_and_score"])],
+            "peak_vram_mb": _cuda_peak_mb()}
 
 
 def run_side(side: str, model: str, root: Path, work: Path, wl: dict[str, Any], device: str) -> dict[str, Any]:

@@ -45,6 +45,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (the smoke tests)
+from trl_timing import intervals, time_trl_training  # noqa: E402
+
 SIDES = ("ours", "trl")
 WORDS = ("apple banana cherry data alpha gamma zebra mango papaya river stone candle garden paper "
          "lamp orange violet salad pasta camera atlas drama karma llama plant table water yellow").split()
@@ -129,10 +132,6 @@ def _peaks() -> dict[str, float]:
             "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0}
 
 
-def _intervals(t_start: float, ends: list[float]) -> list[float]:
-    return [b - a for a, b in zip([t_start] + ends[:-1], ends)]
-
-
 # ---- one side, one workload (runs inside a worker subprocess, or in-process for the smoke test) -------------
 
 def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
@@ -177,7 +176,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     phases = {k[len("time/"):-2]: [rec.get(k, 0.0) for rec in hist]
               for k in ("time/rollout_s", "time/reward_s", "time/advantages_s", "time/update_s")}
     return {"side": "ours", "workload": w.name, "threads": torch.get_num_threads(), "setup_s": setup_s,
-            "step_s": _intervals(t_start, ends), "completion_tokens": [rec["completion_length_mean"] * n_seq
+            "step_s": intervals(t_start, ends), "completion_tokens": [rec["completion_length_mean"] * n_seq
                                                                       for rec in hist],
             "reward": [rec["reward_mean"] for rec in hist], "phases": phases, "linear_params": n_linear,
             "trained_tokens": trained_tokens, **_peaks()}
@@ -186,7 +185,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
 def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
@@ -224,49 +223,17 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     setup_s = time.perf_counter() - t_setup
     assert not trainer.args.gradient_checkpointing and not trainer.args.bf16
 
-    # phase timers: wrap the trainer's own methods (instance attributes shadow the class's)
-    totals = {"generate": 0.0, "reward": 0.0, "gen_and_score": 0.0}
-
-    def timed(name: str, fn):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                totals[name] += time.perf_counter() - t0
-        return wrapper
-
-    trainer._generate = timed("generate", trainer._generate)
-    trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
-    trainer._generate_and_score_completions = timed("gen_and_score", trainer._generate_and_score_completions)
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t_start, self.ends, self.snaps, self.logs = 0.0, [], [], []
-
-        def on_train_begin(self, *_, **__):
-            torch.set_num_threads(threads)  # in case anything reset it while building the trainer
-            self.t_start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
-            self.snaps.append(dict(totals))
-
-        def on_log(self, _args, _state, _control, logs=None, **__):
-            if logs and "reward" in logs:
-                self.logs.append(dict(logs))
-
-    clock = Clock()
-    trainer.add_callback(clock)
-    trainer.train()
-    step_s = _intervals(clock.t_start, clock.ends)
-    deltas = [{k: s[k] - (prev or {}).get(k, 0.0) for k in s} for prev, s in zip([None] + clock.snaps[:-1], clock.snaps)]
-    phases = {"generate": [d["generate"] for d in deltas], "reward": [d["reward"] for d in deltas],
-              "scoring_other": [d["gen_and_score"] - d["generate"] - d["reward"] for d in deltas],
-              "update": [t - d["gen_and_score"] for t, d in zip(step_s, deltas)]}
+    timing = time_trl_training(
+        trainer, {"generate": "_generate", "reward": "_calculate_rewards",
+                  "gen_and_score": "_generate_and_score_completions"},
+        log_key="reward", on_begin=lambda: torch.set_num_threads(threads))  # in case building the trainer reset it
+    step_s, t, logs = timing["step_s"], timing["phases"], timing["logs"]
+    phases = {"generate": t["generate"], "reward": t["reward"],
+              "scoring_other": [gs - g - r for gs, g, r in zip(t["gen_and_score"], t["generate"], t["reward"])],
+              "update": [total - gs for total, gs in zip(step_s, t["gen_and_score"])]}
     return {"side": "trl", "workload": w.name, "threads": torch.get_num_threads(), "setup_s": setup_s,
-            "step_s": step_s, "completion_tokens": [lg["completions/mean_length"] * n_seq for lg in clock.logs],
-            "reward": [lg["reward"] for lg in clock.logs], "phases": phases,
+            "step_s": step_s, "completion_tokens": [lg["completions/mean_length"] * n_seq for lg in logs],
+            "reward": [lg["reward"] for lg in logs], "phases": phases,
             "linear_params": linear_params(trainer.model), **_peaks()}
 
 
