@@ -64,3 +64,14 @@ def test_bf16_training_steps_with_colocated_vllm(tmp_path, tiny_model_dir):
     result = train(gpu_cfg(rollout_backend="vllm", vllm_gpu_memory_utilization=0.2), output_dir=tmp_path)
     assert len(result.history) == 3
     assert all(math.isfinite(h["loss"]) and h["completion_length_mean"] > 0 for h in result.history)
+
+
+@pytest.mark.parametrize("critic", ["head", "separate"])
+def test_bf16_ppo_steps(tmp_path, tiny_model_dir, critic):
+    """PPO on CUDA: the value head runs in fp32 under bf16 autocast; values, losses and the critic stay finite."""
+    result = train(gpu_cfg(algorithm="ppo", critic=critic, ppo_epochs=2, num_minibatches=2), output_dir=tmp_path)
+    assert len(result.history) == 3
+    for h in result.history:
+        for key in ("loss", "value_loss", "explained_variance", "approx_kl", "entropy", "value_mean"):
+            assert math.isfinite(h[key]), (key, h[key])
+    assert result.history[-1]["value_mean"] != 0.0
