@@ -108,7 +108,9 @@ class Trainer:
         device = resolve_device(cfg)
         self.compute_dtype = resolve_dtype(cfg, device)
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
-        self.acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+        # one learning-rate step per optimizer step: accelerate would otherwise step a prepared scheduler once per
+        # process (it assumes per-process data loaders), running the schedule `num_processes` times too fast
+        self.acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed, step_scheduler_with_optimizer=False)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -193,7 +195,9 @@ class Trainer:
 
         self.updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
         updates = self.total_steps * self.updates_per_step
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates),
+        # transformers' "constant" ignores warm-up steps; "constant_with_warmup" is the same schedule with them
+        schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates),
                                   num_training_steps=updates)
         self.critic: torch.nn.Module | None = None
         if critic is None:
@@ -298,6 +302,13 @@ class Trainer:
         t0 = time.perf_counter()
         yield
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        from accelerate.utils import gather
+
+        return float(gather(torch.tensor([value], device=self.acc.device)).max())
 
     def _sum(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
@@ -452,10 +463,11 @@ class Trainer:
             critic["kl_penalty_mean"] = self._sum(float((kl * mask).sum()))[0] / max(n, 1)
         return {"advantage_mean_raw": adv_mean, "advantage_std_raw": math.sqrt(max(adv_var, 0.0))}, critic
 
-    def _forward(self, model: torch.nn.Module, mb: RolloutBatch, *,
-                 entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _forward(self, model: torch.nn.Module, mb: RolloutBatch, *, entropy: bool = False,
+                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Completion tokens' log-probs [b, C] (temperature-scaled, as they were sampled); the value head's
-        values [b, C] when `model` is the policy carrying it; entropies [b, C] when asked."""
+        values [b, C] when `model` is the policy carrying it; entropies [b, C] when asked (differentiable only
+        with `entropy_grad`: for logging alone its full-vocabulary graph is not kept)."""
         C = mb.completion_ids.shape[1]
         inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                       logits_to_keep=C + 1)
@@ -469,7 +481,10 @@ class Trainer:
         if self.cfg.temperature != 1.0:
             logits = logits / self.cfg.temperature
         logp = selective_log_softmax(logits, mb.completion_ids)
-        return logp, values, entropy_from_logits(logits) if entropy else None
+        if not entropy:
+            return logp, values, None
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return logp, values, entropy_from_logits(logits)
 
     def _critic_values(self, mb: RolloutBatch) -> torch.Tensor:
         """The separate critic's values [b, C], aligned with the completion tokens' log-probs."""
@@ -493,6 +508,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.train()
         totals: dict[str, float] = {}
+        ratio_max = 0.0
         for epoch in range(cfg.ppo_epochs):
             if cfg.num_minibatches == 1:
                 parts = [batch]
@@ -502,9 +518,12 @@ class Trainer:
                 parts = [batch.select(part) for part in order.tensor_split(cfg.num_minibatches)]
             for part in parts:
                 for k, v in self._optimizer_step(part).items():
-                    totals[k] = totals.get(k, 0.0) + v
+                    if k == "ratio_max":
+                        ratio_max = max(ratio_max, v)
+                    else:
+                        totals[k] = totals.get(k, 0.0) + v
         stats = {k: v / self.updates_per_step for k, v in totals.items()}
-        stats["learning_rate"] = self.scheduler.get_last_lr()[0]
+        stats["ratio_max"] = ratio_max
         return stats
 
     def _no_sync(self, sync: bool) -> contextlib.ExitStack:
@@ -522,11 +541,13 @@ class Trainer:
         micro = batch.micro_batches(cfg.micro_batch_size)
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
+        ratio_max = 0.0
         for i, mb in enumerate(micro):
             with self._no_sync(i == len(micro) - 1), self.acc.autocast():
                 if cfg.beta > 0 and mb.ref_logp is None:
                     mb.ref_logp = self._ref_logps(mb)
-                logp, values, entropy = self._forward(self.model, mb, entropy=want_entropy)
+                logp, values, entropy = self._forward(self.model, mb, entropy=want_entropy,
+                                                      entropy_grad=cfg.entropy_coef > 0)
                 old = logp.detach() if mb.old_logp is None else mb.old_logp
                 loss, diag = policy_loss(logp, old, mb.advantages, mb.loss_mask, loss_type=cfg.loss_type,
                                          epsilon_low=cfg.epsilon, epsilon_high=cfg.clip_high,
@@ -535,6 +556,7 @@ class Trainer:
                                          num_sequences=n_seq, num_tokens=n_tok,
                                          max_completion_length=cfg.completion_length)
                 diag.pop("num_tokens")
+                ratio_max = max(ratio_max, float(diag.pop("ratio_max")))
                 diag["approx_kl"] = ppo_math.approx_kl(logp, old, mb.loss_mask)
                 if entropy is not None:
                     bonus = ppo_math.masked_entropy(entropy, mb.loss_mask, num_tokens=n_tok)
@@ -555,7 +577,10 @@ class Trainer:
             tokens = float(mb.loss_mask.sum())
             for k, v in diag.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in ADDITIVE_STATS else tokens)
-        stats: dict[str, float] = {}
+        # the learning rates this step used (the scheduler steps below)
+        stats: dict[str, float] = {"learning_rate": self.optimizer.param_groups[0]["lr"]}
+        if self.value_params:
+            stats["critic_learning_rate"] = self.optimizer.param_groups[1]["lr"]
         if cfg.max_grad_norm > 0:
             stats["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
             if self.value_params:
@@ -567,6 +592,7 @@ class Trainer:
         totals = dict(zip(keys, self._sum(*(sums[k] for k in keys))))
         stats.update({k: (v if k in ADDITIVE_STATS else v / max(n_tok, 1)) for k, v in totals.items()})
         stats["clip_fraction"] = stats.get("clip_ratio/region_mean", 0.0)
+        stats["ratio_max"] = self._max(ratio_max)
         stats.setdefault("grad_norm", 0.0)
         return stats
 
@@ -686,15 +712,15 @@ class Trainer:
 def reward_positions(episodes: Sequence[Episode], loss_mask: torch.Tensor,
                      step_rewards: bool) -> list[tuple[int, int, float]]:
     """(row, token, reward) triples placing each episode's reward for GAE. With `step_rewards` (environment
-    runs) each step reward sits on the last token of the assistant turn it answered; otherwise, or for an episode
-    that ended in an error, the episode's reward sits on its last sampled token. loss_mask: [B, C]."""
+    runs) each step reward sits on the last sampled token of the assistant turn the environment judged (recorded
+    when it stepped, so turns answered by a tool instead are skipped); otherwise, or for an episode that ended in
+    an error, the episode's reward sits on its last sampled token. loss_mask: [B, C]."""
     out: list[tuple[int, int, float]] = []
     for row, (ep, ends) in enumerate(zip(episodes, ppo_math.turn_end_positions(loss_mask))):
         if not ends:
             continue  # nothing sampled, nothing to credit
         if step_rewards and ep.step_rewards and ep.error is None:
-            # a turn cut off before the environment answered has no reward; surplus rewards go to the last turn
-            out.extend((row, ends[min(i, len(ends) - 1)], r) for i, r in enumerate(ep.step_rewards))
+            out.extend((row, end, r) for end, r in zip(ep.step_reward_ends, ep.step_rewards, strict=True))
         else:
             out.append((row, ends[-1], ep.reward))
     return out

@@ -47,6 +47,8 @@ class Episode:
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     step_rewards: list[float] = field(default_factory=list)
+    step_reward_ends: list[int] = field(default_factory=list)  # index in `tokens` of the judged turn's last sampled token
+    last_turn_end: int = -1  # index in `tokens` of the latest assistant turn's last sampled token
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
@@ -157,6 +159,7 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
             for ep, comp in zip(live, completions):
                 ep.tokens += comp.tokens
                 ep.mask += [1] * len(comp.tokens)
+                ep.last_turn_end = len(ep.tokens) - 1
                 ep.turns += 1
                 ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
                 ep.messages.append({"role": "assistant", "content": ep.final_text})
@@ -239,6 +242,7 @@ def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], *, inse
             _end_with_error(ep, step.error)
             continue
         ep.step_rewards.append(step.reward)
+        ep.step_reward_ends.append(ep.last_turn_end)  # the turn it judged (tool-answered turns are not judged)
         ep.reward = sum(ep.step_rewards)
         ep.info.update(step.info)
         if step.done:

@@ -106,30 +106,98 @@ def test_separate_critic_and_kl_in_reward(tmp_path, tiny_model_dir):
     assert history[-1]["kl"] > 0
 
 
-def _episode(tokens_mask: list[int], *, reward: float, step_rewards=(), error=None) -> Episode:
-    ep = Episode(row=PromptRow(messages=[{"role": "user", "content": "x"}], fields={}, line=1), prompt_index=0,
-                 sample_index=0, prompt_ids=[1], tokens=[5] * len(tokens_mask), mask=list(tokens_mask),
-                 reward=reward, step_rewards=list(step_rewards), error=error)
-    return ep
+def _episode(tokens_mask: list[int], *, reward: float, step_rewards=(), ends=(), error=None) -> Episode:
+    return Episode(row=PromptRow(messages=[{"role": "user", "content": "x"}], fields={}, line=1), prompt_index=0,
+                   sample_index=0, prompt_ids=[1], tokens=[5] * len(tokens_mask), mask=list(tokens_mask),
+                   reward=reward, step_rewards=list(step_rewards), step_reward_ends=list(ends), error=error)
 
 
-def test_environment_step_rewards_sit_on_the_turn_ends():
-    # two assistant turns (mask 1) separated by an observation (mask 0); then a one-turn episode; then an
-    # episode that errored (its reward goes to its last sampled token); then one with nothing sampled
-    eps = [_episode([1, 1, 0, 0, 1, 1, 1, 0], reward=3.0, step_rewards=[1.0, 2.0]),
-           _episode([1, 1, 1], reward=0.5, step_rewards=[0.5]),
-           _episode([1, 0, 1], reward=0.0, step_rewards=[4.0], error="env crashed"),
+def test_environment_step_rewards_sit_on_the_judged_turn_ends():
+    # two judged assistant turns separated by an observation; a one-turn episode; an episode whose first turn
+    # called a tool (answered by the tool, not judged) so its one step reward belongs to the second turn; an
+    # episode that errored (its reward goes to its last sampled token); one with nothing sampled
+    eps = [_episode([1, 1, 0, 0, 1, 1, 1, 0], reward=3.0, step_rewards=[1.0, 2.0], ends=[1, 6]),
+           _episode([1, 1, 1], reward=0.5, step_rewards=[0.5], ends=[2]),
+           _episode([1, 1, 0, 0, 1, 1], reward=4.0, step_rewards=[4.0], ends=[5]),
+           _episode([1, 0, 1], reward=0.0, step_rewards=[4.0], ends=[0], error="env crashed"),
            _episode([], reward=1.0)]
     width = 8
     mask = torch.tensor([e.mask + [0] * (width - len(e.mask)) for e in eps], dtype=torch.float32)
-    assert reward_positions(eps, mask, step_rewards=True) == [(0, 1, 1.0), (0, 6, 2.0), (1, 2, 0.5), (2, 2, 0.0)]
+    assert reward_positions(eps, mask, step_rewards=True) == [(0, 1, 1.0), (0, 6, 2.0), (1, 2, 0.5), (2, 5, 4.0),
+                                                              (3, 2, 0.0)]
     # reward-function runs (tools included) credit the final token only
-    assert reward_positions(eps, mask, step_rewards=False) == [(0, 6, 3.0), (1, 2, 0.5), (2, 2, 0.0)]
-    # a turn cut off before the environment answered gets nothing; extra rewards add up on the last turn
-    cut = [_episode([1, 1, 0, 1], reward=1.0, step_rewards=[1.0])]
-    assert reward_positions(cut, torch.tensor([[1.0, 1, 0, 1]]), True) == [(0, 1, 1.0)]
-    extra = [_episode([1, 1], reward=3.0, step_rewards=[1.0, 2.0])]
-    assert reward_positions(extra, torch.tensor([[1.0, 1]]), True) == [(0, 1, 1.0), (0, 1, 2.0)]
+    assert reward_positions(eps, mask, step_rewards=False) == [(0, 6, 3.0), (1, 2, 0.5), (2, 5, 4.0), (3, 2, 0.0)]
+
+
+def test_rollouts_record_which_turn_each_step_reward_judged(tiny_model_and_tokenizer):
+    """A real multi-turn rollout: every step reward's position is the last sampled token of a judged turn."""
+    from runrl_engine.rollout.episodes import ChatRenderer, EpisodeSettings, run_episodes
+    from runrl_engine.rollout.hf import SamplingParams
+    from runrl_engine.sandbox import EnvSandbox
+
+    model, tok = tiny_model_and_tokenizer
+    env_file = ROOT / "configs" / "data" / "guess_number" / "env.py"
+    rows = [json.loads(line) for line in (env_file.parent / "prompts.jsonl").read_text().splitlines()[:2]]
+    renderer = ChatRenderer(tok)
+    episodes = [Episode(row=PromptRow(messages=r["prompt"], fields=r, line=i + 1), prompt_index=i, sample_index=0,
+                        prompt_ids=renderer.prompt_ids(r["prompt"])) for i, r in enumerate(rows)]
+    settings = EpisodeSettings(sampling=SamplingParams(max_new_tokens=6), stop_ids={tok.eos_token_id},
+                               pad_id=tok.pad_token_id, end_of_turn_id=tok.eos_token_id, max_turns=3)
+    with EnvSandbox(env_file, num_workers=1) as env:
+        run_episodes(model, renderer, episodes, settings, lambda ep, turn: 1000 * ep.prompt_index + turn,
+                     group_size=1, env=env)
+    for ep in episodes:
+        assert ep.error is None and len(ep.step_reward_ends) == len(ep.step_rewards) >= 1
+        for end in ep.step_reward_ends:
+            assert ep.mask[end] == 1 and (end + 1 == len(ep.mask) or ep.mask[end + 1] == 0)
+
+
+def test_turns_answered_by_a_tool_get_no_step_reward(tiny_model_and_tokenizer):
+    """Environment + tools: the environment judges only turns without a tool call, so its step rewards must sit on
+    those turns, not on the i-th sampled run (scripted policy, environment and tool server: bookkeeping only)."""
+    from types import SimpleNamespace as NS
+
+    from runrl_engine.rollout.episodes import ChatRenderer, EpisodeSettings, run_episodes
+    from runrl_engine.rollout.hf import SamplingParams
+
+    _, tok = tiny_model_and_tokenizer
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}]
+    renderer = ChatRenderer(tok, tools)
+    script = ['<tool_call>\n{"name": "add", "arguments": {"a": 5, "b": 2}}\n</tool_call>', "7", "8"]
+
+    class Policy:
+        def generate(self, model, prompts, num_samples, seeds, params, stop_ids, pad_id):
+            return [NS(tokens=renderer.encode(script.pop(0)) + [tok.eos_token_id], finished=True)]
+
+    class Env:
+        def create(self, fields):
+            return [NS(env_id=0, error=None, observation=None)]
+
+        def step(self, ids, texts):
+            return [NS(error=None, reward={"7": 1.0, "8": 5.0}[texts[0]], info={}, done=texts[0] == "8",
+                       observation="again")]
+
+        def close_envs(self, ids):
+            pass
+
+    class Tools:
+        def open_sessions(self, n, urls, call_timeout_s, max_calls):
+            return [NS(close=lambda: None) for _ in range(n)]
+
+        def call_many(self, batch):
+            return [NS(is_error=False, text="7") for _ in batch]
+
+    prompt = [{"role": "user", "content": "q"}]
+    ep = Episode(row=PromptRow(prompt, {}, 1), prompt_index=0, sample_index=0, prompt_ids=renderer.prompt_ids(prompt))
+    settings = EpisodeSettings(sampling=SamplingParams(max_new_tokens=40), stop_ids={tok.eos_token_id},
+                               pad_id=tok.pad_token_id, end_of_turn_id=tok.eos_token_id, max_turns=4, backend=Policy())
+    run_episodes(None, renderer, [ep], settings, lambda e, t: t, env=Env(), tools=Tools(), tool_urls=["http://x"])
+    assert ep.turns == 3 and ep.tool_calls == 1 and ep.step_rewards == [1.0, 5.0]
+    mask = torch.tensor([ep.mask], dtype=torch.float32)
+    ends = [i for i, m in enumerate(ep.mask) if m and (i + 1 == len(ep.mask) or not ep.mask[i + 1])]
+    assert len(ends) == 3  # the tool-call turn, "7", "8"
+    assert reward_positions([ep], mask, step_rewards=True) == [(0, ends[1], 1.0), (0, ends[2], 5.0)]
 
 
 def test_multi_turn_environment_under_ppo(tmp_path, tiny_model_dir):

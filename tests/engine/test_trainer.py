@@ -111,6 +111,17 @@ def test_lora_trains_the_adapter_and_kl_uses_the_base(tmp_path, tiny_model_dir):
     assert (unmerged.final_dir / "adapter_config.json").is_file()
 
 
+def test_warmup_and_decay_follow_the_schedule(tmp_path, tiny_model_dir):
+    """The logged learning rate is the one each step used: linear warm-up over half the steps (also with the
+    default constant schedule), then constant; or a linear decay to 0."""
+    warm = train(cfg(max_steps=4, warmup_ratio=0.5), output_dir=tmp_path / "warm")
+    assert [h["learning_rate"] for h in warm.history] == pytest.approx([0.0, 1.5e-3, 3e-3, 3e-3])
+    decay = train(cfg(max_steps=2, lr_scheduler="linear", algorithm="ppo", ppo_epochs=2), output_dir=tmp_path / "d")
+    # 4 optimizer steps at 3e-3 x (1, 3/4, 1/2, 1/4); each record averages its step's two
+    assert [h["learning_rate"] for h in decay.history] == pytest.approx([3e-3 * 7 / 8, 3e-3 * 3 / 8])
+    assert decay.history[0]["critic_learning_rate"] == pytest.approx(3e-3 * 7 / 8)
+
+
 def test_reference_model_only_when_beta_positive(tmp_path, tiny_model_dir):
     from runrl_engine.config import RunConfig
     from runrl_engine.trainer import Trainer
@@ -173,7 +184,8 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, extra):
     import yaml
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg(max_steps=1, **extra)))
+    # a decaying schedule: each process must step it once per optimizer step, not once per process
+    config.write_text(yaml.safe_dump(cfg(max_steps=1, lr_scheduler="linear", **extra)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -181,10 +193,10 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, extra):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in (tmp_path / "two" / "logs.txt").read_text()
-    one = train(cfg(max_steps=1, **extra), output_dir=tmp_path / "one")
+    one = train(cfg(max_steps=1, lr_scheduler="linear", **extra), output_dir=tmp_path / "one")
     two_metrics = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert two_metrics["reward_mean"] == pytest.approx(one.history[0]["reward_mean"])
-    for key in ("loss", "value_loss", "explained_variance", "advantage/advantage_std_raw"):
+    for key in ("loss", "value_loss", "explained_variance", "advantage/advantage_std_raw", "learning_rate"):
         if key in one.history[0] or key == "loss":
             assert two_metrics[key] == pytest.approx(one.history[0][key], abs=1e-5), key
     w1, w2, base = weights(tmp_path / "one"), weights(tmp_path / "two"), load_file(str(tiny_model_dir / "model.safetensors"))
