@@ -446,21 +446,23 @@ class Trainer:
         token_rewards = ppo_math.token_level_rewards(None, mask, kl=kl, kl_coef=cfg.beta,
                                                      turn_rewards=reward_positions(episodes, mask, self.env_mode))
         advantages, returns = self.advantage_fn(token_rewards, batch.old_values, mask, cfg.gamma, cfg.lam)
-        n, adv_sum, adv_sq = self._sum(*ppo_math.whiten_stats(advantages, mask))
+        # one all-reduce for every batch-wide statistic: advantages (whitening), returns, the critic's error, values
+        _, old_values_sum, _ = ppo_math.whiten_stats(batch.old_values, mask)
+        kl_sum = float(torch.where(mask.bool(), kl, 0.0).sum()) if kl is not None else 0.0
+        (n, adv_sum, adv_sq, _, ret_sum, ret_sq, _, err_sum, err_sq, val_sum, kl_sum) = self._sum(
+            *ppo_math.whiten_stats(advantages, mask), *ppo_math.whiten_stats(returns, mask),
+            *ppo_math.whiten_stats(returns - batch.old_values, mask), old_values_sum, kl_sum)
         adv_mean, adv_var = _mean_var(n, adv_sum, adv_sq)
         if cfg.whiten_advantages:
             advantages = ppo_math.whiten(advantages, mask, mean=adv_mean, var=adv_var)
         batch.advantages, batch.returns = advantages, returns
         # how well the critic, as it was when these samples were drawn, predicted their returns (whole batch)
-        _, ret_sum, ret_sq = self._sum(*ppo_math.whiten_stats(returns, mask))
-        _, err_sum, err_sq = self._sum(*ppo_math.whiten_stats(returns - batch.old_values, mask))
-        _, val_sum, _ = self._sum(*ppo_math.whiten_stats(batch.old_values, mask))
         returns_mean, returns_var = _mean_var(n, ret_sum, ret_sq)
         error_var = _mean_var(n, err_sum, err_sq)[1]
         critic = {"explained_variance": 1 - error_var / returns_var if returns_var > 0 else 0.0,
                   "value_mean": val_sum / max(n, 1), "returns_mean": returns_mean}
         if kl is not None:
-            critic["kl_penalty_mean"] = self._sum(float((kl * mask).sum()))[0] / max(n, 1)
+            critic["kl_penalty_mean"] = kl_sum / max(n, 1)
         return {"advantage_mean_raw": adv_mean, "advantage_std_raw": math.sqrt(max(adv_var, 0.0))}, critic
 
     def _forward(self, model: torch.nn.Module, mb: RolloutBatch, *, entropy: bool = False,
