@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from runrl_engine.algorithms.masked import masked_whiten
+from runrl_engine.algorithms.registry import Registry
 from runrl_engine.errors import ConfigError
 
 __all__ = [
@@ -54,41 +55,26 @@ __all__ = [
 
 AdvantageEstimator = Callable[..., tuple[Tensor, dict[str, float]]]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+ADVANTAGE_ESTIMATORS = Registry("advantage_estimator", "advantage estimator")
 CRITIC_ESTIMATORS: set[str] = set()  # names whose estimator takes per-token rewards and critic values
 
 
 def register_advantage(name: str, *, critic: bool = False) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: make `fn` available as `advantage_estimator: <name>` (`critic=True`: the per-token signature)."""
+    if critic:
+        CRITIC_ESTIMATORS.add(name)
+    return ADVANTAGE_ESTIMATORS.register(name)
 
-    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        if critic:
-            CRITIC_ESTIMATORS.add(name)
-        return fn
 
-    return decorator
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The estimator registered as `name`; ConfigError listing the valid names otherwise."""
+    return ADVANTAGE_ESTIMATORS.lookup(name)
 
 
 def uses_critic(name: str) -> bool:
     """Whether `advantage_estimator: <name>` needs a critic's values (ConfigError for an unknown name)."""
     get_advantage_estimator(name)
     return name in CRITIC_ESTIMATORS
-
-
-def get_advantage_estimator(name: str) -> AdvantageEstimator:
-    """The estimator registered as `name`; ConfigError listing the valid names otherwise."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        valid = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
-        raise ConfigError(
-            f"unknown advantage estimator {name!r}; valid: {valid}",
-            where="advantage_estimator",
-            fix=f"set advantage_estimator to one of: {valid}",
-        ) from None
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:

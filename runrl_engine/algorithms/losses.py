@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from runrl_engine.algorithms.masked import masked_mean, masked_sum
+from runrl_engine.algorithms.registry import Registry
 from runrl_engine.errors import ConfigError
 
 __all__ = [
@@ -62,32 +63,17 @@ Count = int | float | Tensor
 # (mask [B, T] float, *, num_sequences, num_tokens, max_completion_length) -> weights [B, T]
 TokenWeights = Callable[..., Tensor]
 
-LOSS_TYPES: dict[str, TokenWeights] = {}
+LOSS_TYPES = Registry("loss_type", "loss_type")
 
 
 def register_loss_type(name: str) -> Callable[[TokenWeights], TokenWeights]:
     """Decorator: make a token-weighting function available as `loss_type: <name>`."""
-
-    def decorator(fn: TokenWeights) -> TokenWeights:
-        if name in LOSS_TYPES:
-            raise ValueError(f"loss_type {name!r} is already registered")
-        LOSS_TYPES[name] = fn
-        return fn
-
-    return decorator
+    return LOSS_TYPES.register(name)
 
 
 def get_loss_type(name: str) -> TokenWeights:
     """The token-weighting function registered as `name`; ConfigError listing the valid names otherwise."""
-    try:
-        return LOSS_TYPES[name]
-    except KeyError:
-        valid = ", ".join(sorted(LOSS_TYPES))
-        raise ConfigError(
-            f"unknown loss_type {name!r}; valid: {valid}",
-            where="loss_type",
-            fix=f"set loss_type to one of: {valid}",
-        ) from None
+    return LOSS_TYPES.lookup(name)
 
 
 def _at_least_one(count: Count) -> Count:

@@ -60,6 +60,16 @@ def test_unknown_names_fail_listing_the_valid_ones():
         token_weights(torch.ones(1, 2), "sapo")
 
 
+def test_a_name_cannot_be_registered_twice():
+    from runrl_engine.algorithms import register_advantage, register_loss_type
+
+    with pytest.raises(ValueError, match="advantage estimator 'rloo' is already registered"):
+        register_advantage("rloo")(lambda rewards, group_size: None)
+    with pytest.raises(ValueError, match="loss_type 'dapo' is already registered"):
+        register_loss_type("dapo")(lambda mask, **_: mask)
+    assert get_advantage_estimator("rloo").__name__ == "rloo_advantages"
+
+
 # ----------------------------------------------------------------------------------------------- advantages
 
 # Three prompts, G = 4. Group 1: mean 0.25, deviations (0.75, -0.25, -0.25, -0.25), unbiased var = 0.75 / 3 = 0.25,

@@ -3,8 +3,9 @@
 TRL's number comes from its real code path: a `GRPOTrainer` built offline on the builtin tiny model
 (`runrl_engine.tiny`), whose `_compute_loss(model, inputs)` runs its fused-LM-head forward and its loss. Ours is
 computed from the same model's logits with `selective_log_softmax`. Both the loss values and the gradients on
-every model parameter must agree, for each loss_type with and without the KL term, and across gradient
-accumulation (where TRL's bnpo is documented to differ: it normalises by the micro-batch's own token count).
+every model parameter must agree, for each loss_type with and without the KL term, across gradient
+accumulation (where TRL's bnpo is documented to differ: it normalises by the micro-batch's own token count), and
+with sequence-level importance sampling (GSPO).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def make_trainer(tiny_dir, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"]})
 
-    def make(loss_type: str, beta: float, grad_accum: int = 1, kl_bias_correction: bool = True) -> GRPOTrainer:
+    def make(loss_type: str, beta: float, grad_accum: int = 1, kl_bias_correction: bool = True,
+             importance_sampling_level: str = "token") -> GRPOTrainer:
         args = GRPOConfig(
             output_dir=str(tmp_path_factory.mktemp("grpo")),
             loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level,
             beta=beta,
             use_bias_correction_kl=kl_bias_correction,
             epsilon=EPSILON,
@@ -207,3 +210,41 @@ def test_gradient_accumulation_matches_trl(make_trainer, loss_type):
         torch.testing.assert_close(mine.detach(), their.detach(), atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(sum(theirs).detach(), whole.detach(), atol=1e-7, rtol=1e-5)
     _assert_same_grads(whole_grads, their_grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("bnpo", 0.0), ("dapo", 0.04)])
+def test_gspo_loss_and_gradients_equal_trl_sequence_level(make_trainer, loss_type, beta):
+    """TRL's real `_compute_loss` with importance_sampling_level="sequence" vs ours on the same model and tokens;
+    with beta > 0 the KL term keeps per-token log-probs and is weighted by the sequence ratio (bias correction)."""
+    trainer = make_trainer(loss_type, beta, importance_sampling_level="sequence")
+    model = trainer.model
+    batch = _batch(model.config.vocab_size)
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        logp = _our_logp(model, batch)
+    # Per-row shifts of the old log-probs put row 0 (A > 0) above 1 + eps_high and row 1 (A < 0) below 1 - eps,
+    # so the sequence-level clipping engages; per-token noise makes the mean matter.
+    g = torch.Generator().manual_seed(1)
+    shift = torch.tensor([[-0.3], [0.3], [0.05], [-0.1]])
+    noise = (torch.rand(logp.shape, generator=g) - 0.5) * 0.2
+    batch["old_per_token_logps"] = torch.where(mask, logp + shift + noise, 0.0)
+    ref_logp = None
+    if beta:
+        ref_logp = torch.where(mask, logp + (torch.rand(logp.shape, generator=g) - 0.5) * 0.4, 0.0)
+        batch["ref_per_token_logps"] = ref_logp
+        batch["num_items_in_batch"] = batch["completion_mask"].sum()
+
+    theirs = trainer._compute_loss(model, batch)
+    theirs.backward()
+    their_grads = _grads(model)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+
+    ours, _ = policy_loss(
+        _our_logp(model, batch), batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"],
+        loss_type=loss_type, epsilon_low=EPSILON, epsilon_high=EPSILON_HIGH, importance_sampling_level="sequence",
+        beta=beta, ref_logp=ref_logp,
+    )
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-5)
+    _assert_same_grads(_grads(model), their_grads)
