@@ -61,9 +61,15 @@ CRITIC_ESTIMATORS: set[str] = set()  # names whose estimator takes per-token rew
 
 def register_advantage(name: str, *, critic: bool = False) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: make `fn` available as `advantage_estimator: <name>` (`critic=True`: the per-token signature)."""
-    if critic:
-        CRITIC_ESTIMATORS.add(name)
-    return ADVANTAGE_ESTIMATORS.register(name)
+    register = ADVANTAGE_ESTIMATORS.register(name)
+
+    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
+        register(fn)  # raises for a name taken, before it could be marked as a critic estimator
+        if critic:
+            CRITIC_ESTIMATORS.add(name)
+        return fn
+
+    return decorator
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:

@@ -61,13 +61,13 @@ def test_unknown_names_fail_listing_the_valid_ones():
 
 
 def test_a_name_cannot_be_registered_twice():
-    from runrl_engine.algorithms import register_advantage, register_loss_type
+    from runrl_engine.algorithms import register_advantage, register_loss_type, uses_critic
 
     with pytest.raises(ValueError, match="advantage estimator 'rloo' is already registered"):
-        register_advantage("rloo")(lambda rewards, group_size: None)
+        register_advantage("rloo", critic=True)(lambda rewards, group_size: None)
     with pytest.raises(ValueError, match="loss_type 'dapo' is already registered"):
         register_loss_type("dapo")(lambda mask, **_: mask)
-    assert get_advantage_estimator("rloo").__name__ == "rloo_advantages"
+    assert get_advantage_estimator("rloo").__name__ == "rloo_advantages" and not uses_critic("rloo")
 
 
 # ----------------------------------------------------------------------------------------------- advantages
