@@ -408,25 +408,29 @@ class Trainer:
 
     @torch.no_grad()
     def _old_pass(self, batch: RolloutBatch) -> None:
-        """Log-probs of the sampled tokens under the policy that sampled them (the clipped ratio's `old` when
-        samples are reused), the critic's values at sampling time, and the reference log-probs when beta > 0,
-        before any update of this step. Same train mode as the update, so the first ratio is 1."""
+        """Before any update of this step: log-probs of the sampled tokens under the policy that sampled them
+        (the clipped ratio's `old` when samples are reused; the in-reward KL), the critic's values at sampling
+        time, and the reference log-probs when beta > 0. Same train mode as the update, so the first ratio is 1."""
         self.model.train()
         if self.critic is not None:
             self.critic.train()
         B, C = batch.completion_ids.shape
         dev = self.acc.device
-        old_logp = torch.zeros(B, C, device=dev)
+        # the policy's forward is needed for reused samples and the in-reward KL; with the value head it is the
+        # critic's forward too. Otherwise (one update, separate critic) the update's detached log-probs serve.
+        policy_pass = self.updates_per_step > 1 or self.cfg.kl_in_reward or self.value_on_policy
+        old_logp = torch.zeros(B, C, device=dev) if policy_pass else None
         old_values = torch.zeros(B, C, device=dev) if self.use_critic else None
         ref_logp = torch.zeros(B, C, device=dev) if self.cfg.beta > 0 else None
         for index in batch.micro_batch_indices(self.cfg.micro_batch_size):
             mb = batch.select(index)
             c = mb.completion_ids.shape[1]
             with self.acc.autocast():
-                logp, values, _ = self._forward(self.model, mb)
+                if policy_pass:
+                    logp, values, _ = self._forward(self.model, mb)
+                    old_logp[index, :c] = logp.float()
                 if self.critic is not None:
                     values = self._critic_values(mb)
-                old_logp[index, :c] = logp.float()
                 if old_values is not None:
                     old_values[index, :c] = values.float()
                 if ref_logp is not None:

@@ -45,11 +45,25 @@ def test_ppo_raises_the_reward_and_logs_its_metrics(tmp_path, tiny_model_dir):
     assert "advantage_estimator: gae" in config
 
 
-def test_one_pass_over_the_batch_keeps_the_ratio_at_one(tmp_path, tiny_model_dir):
-    result = train(cfg(), output_dir=tmp_path)
+@pytest.mark.parametrize("critic", ["head", "separate"])
+def test_one_pass_over_the_batch_keeps_the_ratio_at_one(tmp_path, tiny_model_dir, critic):
+    from runrl_engine.config import RunConfig
+    from runrl_engine.trainer import Trainer
+
+    trainer = Trainer(RunConfig.from_dict(cfg(critic=critic)), tmp_path)
+    policy_forwards = []
+    forward = trainer._forward
+    trainer._forward = lambda model, mb, **kw: (policy_forwards.append(model is trainer.model), forward(model, mb, **kw))[1]
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
     for h in result.history:
         assert h["clip_fraction"] == 0.0 and h["approx_kl"] == pytest.approx(0.0, abs=1e-6)
         assert h["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # one micro-batch per step; the value head's values need the policy's forward before the update, a separate
+    # critic's do not (the update's own detached log-probs are the old ones)
+    assert sum(policy_forwards) == (4 if critic == "head" else 2)
 
 
 def test_gradient_accumulation_does_not_change_the_update(tmp_path, tiny_model_dir):
