@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from runrl_engine.algorithms.masked import masked_whiten
-from runrl_engine.algorithms.registry import Registry
+from runrl_engine.registry import Registry
 from runrl_engine.errors import ConfigError
 
 __all__ = [

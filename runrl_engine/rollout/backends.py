@@ -39,11 +39,12 @@ import copy
 import math
 import os
 import socket
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from runrl_engine.errors import ConfigError
+from runrl_engine.registry import Registry
 from runrl_engine.rollout import hf
 from runrl_engine.rollout.hf import Completion, SamplingParams
 
@@ -299,19 +300,18 @@ class VLLMBackend:
         self.llm = None
 
 
-ROLLOUT_BACKENDS: dict[str, Callable[..., Any]] = {"hf": HFBackend, "paged": PagedBackend, "vllm": VLLMBackend}
+ROLLOUT_BACKENDS = Registry("rollout_backend", "rollout backend")
+for _backend in (HFBackend, PagedBackend, VLLMBackend):
+    ROLLOUT_BACKENDS.register(_backend.name)(_backend)
 
 
 def get_rollout_backend(name: str, *, world_size: int = 1, **kwargs: Any) -> Any:
     """The backend registered as `name`, built with `kwargs`; ConfigError listing the valid names otherwise."""
-    if name not in ROLLOUT_BACKENDS:
-        valid = ", ".join(sorted(ROLLOUT_BACKENDS))
-        raise ConfigError(f"unknown rollout backend {name!r}; valid: {valid}", where="rollout_backend",
-                          fix=f"set rollout_backend to one of: {valid}")
+    backend = ROLLOUT_BACKENDS.lookup(name)
     if name != "hf" and world_size > 1:
         raise ConfigError(f"rollout_backend {name!r} is single-process only (this run has {world_size} processes)",
                           where="rollout_backend", fix="use `rollout_backend: hf` for multi-GPU runs, or launch one process")
-    return ROLLOUT_BACKENDS[name](**kwargs)
+    return backend(**kwargs)
 
 
 def rollout_backend_for(cfg: Any, *, world_size: int, compute_dtype: torch.dtype) -> Any:

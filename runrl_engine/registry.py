@@ -1,4 +1,4 @@
-"""Name -> function tables behind config keys (`advantage_estimator`, `loss_type`).
+"""Name -> function tables behind config keys (`advantage_estimator`, `loss_type`, `rollout_backend`).
 
 A `Registry` is a dict (so `set(LOSS_TYPES)` and `LOSS_TYPES[name]` work) that fills through a decorator,
 refuses a name registered twice, and answers an unknown name with a ConfigError naming the config key and
