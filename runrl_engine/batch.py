@@ -63,15 +63,34 @@ class RolloutBatch:
                        old_logp=c(self.old_logp), ref_logp=c(self.ref_logp), old_values=c(self.old_values),
                        returns=c(self.returns))
 
-    def micro_batch_indices(self, size: int) -> list[torch.Tensor]:
-        """Row indices of length-bucketed micro-batches: rows sorted by total length so padding stays small."""
+    def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that share a prompt: (`first` [U], the first row holding each distinct prompt; `group` [B], each
+        row's index into `first`). The G completions of one prompt form one group, wherever they sit."""
+        _, group = torch.unique(torch.cat([self.prompt_ids, self.prompt_mask], dim=1), dim=0, return_inverse=True)
+        rows = torch.arange(len(self), device=group.device)
+        first = torch.full((int(group.max()) + 1,), len(self), device=group.device).scatter_reduce(
+            0, group, rows, reduce="amin")
+        return first, group
+
+    def micro_batch_indices(self, size: int, keep_prompt_groups: bool = False) -> list[torch.Tensor]:
+        """Row indices of length-bucketed micro-batches: rows sorted by total length so padding stays small.
+
+        With `keep_prompt_groups` the rows of one prompt stay next to each other (groups ordered by their longest
+        row, rows by length inside a group), so a micro-batch holds whole groups and each prompt can be computed
+        once for all its completions (`forward.sequence_outputs`); with distinct prompts the order is the same."""
         lengths = self.prompt_mask.sum(dim=1) + self.completion_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
+        if keep_prompt_groups:
+            first, group = self.prompt_groups()
+            longest = torch.zeros_like(first).scatter_reduce(0, group, lengths, reduce="amax")
+            # sort keys, least significant first (stable sorts): own length, then group, then the group's longest
+            for key in (first[group], -longest[group]):
+                order = order[torch.argsort(key[order], stable=True)]
         return [order[i:i + size] for i in range(0, len(self), size)]
 
-    def micro_batches(self, size: int) -> list["RolloutBatch"]:
+    def micro_batches(self, size: int, keep_prompt_groups: bool = False) -> list["RolloutBatch"]:
         """Length-bucketed micro-batches (`micro_batch_indices`), padding trimmed."""
-        return [self.select(index) for index in self.micro_batch_indices(size)]
+        return [self.select(index) for index in self.micro_batch_indices(size, keep_prompt_groups)]
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

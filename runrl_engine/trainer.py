@@ -44,6 +44,7 @@ from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig, apply_overrides, load_config
 from runrl_engine.data import PromptRow, load_prompts, load_sft
 from runrl_engine.errors import ConfigError, DataError, TrainingAborted
+from runrl_engine.forward import sequence_outputs
 from runrl_engine.metrics import RunOutputs, step_peak_memory
 from runrl_engine.models import load_policy, load_reference, load_tokenizer, resolve_device, resolve_dtype
 from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
@@ -179,6 +180,7 @@ class Trainer:
         elif self.use_critic:
             critic = load_critic(cfg, device, param_dtype)
         self.value_on_policy = isinstance(policy, PolicyWithValue)
+        self.model_config = self._model_config(policy)  # what KV cache layers the shared-prompt forward needs
         value_params = (policy.value_parameters() if self.value_on_policy else
                         [p for p in critic.parameters() if p.requires_grad] if critic is not None else [])
         value_ids = {id(p) for p in value_params}
@@ -275,6 +277,11 @@ class Trainer:
         finally:
             probe.close()
         return runtime
+
+    @staticmethod
+    def _model_config(policy: torch.nn.Module) -> Any:
+        model = policy.policy if isinstance(policy, PolicyWithValue) else policy
+        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
     def _policy(self) -> torch.nn.Module:
         """The Hugging Face policy, unwrapped from DDP and (PPO's `critic: head`) from its value head."""
@@ -422,7 +429,7 @@ class Trainer:
         old_logp = torch.zeros(B, C, device=dev) if policy_pass else None
         old_values = torch.zeros(B, C, device=dev) if self.use_critic else None
         ref_logp = torch.zeros(B, C, device=dev) if self.cfg.beta > 0 else None
-        for index in batch.micro_batch_indices(self.cfg.micro_batch_size):
+        for index in batch.micro_batch_indices(self.cfg.micro_batch_size, self.cfg.share_prompt_forward):
             mb = batch.select(index)
             c = mb.completion_ids.shape[1]
             with self.acc.autocast():
@@ -475,14 +482,15 @@ class Trainer:
         values [b, C] when `model` is the policy carrying it; entropies [b, C] when asked (differentiable only
         with `entropy_grad`: for logging alone its full-vocabulary graph is not kept)."""
         C = mb.completion_ids.shape[1]
-        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                      logits_to_keep=C + 1)
         values = None
         if model is self.model and self.value_on_policy:
-            logits, values = model(**inputs)
+            logits, values = self._outputs(model, mb, C + 1)
             values = values[:, :-1]
         else:
-            logits = model(**inputs, use_cache=False).logits
+            def call(cache: Any = None, **inputs: Any) -> tuple[torch.Tensor]:
+                return (model(**inputs, cache=cache, use_cache=cache is not None).logits,)
+
+            (logits,) = self._outputs(call, mb, C + 1)
         logits = logits[:, :-1, :]
         if self.cfg.temperature != 1.0:
             logits = logits / self.cfg.temperature
@@ -492,11 +500,20 @@ class Trainer:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             return logp, values, entropy_from_logits(logits)
 
+    def _outputs(self, call: Any, mb: RolloutBatch, keep: int) -> tuple[torch.Tensor, ...]:
+        """`call`'s outputs at each row's last `keep` positions, each distinct prompt of the micro-batch computed
+        once (`forward.sequence_outputs`) unless gradient checkpointing would drop the cache it needs."""
+        def as_tuple(**inputs: Any) -> tuple[torch.Tensor, ...]:
+            out = call(**inputs)
+            return out if isinstance(out, tuple) else (out,)
+
+        share = self.cfg.share_prompt_forward and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled())
+        return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share)
+
     def _critic_values(self, mb: RolloutBatch) -> torch.Tensor:
         """The separate critic's values [b, C], aligned with the completion tokens' log-probs."""
         C = mb.completion_ids.shape[1]
-        return self.critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                           logits_to_keep=C + 1)[:, :-1]
+        return self._outputs(self.critic, mb, C + 1)[0][:, :-1]
 
     @torch.no_grad()
     def _ref_logps(self, mb: RolloutBatch) -> torch.Tensor:
@@ -544,7 +561,7 @@ class Trainer:
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         n_seq, n_tok = (int(x) for x in self._sum(len(batch), float(batch.loss_mask.sum())))
-        micro = batch.micro_batches(cfg.micro_batch_size)
+        micro = batch.micro_batches(cfg.micro_batch_size, cfg.share_prompt_forward)
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         ratio_max = 0.0

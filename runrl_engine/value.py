@@ -9,7 +9,8 @@ Two layouts, chosen by `critic`:
 
 Alignment: the value at completion index `t` is read from the hidden state that predicts completion token `t`
 (the state before it is sampled), the same position whose logits give that token's log-probability, so values,
-log-probs and the loss mask of a `RolloutBatch` line up index for index.
+log-probs and the loss mask of a `RolloutBatch` line up index for index. Both forwards take an optional KV
+`cache` (the update's shared-prompt forward, `runrl_engine.forward`).
 
 The head starts at zero (every value 0, explained variance 0) and runs in fp32 even under bf16 autocast: value
 targets are sums of rewards, and bf16's 8 bits would round the differences the value loss learns from.
@@ -61,9 +62,10 @@ class PolicyWithValue(nn.Module):
         self.value_head = ValueHead(_hidden_size(policy)).to(next(policy.parameters()).device)
 
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                logits_to_keep: int) -> tuple[Tensor, Tensor]:
+                logits_to_keep: int, cache: Any = None) -> tuple[Tensor, Tensor]:
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=logits_to_keep, output_hidden_states=True, use_cache=False)
+                          logits_to_keep=logits_to_keep, output_hidden_states=True, cache=cache,
+                          use_cache=cache is not None)
         return out.logits, self.value_head(_last_hidden(out, logits_to_keep))
 
     def value_parameters(self) -> list[nn.Parameter]:
@@ -82,9 +84,9 @@ class ValueModel(nn.Module):
         self.value_head = ValueHead(_hidden_size(lm)).to(next(lm.parameters()).device)
 
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                logits_to_keep: int) -> Tensor:
+                logits_to_keep: int, cache: Any = None) -> Tensor:
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      logits_to_keep=1, output_hidden_states=True, use_cache=False)
+                      logits_to_keep=1, output_hidden_states=True, cache=cache, use_cache=cache is not None)
         return self.value_head(_last_hidden(out, logits_to_keep))
 
 

@@ -1,0 +1,143 @@
+"""The update's shared-prompt forward (`runrl_engine.forward`): each distinct prompt runs once per micro-batch, and
+log-probs, values, reference log-probs and gradients equal the plain forward's; micro-batches keep a prompt's
+completions together; gradient checkpointing falls back to the plain forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runrl_engine.batch import RolloutBatch, pad_left, pad_right
+from runrl_engine.config import RunConfig
+from runrl_engine.trainer import Trainer
+
+QS = Path(__file__).resolve().parents[2] / "configs" / "data" / "quickstart"
+
+
+def make_trainer(tmp_path: Path, **over) -> Trainer:
+    base = dict(model="builtin:tiny", prompt_file=str(QS / "prompts.jsonl"), reward_file=str(QS / "reward.py"),
+                completion_length=12, max_steps=1, prompts_per_step=3, num_generations=4, micro_batch_size=12,
+                eval_every=0, save_every=0, seed=0, log_completions=0, beta=0.1)
+    base.update(over)
+    return Trainer(RunConfig.from_dict(base), tmp_path)
+
+
+def rollout_batch(trainer: Trainer) -> RolloutBatch:
+    episodes = trainer._rollout(trainer._my_prompts(1), 1)
+    trainer._score(episodes)
+    batch = trainer._collate(episodes)
+    return batch.select(torch.arange(len(batch)))
+
+
+def embedded_shapes(trainer: Trainer) -> list[tuple[int, ...]]:
+    """Records the [rows, positions] of every forward through the policy's, the reference's and a critic's
+    embeddings."""
+    shapes: list[tuple[int, ...]] = []
+    for model in (trainer._policy(), trainer.ref_model, trainer.critic.lm if trainer.critic is not None else None):
+        if model is not None:
+            model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def outputs(trainer: Trainer, mb: RolloutBatch, share: bool) -> dict[str, torch.Tensor]:
+    trainer.cfg.share_prompt_forward = share
+    trainer.model.zero_grad(set_to_none=True)
+    if trainer.critic is not None:
+        trainer.critic.zero_grad(set_to_none=True)
+    logp, values, _ = trainer._forward(trainer.model, mb)
+    out = {"logp": logp, "ref": trainer._ref_logps(mb)}
+    loss = (logp * mb.loss_mask).sum()
+    if values is not None:
+        out["values"] = values
+        loss = loss + (values * mb.loss_mask).sum()
+    if trainer.critic is not None:
+        out["critic"] = trainer._critic_values(mb)
+        loss = loss + (out["critic"] * mb.loss_mask).sum()
+    loss.backward()
+    named = list(trainer.model.named_parameters()) + (list(trainer.critic.named_parameters()) if trainer.critic else [])
+    grads = {f"grad:{n}": p.grad.clone() for n, p in named if p.grad is not None}
+    assert grads, "nothing was trained"
+    return {**{k: v.detach() for k, v in out.items()}, **grads}
+
+
+@pytest.mark.parametrize("over", [{}, {"use_lora": True, "lora_rank": 4, "lora_alpha": 8},
+                                  {"algorithm": "ppo"}, {"algorithm": "ppo", "critic": "separate"}],
+                         ids=["grpo", "lora", "ppo-head", "ppo-separate"])
+def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir, over):
+    trainer = make_trainer(tmp_path, **over)
+    try:
+        mb = rollout_batch(trainer)
+        if trainer.use_critic:  # the value heads start at zero; give them weights so their values say something
+            for model in (trainer.acc.unwrap_model(trainer.model), trainer.critic):
+                if model is not None and hasattr(model, "value_head"):
+                    torch.nn.init.normal_(model.value_head.linear.weight, std=0.5,
+                                          generator=torch.Generator().manual_seed(0))
+        P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
+        first, group = mb.prompt_groups()
+        assert len(first) == 3 and len(mb) == 12 and int(mb.prompt_mask.sum(1).min()) < P  # left padding in play
+        shapes = embedded_shapes(trainer)
+        shared = outputs(trainer, mb, share=True)
+        # every forward (policy, reference or adapter-disabled policy, critic) ran the 3 prompts once
+        assert shapes and all(s in ((3, P), (12, C)) for s in shapes) and shapes.count((3, P)) == shapes.count((12, C))
+        shapes.clear()
+        plain = outputs(trainer, mb, share=False)
+        assert shapes and all(s == (12, P + C) for s in shapes)
+    finally:
+        trainer.close()
+    assert shared.keys() == plain.keys()
+    sampled = mb.loss_mask.bool()
+    for key in plain:
+        if key.startswith("grad:"):
+            scale = float(plain[key].abs().max())  # rounding, relative to the gradient's own size
+            torch.testing.assert_close(shared[key], plain[key], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{key}: {m}")
+        else:
+            torch.testing.assert_close(shared[key][sampled], plain[key][sampled], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{key}: {m}")
+
+
+def test_gradient_checkpointing_keeps_the_plain_forward_where_gradients_flow(tmp_path, tiny_model_dir):
+    trainer = make_trainer(tmp_path, gradient_checkpointing=True)
+    try:
+        mb = rollout_batch(trainer)
+        P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
+        shapes = embedded_shapes(trainer)
+        trainer.model.train()
+        with_checkpointing = outputs(trainer, mb, share=True)
+        # the training forward is plain (transformers drops a KV cache in checkpointed layers); the reference pass,
+        # without gradients, still shares its prompts
+        assert shapes == [(12, P + C), (3, P), (12, C)]
+        trainer.cfg.gradient_checkpointing = False
+        plain = outputs(trainer, mb, share=False)
+    finally:
+        trainer.close()
+    for key in plain:
+        torch.testing.assert_close(with_checkpointing[key], plain[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def _batch(prompts: list[list[int]], completions: list[list[int]]) -> RolloutBatch:
+    p_ids, p_mask = pad_left(prompts, 0)
+    return RolloutBatch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=pad_right(completions, 0),
+                        completion_mask=pad_right([[1] * len(c) for c in completions], 0),
+                        loss_mask=pad_right([[1.0] * len(c) for c in completions], 0.0, torch.float32),
+                        advantages=torch.zeros(len(prompts)), rewards=torch.zeros(len(prompts)))
+
+
+def test_micro_batches_keep_a_prompts_completions_together():
+    a, b, c = [1, 2, 3], [4, 5], [6]
+    lengths = [2, 9, 1, 4, 8, 3, 5, 7, 6]  # completion lengths of rows 0..8
+    prompts = [a, b, c, a, b, c, a, b, c]
+    batch = _batch(prompts, [[7] * n for n in lengths])
+    first, group = batch.prompt_groups()
+    assert sorted(first.tolist()) == [0, 1, 2] and [prompts[i] for i in first[group].tolist()] == prompts
+    # totals (prompt + completion): a = rows 0, 3, 6 -> 5, 7, 8; b = rows 1, 4, 7 -> 11, 10, 9; c = 2, 5, 8 -> 2, 4, 7.
+    # groups by their longest row (b, a, c), rows by length inside a group
+    order = [i.tolist() for i in batch.micro_batch_indices(3, keep_prompt_groups=True)]
+    assert order == [[1, 4, 7], [6, 3, 0], [8, 5, 2]]
+    # without it: by length alone, mixing prompts
+    assert [i.tolist() for i in batch.micro_batch_indices(3)] == [[1, 4, 7], [6, 3, 8], [0, 5, 2]]
+    # distinct prompts: exactly the length-bucketed order
+    distinct = _batch([[i + 1] * (i % 3 + 1) for i in range(9)], [[7] * n for n in lengths])
+    assert ([i.tolist() for i in distinct.micro_batch_indices(4, keep_prompt_groups=True)]
+            == [i.tolist() for i in distinct.micro_batch_indices(4)])
