@@ -13,8 +13,12 @@ Settings are identical on both sides: fp32, sdpa attention, no gradient checkpoi
 directory, the same 64 prompts (shuffled by each trainer's own seeded sampler), the same seed, loss_type `dapo`,
 temperature 1, top_p 1, top_k off, constant learning rate, clip 0.2, grad-norm clip 1, no eval, no checkpoints,
 no completion logging, `torch.set_num_threads` equal on both sides, one optimizer step = one generation batch of
-prompts_per_step x num_generations sequences in one micro-batch. The reward is the same Python function: ours
-calls it in its sandbox workers, TRL in-process through a `(prompts, completions, **kw)` wrapper.
+prompts_per_step x num_generations sequences. How that step's forward/backward is cut up is each engine's own:
+TRL runs it as one micro-batch (per_device_train_batch_size = the whole batch, steps_per_generation 1); ours uses
+its defaults, length-bucketed micro-batches of 8 with gradients accumulated under global loss denominators (the
+same update; `--ours-micro-batch 0` runs ours as one micro-batch too) and each distinct prompt of a micro-batch
+computed once (`share_prompt_forward`). The reward is the same Python function: ours calls it in its sandbox
+workers, TRL in-process through a `(prompts, completions, **kw)` wrapper.
 
 Step time is measured the same way for both: the interval between consecutive optimizer-step ends, taken by
 this script (ours: when the step's metrics record is emitted; TRL: `TrainerCallback.on_step_end`), so it
@@ -71,7 +75,7 @@ class Workload:
     lora_rank: int  # 0 = full fine-tuning
     steps: int
     seed: int = 0  # training seed on both sides (sampling, data order); the prompts themselves never change
-    ours_micro_batch: int = 0  # our micro_batch_size; 0 = the whole step in one micro-batch, as TRL runs it here
+    ours_micro_batch: int | None = None  # our micro_batch_size; None = our config default, 0 = the whole step
 
 
 WORKLOADS = {
@@ -146,13 +150,14 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     cfg = RunConfig.from_dict({
         "model": f"builtin:{w.model}", "prompt_file": str(prompt_file), "reward_file": str(reward_file),
         "completion_length": w.completion_length, "max_steps": w.steps, "prompts_per_step": w.prompts_per_step,
-        "num_generations": w.num_generations, "micro_batch_size": w.ours_micro_batch or n_seq, "learning_rate": w.learning_rate,
+        "num_generations": w.num_generations, "learning_rate": w.learning_rate,
         "beta": w.beta, "loss_type": "dapo", "use_lora": w.lora_rank > 0, "lora_rank": max(w.lora_rank, 1),
         "lora_alpha": 2 * max(w.lora_rank, 1), "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": w.seed,
         "eval_every": 0, "eval_fraction": 0.0, "save_every": 0, "log_completions": 0, "merge_lora": False,
         "num_threads": threads, "reward_workers": 2, "device": "cpu", "dtype": "float32",
         "gradient_checkpointing": False, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
         "weight_decay": 0.0, "epsilon": 0.2, "scale_rewards": True, "advantage_estimator": "grpo",
+        **({} if w.ours_micro_batch is None else {"micro_batch_size": w.ours_micro_batch or n_seq}),
     })
     t_setup = time.perf_counter()
     trainer = Trainer(cfg, work / "ours-run")
@@ -422,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                                                            "the check compares the means)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per W1/W2 run (default 10)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
-    p.add_argument("--ours-micro-batch", type=int, default=0,
-                   help="our micro_batch_size (length-bucketed); default 0 = whole step, like TRL's one micro-batch")
+    p.add_argument("--ours-micro-batch", type=int, default=None,
+                   help="our micro_batch_size (length-bucketed; the same update, gradients accumulated); default: "
+                        "our config default (8); 0 = the whole step in one micro-batch, as TRL runs it")
     p.add_argument("--quick", action="store_true", help="tiny model, 8-token completions, 2 steps (smoke test)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--details", type=Path, default=None, help="also write every run's raw numbers here (JSON)")

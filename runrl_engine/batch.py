@@ -72,26 +72,40 @@ class RolloutBatch:
             0, group, rows, reduce="amin")
         return first, group
 
-    def micro_batch_indices(self, size: int, keep_prompt_groups: bool = False) -> list[torch.Tensor]:
+    def micro_batch_indices(self, size: int, share_prompts: bool = False) -> list[torch.Tensor]:
         """Row indices of length-bucketed micro-batches: rows sorted by total length so padding stays small.
 
-        With `keep_prompt_groups` the rows of one prompt stay next to each other (groups ordered by their longest
-        row, rows by length inside a group), so a micro-batch holds whole groups and each prompt can be computed
-        once for all its completions (`forward.sequence_outputs`); with distinct prompts the order is the same."""
+        With `share_prompts` (each distinct prompt of a micro-batch computed once, `forward.sequence_outputs`) a
+        second layout is considered, the rows of one prompt kept together (groups ordered by their longest row,
+        rows by length inside a group), and the one computing fewer positions is used: per micro-batch, its
+        distinct prompts x prompt width + rows x longest completion. With distinct prompts both are the same."""
         lengths = self.prompt_mask.sum(dim=1) + self.completion_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
-        if keep_prompt_groups:
+        layouts = [order]
+        if share_prompts:
             first, group = self.prompt_groups()
             longest = torch.zeros_like(first).scatter_reduce(0, group, lengths, reduce="amax")
+            grouped = order
             # sort keys, least significant first (stable sorts): own length, then group, then the group's longest
             for key in (first[group], -longest[group]):
-                order = order[torch.argsort(key[order], stable=True)]
-        return [order[i:i + size] for i in range(0, len(self), size)]
+                grouped = grouped[torch.argsort(key[grouped], stable=True)]
+            layouts.append(grouped)
+            layouts.sort(key=lambda o: self._positions(o, size, group))  # stable: plain order on a tie
+        return [layouts[0][i:i + size] for i in range(0, len(self), size)]
 
-    def micro_batches(self, size: int, keep_prompt_groups: bool = False) -> list["RolloutBatch"]:
+    def _positions(self, order: torch.Tensor, size: int, group: torch.Tensor) -> int:
+        """Positions a shared-prompt forward computes over micro-batches of `order`."""
+        prompt_len, completion_len = self.prompt_mask.sum(dim=1), self.completion_mask.sum(dim=1)
+        total = 0
+        for i in range(0, len(order), size):
+            rows = order[i:i + size]
+            groups = group[rows].unique()
+            total += int(groups.numel()) * int(prompt_len[rows].max()) + len(rows) * int(completion_len[rows].max())
+        return total
+
+    def micro_batches(self, size: int, share_prompts: bool = False) -> list["RolloutBatch"]:
         """Length-bucketed micro-batches (`micro_batch_indices`), padding trimmed."""
-        return [self.select(index) for index in self.micro_batch_indices(size, keep_prompt_groups)]
-
+        return [self.select(index) for index in self.micro_batch_indices(size, share_prompts)]
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)

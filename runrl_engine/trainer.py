@@ -561,7 +561,7 @@ class Trainer:
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         n_seq, n_tok = (int(x) for x in self._sum(len(batch), float(batch.loss_mask.sum())))
-        micro = batch.micro_batches(cfg.micro_batch_size, cfg.share_prompt_forward)
+        micro = batch.micro_batches(cfg.micro_batch_size, cfg.share_prompt_forward and not cfg.gradient_checkpointing)
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         ratio_max = 0.0

@@ -124,7 +124,7 @@ def _batch(prompts: list[list[int]], completions: list[list[int]]) -> RolloutBat
                         advantages=torch.zeros(len(prompts)), rewards=torch.zeros(len(prompts)))
 
 
-def test_micro_batches_keep_a_prompts_completions_together():
+def test_micro_batches_keep_a_prompts_completions_together_when_that_computes_less():
     a, b, c = [1, 2, 3], [4, 5], [6]
     lengths = [2, 9, 1, 4, 8, 3, 5, 7, 6]  # completion lengths of rows 0..8
     prompts = [a, b, c, a, b, c, a, b, c]
@@ -132,12 +132,16 @@ def test_micro_batches_keep_a_prompts_completions_together():
     first, group = batch.prompt_groups()
     assert sorted(first.tolist()) == [0, 1, 2] and [prompts[i] for i in first[group].tolist()] == prompts
     # totals (prompt + completion): a = rows 0, 3, 6 -> 5, 7, 8; b = rows 1, 4, 7 -> 11, 10, 9; c = 2, 5, 8 -> 2, 4, 7.
-    # groups by their longest row (b, a, c), rows by length inside a group
-    order = [i.tolist() for i in batch.micro_batch_indices(3, keep_prompt_groups=True)]
-    assert order == [[1, 4, 7], [6, 3, 0], [8, 5, 2]]
-    # without it: by length alone, mixing prompts
+    # By length alone: [1, 4, 7], [6, 3, 8], [0, 5, 2] computes 2+27 + 2x3+3x6 + 2x3+3x3 = 68 positions; groups kept
+    # together (ordered by their longest row, rows by length inside): 2+27 + 3+15 + 1+18 = 66.
     assert [i.tolist() for i in batch.micro_batch_indices(3)] == [[1, 4, 7], [6, 3, 8], [0, 5, 2]]
+    assert [i.tolist() for i in batch.micro_batch_indices(3, share_prompts=True)] == [[1, 4, 7], [6, 3, 0], [8, 5, 2]]
+    # one-token prompts, long and short completions in every group: bucketing by length computes less (48 vs 82)
+    x, y = [1], [2]
+    spread = _batch([x, x, x, x, y, y, y, y], [[7] * n for n in (10, 1, 10, 1, 10, 1, 10, 1)])
+    assert ([i.tolist() for i in spread.micro_batch_indices(4, share_prompts=True)]
+            == [i.tolist() for i in spread.micro_batch_indices(4)] == [[0, 2, 4, 6], [1, 3, 5, 7]])
     # distinct prompts: exactly the length-bucketed order
     distinct = _batch([[i + 1] * (i % 3 + 1) for i in range(9)], [[7] * n for n in lengths])
-    assert ([i.tolist() for i in distinct.micro_batch_indices(4, keep_prompt_groups=True)]
+    assert ([i.tolist() for i in distinct.micro_batch_indices(4, share_prompts=True)]
             == [i.tolist() for i in distinct.micro_batch_indices(4)])
