@@ -107,6 +107,7 @@ class RolloutBatch:
         """Length-bucketed micro-batches (`micro_batch_indices`), padding trimmed."""
         return [self.select(index) for index in self.micro_batch_indices(size, share_prompts)]
 
+
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -16,7 +16,7 @@ here by its length). Micro-batches with distinct prompts only take the plain sin
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ from runrl_engine.batch import RolloutBatch
 ModelCall = Callable[..., tuple[Tensor, ...]]
 
 
-def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config, share_prompts: bool) -> tuple[Tensor, ...]:
+def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config: Any,
+                     share_prompts: bool) -> tuple[Tensor, ...]:
     """The model's outputs (logits, values, ...) at the last `keep` positions of every row's
     `[prompt][completion]` sequence, each [b, keep, ...], with shared prompts computed once when allowed.
 
@@ -40,9 +41,10 @@ def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config, sh
         raise ValueError(f"keep={keep} reaches more than one position into the prompt (completion length {C})")
     if share_prompts:
         first, group = mb.prompt_groups()
-        cache = DynamicCache(config=config)
-        if len(first) < len(mb) and all(type(layer) is DynamicLayer for layer in cache.layers):
-            return _shared_prompt_outputs(call, mb, keep, first, group, cache)
+        if len(first) < len(mb):
+            cache = DynamicCache(config=config)
+            if all(type(layer) is DynamicLayer for layer in cache.layers):
+                return _shared_prompt_outputs(call, mb, keep, first, group, cache)
     return call(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                 logits_to_keep=keep, cache=None)
 

@@ -91,7 +91,8 @@ def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir
     for key in plain:
         if key.startswith("grad:"):
             scale = float(plain[key].abs().max())  # rounding, relative to the gradient's own size
-            torch.testing.assert_close(shared[key], plain[key], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(shared[key], plain[key], rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m: f"{key}: {m}")
         else:
             torch.testing.assert_close(shared[key][sampled], plain[key][sampled], rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"{key}: {m}")
@@ -113,7 +114,8 @@ def test_gradient_checkpointing_keeps_the_plain_forward_where_gradients_flow(tmp
     finally:
         trainer.close()
     for key in plain:
-        torch.testing.assert_close(with_checkpointing[key], plain[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(with_checkpointing[key], plain[key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
 
 
 def _batch(prompts: list[list[int]], completions: list[list[int]]) -> RolloutBatch:
@@ -145,3 +147,31 @@ def test_micro_batches_keep_a_prompts_completions_together_when_that_computes_le
     distinct = _batch([[i + 1] * (i % 3 + 1) for i in range(9)], [[7] * n for n in lengths])
     assert ([i.tolist() for i in distinct.micro_batch_indices(4, share_prompts=True)]
             == [i.tolist() for i in distinct.micro_batch_indices(4)])
+
+
+def test_sliding_window_models_keep_the_plain_forward():
+    """A sliding-window cache would drop prompt positions the completions still need: no sharing there."""
+    from transformers import Qwen2Config
+
+    from runrl_engine.forward import sequence_outputs
+
+    sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, vocab_size=50)
+    batch = _batch([[1, 2, 3]] * 4, [[7] * n for n in (4, 2, 3, 1)])
+    calls: list[tuple[int, ...]] = []
+
+    def call(input_ids, cache, **kw):
+        calls.append(tuple(input_ids.shape))
+        if cache is not None:  # stands in for the model filling the cache
+            for layer_idx in range(2):
+                cache.update(torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 16),
+                             torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 16), layer_idx)
+        return (torch.zeros(input_ids.shape[0], kw["logits_to_keep"], 50),)
+
+    full, sliding = Qwen2Config(**sizes), Qwen2Config(**sizes, use_sliding_window=True, sliding_window=16,
+                                                        max_window_layers=0)
+    out = sequence_outputs(call, batch, 5, config=full, share_prompts=True)
+    assert calls == [(1, 3), (4, 4)] and out[0].shape == (4, 5, 50)
+    calls.clear()
+    out = sequence_outputs(call, batch, 5, config=sliding, share_prompts=True)
+    assert calls == [(4, 7)] and out[0].shape == (4, 5, 50)
