@@ -165,7 +165,8 @@ class RunConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     share_prompt_forward: bool = _f(
         True, "In the update, compute each prompt once for all its completions in a micro-batch and reuse its "
-              "keys/values (the plain forward's result up to rounding; not under gradient checkpointing).")
+              "keys/values (the plain forward's result up to rounding; not under gradient checkpointing, FSDP or "
+              "DeepSpeed ZeRO-3).")
     num_threads: int | None = _f(None, "CPU threads for torch (unset = torch's default).", ge=1)
     rollout_backend: Literal["hf", "paged", "vllm"] = _f(
         "hf", "What generates rollouts: `hf` (our KV-cached loop, per-completion seeds), `paged` (transformers' "

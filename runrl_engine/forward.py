@@ -11,7 +11,9 @@ token the prediction comes from the prompt call's last position.
 Used only where it is exact: every cache layer plain full attention (`DynamicLayer`; sliding-window and chunked
 models keep the plain forward), and never while gradient checkpointing is on with gradients enabled, because
 transformers drops the cache inside checkpointed layers (the caller decides; a dropped cache is also caught
-here by its length). Micro-batches with distinct prompts only take the plain single forward.
+here by its length). Micro-batches with distinct prompts only take the plain single forward. Not under FSDP or
+DeepSpeed ZeRO-3 either (the trainer's choice): their per-call parameter gathering is hooked on each call's
+outputs, which a gradient arriving through the cache bypasses. DDP is fine (tested with 2 processes).
 """
 
 from __future__ import annotations

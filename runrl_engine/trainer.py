@@ -181,6 +181,10 @@ class Trainer:
             critic = load_critic(cfg, device, param_dtype)
         self.value_on_policy = isinstance(policy, PolicyWithValue)
         self.model_config = self._model_config(policy)  # what KV cache layers the shared-prompt forward needs
+        self.params_sharded = self._params_sharded()
+        if cfg.share_prompt_forward and self.params_sharded:
+            self.log("share_prompt_forward is off under FSDP / DeepSpeed ZeRO-3 (sharded parameters): each prompt "
+                     "is computed once per completion")
         value_params = (policy.value_parameters() if self.value_on_policy else
                         [p for p in critic.parameters() if p.requires_grad] if critic is not None else [])
         value_ids = {id(p) for p in value_params}
@@ -277,6 +281,17 @@ class Trainer:
         finally:
             probe.close()
         return runtime
+
+    def _params_sharded(self) -> bool:
+        """FSDP and ZeRO-3 gather a layer's parameters with hooks on that call's outputs; a gradient that enters the
+        layer through a reused KV cache bypasses them, so the shared-prompt forward is kept off there."""
+        from accelerate.utils import DistributedType
+
+        kind = self.acc.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            plugin = self.acc.state.deepspeed_plugin
+            return plugin is None or plugin.zero_stage == 3
+        return kind in (DistributedType.FSDP, DistributedType.MEGATRON_LM)
 
     @staticmethod
     def _model_config(policy: torch.nn.Module) -> Any:
@@ -429,7 +444,8 @@ class Trainer:
         old_logp = torch.zeros(B, C, device=dev) if policy_pass else None
         old_values = torch.zeros(B, C, device=dev) if self.use_critic else None
         ref_logp = torch.zeros(B, C, device=dev) if self.cfg.beta > 0 else None
-        for index in batch.micro_batch_indices(self.cfg.micro_batch_size, self.cfg.share_prompt_forward):
+        share = self.cfg.share_prompt_forward and not self.params_sharded
+        for index in batch.micro_batch_indices(self.cfg.micro_batch_size, share):
             mb = batch.select(index)
             c = mb.completion_ids.shape[1]
             with self.acc.autocast():
@@ -507,7 +523,8 @@ class Trainer:
             out = call(**inputs)
             return out if isinstance(out, tuple) else (out,)
 
-        share = self.cfg.share_prompt_forward and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled())
+        share = (self.cfg.share_prompt_forward and not self.params_sharded
+                 and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled()))
         return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share)
 
     def _critic_values(self, mb: RolloutBatch) -> torch.Tensor:
@@ -561,7 +578,8 @@ class Trainer:
     def _optimizer_step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         n_seq, n_tok = (int(x) for x in self._sum(len(batch), float(batch.loss_mask.sum())))
-        micro = batch.micro_batches(cfg.micro_batch_size, cfg.share_prompt_forward and not cfg.gradient_checkpointing)
+        share = cfg.share_prompt_forward and not (self.params_sharded or cfg.gradient_checkpointing)
+        micro = batch.micro_batches(cfg.micro_batch_size, share)
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         ratio_max = 0.0

@@ -175,3 +175,20 @@ def test_sliding_window_models_keep_the_plain_forward():
     calls.clear()
     out = sequence_outputs(call, batch, 5, config=sliding, share_prompts=True)
     assert calls == [(4, 7)] and out[0].shape == (4, 5, 50)
+
+
+def test_sharded_parameters_keep_the_plain_forward():
+    """FSDP and ZeRO-3 gather parameters per call: the trainer does not share prompts there (DDP and ZeRO-2 do)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def sharded(kind, zero_stage=None):
+        trainer = Trainer.__new__(Trainer)
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        trainer.acc = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+        return trainer._params_sharded()
+
+    assert sharded(DistributedType.FSDP) and sharded(DistributedType.DEEPSPEED, 3)
+    assert not sharded(DistributedType.DEEPSPEED, 2) and not sharded(DistributedType.MULTI_CPU)
+    assert not sharded(DistributedType.MULTI_GPU) and not sharded(DistributedType.NO)
