@@ -13,11 +13,12 @@ Settings are identical on both sides: fp32, sdpa attention, no gradient checkpoi
 directory, the same 64 prompts (shuffled by each trainer's own seeded sampler), the same seed, loss_type `dapo`,
 temperature 1, top_p 1, top_k off, constant learning rate, clip 0.2, grad-norm clip 1, no eval, no checkpoints,
 no completion logging, `torch.set_num_threads` equal on both sides, one optimizer step = one generation batch of
-prompts_per_step x num_generations sequences. How that step's forward/backward is cut up is each engine's own:
-TRL runs it as one micro-batch (per_device_train_batch_size = the whole batch, steps_per_generation 1); ours uses
-its defaults, length-bucketed micro-batches of 8 with gradients accumulated under global loss denominators (the
-same update; `--ours-micro-batch 0` runs ours as one micro-batch too) and each distinct prompt of a micro-batch
-computed once (`share_prompt_forward`). The reward is the same Python function: ours calls it in its sandbox
+prompts_per_step x num_generations sequences, run as micro-batches of the same size on both sides (`--micro-batch`,
+default 8, both engines' default per-device batch; 0 = the whole step as one): TRL with
+per_device_train_batch_size = the micro-batch and gradient_accumulation_steps = steps_per_generation = the number
+of micro-batches, ours with micro_batch_size; both accumulate gradients under the step's global loss
+denominators, so the update is the same. Ours cuts its micro-batches by length and computes each distinct prompt
+of a micro-batch once (`share_prompt_forward`); TRL takes its rows in order. The reward is the same Python function: ours calls it in its sandbox
 workers, TRL in-process through a `(prompts, completions, **kw)` wrapper.
 
 Step time is measured the same way for both: the interval between consecutive optimizer-step ends, taken by
@@ -75,7 +76,8 @@ class Workload:
     lora_rank: int  # 0 = full fine-tuning
     steps: int
     seed: int = 0  # training seed on both sides (sampling, data order); the prompts themselves never change
-    ours_micro_batch: int | None = None  # our micro_batch_size; None = our config default, 0 = the whole step
+    micro_batch: int = 8  # sequences per forward/backward on both sides; 0 = the whole step in one
+    ours_micro_batch: int | None = None  # ours only, overriding micro_batch (0 = the whole step)
 
 
 WORKLOADS = {
@@ -157,7 +159,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
         "num_threads": threads, "reward_workers": 2, "device": "cpu", "dtype": "float32",
         "gradient_checkpointing": False, "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 1.0,
         "weight_decay": 0.0, "epsilon": 0.2, "scale_rewards": True, "advantage_estimator": "grpo",
-        **({} if w.ours_micro_batch is None else {"micro_batch_size": w.ours_micro_batch or n_seq}),
+        "micro_batch_size": (w.micro_batch if w.ours_micro_batch is None else w.ours_micro_batch) or n_seq,
     })
     t_setup = time.perf_counter()
     trainer = Trainer(cfg, work / "ours-run")
@@ -206,11 +208,14 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
 
     reward.__name__ = "reward_fn"
     n_seq = w.prompts_per_step * w.num_generations
+    micro = min(w.micro_batch or n_seq, n_seq)
+    if n_seq % micro:
+        raise ValueError(f"TRL needs the micro-batch ({micro}) to divide the step's {n_seq} sequences")
     args = GRPOConfig(
         output_dir=str(work / "trl-run"), max_steps=w.steps, learning_rate=w.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=w.beta,
-        loss_type="dapo", epsilon=0.2, scale_rewards="group", num_generations=w.num_generations, per_device_train_batch_size=n_seq,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        loss_type="dapo", epsilon=0.2, scale_rewards="group", num_generations=w.num_generations, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=n_seq // micro, steps_per_generation=n_seq // micro, num_iterations=1,
         max_completion_length=w.completion_length, temperature=1.0, top_p=1.0, top_k=0,
         bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True, use_vllm=False, report_to=[],
         logging_steps=1, save_strategy="no", seed=w.seed, disable_tqdm=True, dataloader_num_workers=0,
@@ -427,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                                                            "the check compares the means)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per W1/W2 run (default 10)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
-    p.add_argument("--ours-micro-batch", type=int, default=None,
-                   help="our micro_batch_size (length-bucketed; the same update, gradients accumulated); default: "
-                        "our config default (8); 0 = the whole step in one micro-batch, as TRL runs it")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per forward/backward on both sides (the same update, gradients accumulated); "
+                        "0 = the whole step in one micro-batch")
+    p.add_argument("--ours-micro-batch", type=int, default=None, help="ours only, overriding --micro-batch")
     p.add_argument("--quick", action="store_true", help="tiny model, 8-token completions, 2 steps (smoke test)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--details", type=Path, default=None, help="also write every run's raw numbers here (JSON)")
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         w = WORKLOADS[name.strip()]
         if a.steps and name.strip() != "learn":
             w = replace(w, steps=a.steps)
-        w = replace(w, ours_micro_batch=a.ours_micro_batch)
+        w = replace(w, micro_batch=a.micro_batch, ours_micro_batch=a.ours_micro_batch)
         workloads.append(quick(w) if a.quick else w)
     peak_fn = (lambda t: matmul_peak_gflops(t, n=512, reps=4, trials=2)) if a.quick else matmul_peak_gflops
     seeds = tuple(int(x) for x in a.learn_seeds.split(","))
