@@ -18,8 +18,8 @@ default 8, both engines' default per-device batch; 0 = the whole step as one): T
 per_device_train_batch_size = the micro-batch and gradient_accumulation_steps = steps_per_generation = the number
 of micro-batches, ours with micro_batch_size; both accumulate gradients under the step's global loss
 denominators, so the update is the same. Ours cuts its micro-batches by length and computes each distinct prompt
-of a micro-batch once (`share_prompt_forward`); TRL takes its rows in order. The reward is the same Python function: ours calls it in its sandbox
-workers, TRL in-process through a `(prompts, completions, **kw)` wrapper.
+of a micro-batch once (`share_prompt_forward`); TRL takes its rows in order. The reward is the same Python
+function: ours calls it in its sandbox workers, TRL in-process through a `(prompts, completions, **kw)` wrapper.
 
 Step time is measured the same way for both: the interval between consecutive optimizer-step ends, taken by
 this script (ours: when the step's metrics record is emitted; TRL: `TrainerCallback.on_step_end`), so it
@@ -140,16 +140,12 @@ def _peaks() -> dict[str, float]:
 
 # ---- one side, one workload (runs inside a worker subprocess, or in-process for the smoke test) -------------
 
-def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
-    import torch
-
+def ours_config(w: Workload, prompt_file: Path, reward_file: Path, threads: int) -> Any:
+    """Our `RunConfig` for workload `w`: the settings listed in the module docstring, made explicit."""
     from runrl_engine.config import RunConfig
-    from runrl_engine.trainer import Trainer
 
-    torch.set_num_threads(threads)
-    prompt_file, reward_file = write_inputs(work)
     n_seq = w.prompts_per_step * w.num_generations
-    cfg = RunConfig.from_dict({
+    return RunConfig.from_dict({
         "model": f"builtin:{w.model}", "prompt_file": str(prompt_file), "reward_file": str(reward_file),
         "completion_length": w.completion_length, "max_steps": w.steps, "prompts_per_step": w.prompts_per_step,
         "num_generations": w.num_generations, "learning_rate": w.learning_rate,
@@ -161,6 +157,17 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
         "weight_decay": 0.0, "epsilon": 0.2, "scale_rewards": True, "advantage_estimator": "grpo",
         "micro_batch_size": (w.micro_batch if w.ours_micro_batch is None else w.ours_micro_batch) or n_seq,
     })
+
+
+def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    from runrl_engine.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    prompt_file, reward_file = write_inputs(work)
+    n_seq = w.prompts_per_step * w.num_generations
+    cfg = ours_config(w, prompt_file, reward_file, threads)
     t_setup = time.perf_counter()
     trainer = Trainer(cfg, work / "ours-run")
     setup_s = time.perf_counter() - t_setup
@@ -214,7 +221,8 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     args = GRPOConfig(
         output_dir=str(work / "trl-run"), max_steps=w.steps, learning_rate=w.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=w.beta,
-        loss_type="dapo", epsilon=0.2, scale_rewards="group", num_generations=w.num_generations, per_device_train_batch_size=micro,
+        loss_type="dapo", epsilon=0.2, scale_rewards="group", num_generations=w.num_generations,
+        per_device_train_batch_size=micro,
         gradient_accumulation_steps=n_seq // micro, steps_per_generation=n_seq // micro, num_iterations=1,
         max_completion_length=w.completion_length, temperature=1.0, top_p=1.0, top_k=0,
         bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True, use_vllm=False, report_to=[],

@@ -5,10 +5,10 @@
     python benchmarks/shared_prompt.py --system-words 60        # W1 with a long system prompt
     python benchmarks/shared_prompt.py --quick                  # tiny model (tests/benchmarks)
 
-Builds our trainer on a workload of `grpo_vs_trl.py`, takes the first step's rollout batch (rollout, reward,
-advantages: the trainer's own phases), then times `Trainer._optimizer_step` on that same batch, alternating
-shared and plain, and prints the medians and their ratio as one JSON line. The optimizer steps move the
-weights, so later calls see slightly different numbers; both settings see the same drift.
+Builds our trainer with `grpo_vs_trl.py`'s config for a workload (micro-batches of 8), takes the first step's
+rollout batch (rollout, reward, advantages: the trainer's own phases), then times `Trainer._optimizer_step` on
+that same batch, alternating shared and plain, and prints the medians and their ratio as one JSON line. The
+optimizer steps move the weights, so later calls see slightly different numbers; both settings see the same drift.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +30,6 @@ import grpo_vs_trl as bench  # noqa: E402
 def measure(workload: str, threads: int, system_words: int, calls: int, quick: bool) -> dict:
     import torch
 
-    from runrl_engine.config import RunConfig
     from runrl_engine.trainer import Trainer
 
     w = bench.WORKLOADS[workload]
@@ -44,13 +44,7 @@ def measure(workload: str, threads: int, system_words: int, calls: int, quick: b
         prompt_file.write_text("".join(
             json.dumps({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": text}]}) + "\n"
             for text in bench.make_prompts()))
-    cfg = RunConfig.from_dict({
-        "model": f"builtin:{w.model}", "prompt_file": str(prompt_file), "reward_file": str(reward_file),
-        "completion_length": w.completion_length, "max_steps": 1, "prompts_per_step": w.prompts_per_step,
-        "num_generations": w.num_generations, "learning_rate": w.learning_rate, "beta": w.beta, "loss_type": "dapo",
-        "use_lora": w.lora_rank > 0, "lora_rank": max(w.lora_rank, 1), "lora_alpha": 2 * max(w.lora_rank, 1),
-        "merge_lora": False, "eval_every": 0, "eval_fraction": 0.0, "save_every": 0, "log_completions": 0,
-        "num_threads": threads, "device": "cpu", "dtype": "float32", "seed": w.seed})
+    cfg = bench.ours_config(replace(w, steps=1), prompt_file, reward_file, threads)
     trainer = Trainer(cfg, work / "run")
     try:
         episodes = trainer._rollout(trainer._my_prompts(1), 1)
