@@ -41,8 +41,8 @@ def _f(default: Any, help: str, *, ge: float | None = None, le: float | None = N
 @dataclass
 class RunConfig:
     # ---- RunRL run parameters (spec §2.1) ----------------------------------------------------------------
-    model: str = _f("", "HF model id, local model directory, or a builtin offline model (`builtin:tiny`, "
-                        "`builtin:small`).")
+    model: str = _f("", "HF model id, local model directory, a `.gguf` file, or a builtin offline model "
+                        "(`builtin:tiny`, `builtin:small`, `builtin:smollm2-135m-instruct`).")
     type: Literal["reward_function", "environment"] = _f(
         "reward_function", "`reward_function`: single-turn, scored by `reward_fn`; `environment`: multi-turn "
                            "`CustomEnv` (its code also comes in `reward_file`).")
@@ -147,7 +147,14 @@ class RunConfig:
     eval_fraction: float = _f(0.05, "Fraction of prompts held out for evaluation (at most `eval_max_prompts`).",
                               ge=0, le=0.5)
     eval_max_prompts: int = _f(64, "Cap on held-out evaluation prompts.", ge=0)
+    eval_prompt_file: str | None = _f(None, "Held-out prompt JSONL (same format as `prompt_file`) scored at eval "
+                                            "time; when set, `eval_fraction` is not used.", path=True)
     eval_every: int = _f(10, "Score the held-out prompts every N steps (0 = never; also at the end).", ge=0)
+    eval_at_start: bool = _f(False, "Also score the held-out prompts before the first step (a `step: 0` record).")
+    eval_temperature: float | None = _f(None, "Sampling temperature at eval time; 0 = greedy; unset = "
+                                              "`temperature`.", ge=0, le=10)
+    eval_num_generations: int | None = _f(None, "Completions per held-out prompt; unset = `num_generations`.",
+                                          ge=1, le=1024)
     save_every: int = _f(50, "Write a resumable checkpoint every N steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(2, "How many step checkpoints to keep.", ge=1)
     merge_lora: bool = _f(True, "Merge the LoRA adapter into the base weights in `final/`.")

@@ -25,6 +25,7 @@ adaptive KL controllers (beta is fixed), a critic warm-up phase before policy up
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -51,6 +52,7 @@ from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
 from runrl_engine.rollout.hf import SamplingParams
 from runrl_engine.sandbox import EnvSandbox, RewardSandbox, inspect_user_code, install_requirements
+from runrl_engine.tools.template import add_tool_prompt
 from runrl_engine.value import PolicyWithValue, load_critic
 
 STRING_INFO_SAMPLES = 5  # RunRL shows 5 sampled string-valued info entries per step
@@ -129,12 +131,15 @@ class Trainer:
         self.env_mode = cfg.type == "environment"
         self.code_info = inspect_user_code(Path(cfg.reward_file), mode="environment" if self.env_mode else "function")
         rows = load_prompts(cfg.prompt_file)
+        eval_file_rows = load_prompts(cfg.eval_prompt_file) if cfg.eval_prompt_file else None
         if cfg.sft_file:
             load_sft(cfg.sft_file)
         self.tokenizer = load_tokenizer(cfg)
         self.tools = self._start_tools()
+        # a template that ignores `tools` gets them in its system turn; SFT and final/ share this tokenizer
+        tool_prompt_added = bool(self.tool_schemas) and add_tool_prompt(self.tokenizer)
         self.renderer = ChatRenderer(self.tokenizer, self.tool_schemas)
-        self.train_rows, self.eval_rows = self._split_and_tokenize(rows)
+        self.train_rows, self.eval_rows = self._split_and_tokenize(rows, eval_file_rows)
         self.schedule = PromptSchedule(len(self.train_rows), cfg.prompts_per_step, cfg.seed)
         steps_per_epoch = math.ceil(len(self.train_rows) / cfg.prompts_per_step)
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -154,6 +159,8 @@ class Trainer:
         if cfg.tools:
             names = ", ".join(t["function"]["name"] for t in self.tool_schemas) or "none (servers unreachable)"
             self.log(f"MCP tools from {len(cfg.tools)} server(s): {names}")
+            if tool_prompt_added:
+                self.log("the chat template ignores `tools`: tool schemas go into its system turn instead")
             for url, why in self.tool_connection_errors.items():
                 self.log(f"MCP server {url} is unreachable at start ({why}); its tool calls will fail and be counted")
 
@@ -223,6 +230,10 @@ class Trainer:
             max_turns=cfg.max_turns if (self.env_mode or cfg.tools) else 1,
             max_episode_tokens=cfg.max_episode_tokens, max_tool_calls=cfg.max_tool_calls,
             tool_timeout_s=cfg.tool_timeout_s, backend=self.rollout_backend)
+        eval_temperature = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+        self.eval_settings = dataclasses.replace(self.episode_settings, sampling=dataclasses.replace(
+            self.episode_settings.sampling, temperature=eval_temperature))
+        self.eval_generations = cfg.eval_num_generations or cfg.num_generations
         sandbox_cls = EnvSandbox if self.env_mode else RewardSandbox
         self.sandbox = sandbox_cls(Path(cfg.reward_file), num_workers=cfg.reward_workers,
                                    timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
@@ -234,18 +245,15 @@ class Trainer:
             self._resume()
 
     # ---- set-up helpers -------------------------------------------------------------------------------------
-    def _split_and_tokenize(self, rows: list[PromptRow]) -> tuple[list[tuple[PromptRow, list[int]]], list]:
+    def _split_and_tokenize(self, rows: list[PromptRow], eval_file_rows: list[PromptRow] | None = None
+                            ) -> tuple[list[tuple[PromptRow, list[int]]], list]:
+        """(training rows, held-out rows), each with its prompt ids: the held-out rows are `eval_prompt_file`'s
+        (at most `eval_max_prompts`, in file order) when given, else a seeded `eval_fraction` of the prompts."""
         cfg = self.cfg
-        encoded, too_long = [], 0
-        for row in rows:
-            ids = self.renderer.prompt_ids(row.messages)
-            if len(ids) > cfg.max_prompt_length:
-                too_long += 1
-                continue
-            encoded.append((row, ids))
-        if not encoded:
-            raise DataError(f"all {len(rows)} prompts are longer than max_prompt_length={cfg.max_prompt_length} tokens",
-                            where=cfg.prompt_file, fix="raise max_prompt_length or shorten the prompts")
+        self.skipped_prompts = 0
+        encoded = self._encode(rows, cfg.prompt_file)
+        if eval_file_rows is not None:
+            return encoded, self._encode(eval_file_rows, cfg.eval_prompt_file)[:cfg.eval_max_prompts]
         order = list(range(len(encoded)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = min(cfg.eval_max_prompts, int(len(encoded) * cfg.eval_fraction))
@@ -253,8 +261,18 @@ class Trainer:
             n_eval = 0
         eval_rows = [encoded[i] for i in sorted(order[:n_eval])]
         train_rows = [encoded[i] for i in sorted(order[n_eval:])]
-        self.skipped_prompts = too_long
         return train_rows, eval_rows
+
+    def _encode(self, rows: list[PromptRow], path: str) -> list[tuple[PromptRow, list[int]]]:
+        """Rows with their prompt ids; prompts over `max_prompt_length` are skipped (counted)."""
+        limit = self.cfg.max_prompt_length
+        encoded = [(row, self.renderer.prompt_ids(row.messages)) for row in rows]
+        kept = [(row, ids) for row, ids in encoded if len(ids) <= limit]
+        if not kept:
+            raise DataError(f"all {len(rows)} prompts are longer than max_prompt_length={limit} tokens",
+                            where=path, fix="raise max_prompt_length or shorten the prompts")
+        self.skipped_prompts += len(encoded) - len(kept)
+        return kept
 
     def _install_requirements(self) -> Path | None:
         if not self.cfg.package_requirements:
@@ -343,6 +361,14 @@ class Trainer:
         history: list[dict[str, Any]] = []
         record: dict[str, Any] = {}
         try:
+            if self.cfg.eval_at_start and self.cfg.eval_every and self.eval_rows and self.start_step == 0:
+                t0 = time.perf_counter()
+                start = {"step": 0, "phase": "eval", "eval_reward_mean": self._evaluate(0),
+                         "time/eval_s": time.perf_counter() - t0}
+                self.outputs.metrics(start)
+                self.log(f"step 0: eval reward {start['eval_reward_mean']:.3f} ({len(self.eval_rows)} held-out "
+                         f"prompts x {self.eval_generations})")
+                history.append(start)
             for step in range(self.start_step + 1, self.total_steps + 1):
                 times: dict[str, float] = {}
                 t0 = time.perf_counter()
@@ -391,8 +417,10 @@ class Trainer:
         mine = indices[self.rank * share:(self.rank + 1) * share]
         return [(i, *self.train_rows[i]) for i in mine]
 
-    def _rollout(self, prompts: Sequence[tuple[int, PromptRow, list[int]]], step: int, salt: int = 0) -> list[Episode]:
-        G = self.cfg.num_generations
+    def _rollout(self, prompts: Sequence[tuple[int, PromptRow, list[int]]], step: int, salt: int = 0, *,
+                 evaluation: bool = False) -> list[Episode]:
+        G = self.eval_generations if evaluation else self.cfg.num_generations
+        settings = self.eval_settings if evaluation else self.episode_settings
         episodes = [Episode(row=row, prompt_index=idx, sample_index=g, prompt_ids=ids)
                     for idx, row, ids in prompts for g in range(G)]
 
@@ -403,7 +431,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         with self.acc.autocast(), rollout_phase(self.rollout_backend, model):  # wake, push weights; sleep after
-            run_episodes(model, self.renderer, episodes, self.episode_settings, seed_of, group_size=G,
+            run_episodes(model, self.renderer, episodes, settings, seed_of, group_size=G,
                          env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools)
         model.train(was_training)
         return episodes
@@ -639,7 +667,7 @@ class Trainer:
 
     def _evaluate(self, step: int) -> float:
         mine = [(i, *self.eval_rows[i]) for i in range(self.rank, len(self.eval_rows), self.world)]
-        episodes = self._rollout(mine, step, salt=1) if mine else []
+        episodes = self._rollout(mine, step, salt=1, evaluation=True) if mine else []
         if episodes:
             self._score(episodes)
         total, count = self._sum(sum(ep.reward for ep in episodes), len(episodes))

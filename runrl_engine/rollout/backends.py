@@ -138,8 +138,10 @@ class PagedBackend:
         if not prompts:
             return []
         engine = self._engine(model)
-        gen = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=True, temperature=params.temperature,
-                               top_p=params.top_p, top_k=params.top_k or None, eos_token_id=sorted(stop_ids),
+        greedy = params.temperature == 0
+        gen = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+                               temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+                               top_k=None if greedy else (params.top_k or None), eos_token_id=sorted(stop_ids),
                                pad_token_id=pad_id, num_return_sequences=num_samples)
         pages = sum(math.ceil((len(p) + params.max_new_tokens) / self.PAGE_SIZE) for p in prompts) * num_samples
         cb = ContinuousBatchingConfig(

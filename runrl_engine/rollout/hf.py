@@ -33,7 +33,7 @@ from runrl_engine.batch import pad_left
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy (the most likely token; top-p/top-k have no effect then)
     top_p: float = 1.0
     top_k: int = 0
 
@@ -63,6 +63,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One token per row by inverse-CDF sampling: [B, V] logits and [B] uniforms in [0, 1) -> [B] ids."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
     probs = filter_logits(logits.float(), params).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     idx = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)

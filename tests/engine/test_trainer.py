@@ -204,3 +204,33 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, extra):
         step = (w1[k] - base[k]).abs().max()
         assert step > 1e-4
         torch.testing.assert_close(w2[k], w1[k], atol=step.item() * 0.05, rtol=0)
+
+
+def test_held_out_file_greedy_eval_at_start(tmp_path, tiny_model_dir):
+    """`eval_prompt_file` replaces the random split; `eval_at_start` logs a step-0 record; greedy eval is
+    reproducible (the same weights give the same score, whatever the seed salt of the step)."""
+    held_out = tmp_path / "held_out.jsonl"
+    lines = (QS / "prompts.jsonl").read_text().splitlines()
+    held_out.write_text("\n".join(lines[:3]) + "\n")
+    run = tmp_path / "run"
+    result = train(cfg(max_steps=2, eval_prompt_file=str(held_out), eval_at_start=True, eval_every=1,
+                       eval_temperature=0, eval_num_generations=1, learning_rate=1e-12, eval_fraction=0.5),
+                   output_dir=run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[0]["phase"] == "eval" and "reward_mean" not in records[0]
+    scores = [r["eval_reward_mean"] for r in records]
+    assert scores[0] == scores[1] == scores[2]  # greedy, and a learning rate too small to change a weight
+    assert result.history[0]["step"] == 0
+    log = (run / "logs.txt").read_text()
+    assert f"{len(lines)} training prompts, 3 held out" in log  # eval_fraction is not used with a file
+    assert "step 0: eval reward" in log
+
+
+def test_greedy_sampling_takes_the_argmax():
+    from runrl_engine.rollout.hf import SamplingParams, sample
+
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 4.0]])
+    picked = sample(logits, torch.tensor([0.999, 0.999]), SamplingParams(max_new_tokens=1, temperature=0, top_p=0.5))
+    assert picked.tolist() == [1, 0]
+    assert sample(logits, torch.tensor([0.999, 0.999]), SamplingParams(max_new_tokens=1)).tolist() != [1, 0]
