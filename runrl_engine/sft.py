@@ -2,10 +2,24 @@
 
 `run_sft(model, tokenizer, cfg, out_dir, log=..., metrics=..., device=...)` trains the policy the RL trainer is
 about to use, in place: the same module object, and under LoRA the same peft adapter, so RL continues from the
-warm-started weights. The loss covers exactly the tokens inside the chat template's `{% generation %}` markers
-(TRL's `assistant_only_loss`): for ChatML templates that is each assistant body plus its `<|im_end|>`, so the model
-learns to stop; system, user and tool turns and the template's role headers get label -100. Each logged step goes to
-`metrics` as `{"step", "sft/loss", "sft/epoch", "sft/learning_rate"}`; `log` gets a line at the start and the end.
+warm-started weights. The loss covers exactly each assistant turn's body plus its end-of-turn token (for ChatML
+`<|im_end|>`, so the model learns to stop); system, user and tool turns, the template's role headers and what it
+writes after the end-of-turn token (ChatML's newline) get label -100. Each logged step goes to `metrics` as
+`{"step", "sft/loss", "sft/epoch", "sft/learning_rate"}`; `log` gets a line at the start and the end.
+
+Which tokens are the assistant's, two ways:
+- the template has `{% generation %}` markers, or TRL has a training version of it (Qwen2.5/Qwen3, Llama 3,
+  Gemma, ...): TRL tokenises the conversations (`assistant_only_loss`). Kept for those because TRL's training
+  templates also cover templates whose earlier turns change once a later turn is added (Qwen3's think blocks);
+- any other template (SmolLM2's plain ChatML, the `add_tool_prompt`-patched ones): `conversation_ids` tokenises
+  each conversation here, from renders of its growing prefixes, and TRL gets the `input_ids` / `assistant_masks`
+  columns (its pre-tokenised path builds labels from them). The pieces are split and tokenised where a multi-turn
+  rollout splits them (`ChatRenderer`: prompt, sampled turn, inserted turns, ...), so SFT trains on the token
+  sequence RL would see; for ChatML the pieces meet at special tokens and equal the whole render's tokenisation.
+  It needs the prefix property `ChatRenderer.continuation_ids` checks and an end-of-turn token (`eos_token`) after
+  each assistant turn; a template without them is a clear `UserError`.
+Either way `tools` are rendered into every example as they are into RL prompts, and rows are truncated at
+`max_prompt_length + completion_length` tokens (rows left with no assistant token are dropped).
 
 SFTTrainer leaves marks on the model it trains; `run_sft` undoes them so the RL loop gets the model as it gave it:
 TRL replaces `forward` with a fused LM-head forward, `Trainer` switches every module to train mode, sets
@@ -18,8 +32,9 @@ Precision: fp32 on CPU; on a GPU the mixed-precision mode of the process's exist
 trainer's), since accelerate refuses a second one with another mode.
 
 Not covered: packing or padding-free batches (one conversation per row, padded); datasets other than the
-conversational `messages` form (`data.load_sft` turns prompt/completion lines into it); a template without
-generation markers that TRL cannot patch (base models' fallback template: a clear `UserError`); multi-process SFT
+conversational `messages` form (`data.load_sft` turns prompt/completion lines into it); on the own-masks path,
+conversations that open with an assistant turn, and messages the template itself cannot render (SmolLM2's reads
+only `content`: tool calls there must be `<tool_call>` text, not structured `tool_calls`); multi-process SFT
 beyond what TRL/accelerate give (each process trains on its shard, as `Trainer` does); evaluation, checkpoints
 or resume of the SFT phase (`save_strategy="no"`: a resumed run starts from its RL checkpoint, not from SFT).
 """
@@ -38,6 +53,7 @@ import torch
 from runrl_engine.config import RunConfig
 from runrl_engine.data import SFTExample, load_sft
 from runrl_engine.errors import ConfigError, DataError, UserError
+from runrl_engine.rollout.episodes import ChatRenderer
 
 # The RL micro batch is sized for prompt + completion sequences, the same length budget SFT rows get, so it fits
 # in memory; the cap keeps a very large value from collapsing SFT into a handful of optimizer steps.
@@ -97,6 +113,23 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    own_masks = not _trl_can_mask(tokenizer)
+    if own_masks:  # before anything touches the model: a template we cannot use fails here
+        where = str(cfg.sft_file or "sft_file")
+        rows = [dict(zip(("input_ids", "assistant_masks"),
+                         conversation_ids(tokenizer, ex.messages, tools, where=f"{where}:{ex.line}")))
+                for ex in examples]
+        dataset = datasets.Dataset.from_list(rows)
+    else:
+        # One JSON value per message: Arrow's default typing merges the nested structs of all rows, so one row's
+        # tool-call `arguments` would gain every other row's argument names as None (and the template would render
+        # them).
+        rows = [{"messages": ex.messages} for ex in examples]
+        features = {"messages": datasets.List(datasets.Json())}
+        if tools:  # TRL passes a JSON-string `tools` column to apply_chat_template
+            rows = [{**row, "tools": json.dumps(tools)} for row in rows]
+            features["tools"] = datasets.Value("string")
+        dataset = datasets.Dataset.from_list(rows, features=datasets.Features(features))
     on_cpu = torch.device(device).type == "cpu"
     precision = _mixed_precision(on_cpu)
     args = SFTConfig(
@@ -106,7 +139,9 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
         per_device_train_batch_size=max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH)),
         gradient_accumulation_steps=1,
         max_length=cfg.max_prompt_length + cfg.completion_length,
-        assistant_only_loss=True,
+        # pre-tokenised rows are not conversational, which TRL's assistant_only_loss refuses; their
+        # `assistant_masks` column becomes the labels' -100s all the same
+        assistant_only_loss=not own_masks,
         packing=False,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -121,27 +156,12 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
         disable_tqdm=True,
         dataloader_pin_memory=not on_cpu,
     )
-    # One JSON value per message: Arrow's default typing merges the nested structs of all rows, so one row's tool-call
-    # `arguments` would gain every other row's argument names as None (and the template would render them).
-    rows = [{"messages": ex.messages} for ex in examples]
-    features = {"messages": datasets.List(datasets.Json())}
-    if tools:  # TRL passes a JSON-string `tools` column to apply_chat_template
-        rows = [{**row, "tools": json.dumps(tools)} for row in rows]
-        features["tools"] = datasets.Value("string")
-    dataset = datasets.Dataset.from_list(rows, features=datasets.Features(features))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # per-map progress bars would flood the run's stderr
     try:
         # peft_config=None: a PeftModel trains the adapter it has, a full model trains all weights; never a new one
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=callbacks, peft_config=None)
-    except ValueError as exc:
-        if "not training-compatible" not in str(exc):
-            raise
-        raise UserError("the model's chat template marks no assistant tokens ({% generation %}), and TRL has no "
-                        "training version of it, so assistant-only SFT cannot tell what to train on",
-                        where="sft_file", fix="use a chat model whose template TRL knows (Qwen2.5/Qwen3, Llama 3, "
-                        "Gemma, ...) or one with {% generation %} markers, or drop `sft_file`") from None
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -149,7 +169,77 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
     return trainer
 
 
+def conversation_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+                     where: str = "sft_file") -> tuple[list[int], list[int]]:
+    """`(input_ids, assistant_masks)` of one conversation under `tokenizer`'s chat template (with `tools`).
+
+    Mask 1 exactly on each assistant turn's tokens up to and including the last end-of-turn token
+    (`tokenizer.eos_token`) the template writes in that turn; 0 on everything else. Turn boundaries come from
+    renders of growing prefixes: assistant turn i starts where the render of `messages[:i]` with the generation
+    prompt ends, and ends at that end-of-turn token in the render of `messages[:i + 1]`; each render must be a
+    prefix of the whole conversation's render (else `UserError`). The text between boundaries is tokenised piece
+    by piece, as `ChatRenderer` tokenises a multi-turn rollout (prompt ids, then each inserted stretch on its own).
+    """
+    renderer = ChatRenderer(tokenizer, tools)
+    eot = tokenizer.eos_token
+
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        try:
+            return renderer.render(msgs, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - a Jinja error on the user's data: say which example
+            raise DataError(f"the model's chat template cannot render this conversation ({type(exc).__name__}: "
+                            f"{exc})", where=where, fix="write messages the template reads (e.g. tool calls as "
+                            "<tool_call> blocks in the assistant `content`)") from exc
+
+    full = render(messages, False)
+    bounds = [0]  # character offsets in `full`: piece k is full[bounds[k]:bounds[k + 1]], assistant pieces odd
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        if i == 0:
+            raise DataError("the conversation opens with an assistant turn, which has no prompt to follow",
+                            where=where, fix="start it with a system or user message")
+        head = render(messages[:i], True)
+        turn = render(messages[: i + 1], False)
+        if not (turn.startswith(head) and full.startswith(turn)) or len(head) < bounds[-1]:
+            raise UserError("the model's chat template renders earlier turns differently once a later turn is "
+                            "added, so the assistant tokens of an SFT conversation cannot be located",
+                            where="model", fix="use a model whose chat template keeps earlier turns unchanged, or "
+                            "one with {% generation %} markers (or that TRL knows: Qwen2.5/Qwen3, Llama 3, ...)")
+        cut = turn.rfind(eot, len(head)) if eot else -1
+        if cut == -1:
+            raise UserError(f"the model's chat template writes no end-of-turn token ({eot!r}) after an assistant "
+                            "turn and has no {% generation %} markers TRL could use instead, so SFT cannot teach "
+                            "the model where its turns end", where="model",
+                            fix="use a chat (instruct) model whose template closes turns with its end-of-turn "
+                                "token, or drop `sft_file`")
+        bounds += [len(head), cut + len(eot)]
+    bounds.append(len(full))
+    ids: list[int] = []
+    mask: list[int] = []
+    for k in range(len(bounds) - 1):
+        piece = renderer.encode(full[bounds[k]:bounds[k + 1]]) if bounds[k + 1] > bounds[k] else []
+        ids += piece
+        mask += [k % 2] * len(piece)
+    return ids, mask
+
+
 # ---- helpers --------------------------------------------------------------------------------------------------
+
+def _trl_can_mask(tokenizer: Any) -> bool:
+    """True when TRL's `assistant_only_loss` works with this template: it has `{% generation %}` markers, or TRL
+    ships a training version of it."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = tokenizer.chat_template
+    if not template or has_generation_markers(template):
+        return True  # no template at all: TRL's own error says so
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:  # "not training-compatible and patching is not supported"
+        return False
+    return True
+
 
 def _mixed_precision(on_cpu: bool) -> str:
     """The accelerate mixed-precision mode for SFT. accelerate's state is per process and refuses a second

@@ -1,4 +1,5 @@
-"""Tool calling for rollouts: Hermes/Qwen tool-call parsing (`parsing`) and MCP servers (`mcp_client`).
+"""Tool calling for rollouts: Hermes/Qwen tool-call parsing (`parsing`), MCP servers (`mcp_client`), and tool
+schemas for chat templates that ignore `tools` (`template`).
 
 Only the dependency-free parsing helpers are re-exported here; import `runrl_engine.tools.mcp_client`
 explicitly for the MCP client, so that importing this package does not import the `mcp` SDK.

@@ -19,7 +19,8 @@ non-object arguments, unclosed tag, stray closing tag) becomes a `ToolCallError`
 (`tool_errors`) and report back to the model as an error tool message.
 
 Not covered: other tool-call dialects (Llama `<|python_tag|>`, Mistral `[TOOL_CALLS]`, OpenAI
-`tool_calls` fields) and the chat templates themselves; no imports beyond the standard library.
+`tool_calls` fields) and the chat templates themselves (`template` fixes templates that ignore `tools`); no
+imports beyond the standard library.
 """
 
 from __future__ import annotations

@@ -221,3 +221,116 @@ def test_lora_sft_trains_only_the_same_adapter(tiny_model_dir, tmp_path):
     base = [n for n, p in model.named_parameters() if "lora_" not in n]
     assert base and all(torch.equal(weights[n], dict(model.named_parameters())[n]) for n in base)
     assert module_marks(model) == marks and model.training and model.config.use_cache is True
+
+
+# ---- templates TRL cannot make assistant-only: SFT tokenises the conversations itself ------------------------
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+ADD_TOOL = [{"type": "function", "function": {"name": "add", "description": "Add two numbers.",
+                                              "parameters": {"type": "object", "required": ["a", "b"],
+                                                             "properties": {"a": {"type": "number"},
+                                                                            "b": {"type": "number"}}}}}]
+
+
+def tool_conversation(a: int, b: int) -> list[dict]:
+    from runrl_engine.tools.parsing import format_tool_call
+
+    return [{"role": "system", "content": "Use the add tool, then answer inside <answer></answer>."},
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": format_tool_call("add", {"a": a, "b": b})},
+            {"role": "tool", "content": str(float(a + b))},
+            {"role": "assistant", "content": f"<answer>{a + b}</answer>"}]
+
+
+def smollm2_setup(tmp_path: Path, convs: list[list[dict]], **over):
+    """(cfg, tokenizer with the tool prompt, examples) for SmolLM2, as the trainer hands them to SFT."""
+    from runrl_engine.tools.template import add_tool_prompt
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    cfg = make_cfg(path, model=SMOLLM2, max_prompt_length=512, completion_length=64, **over)
+    tok = load_tokenizer(cfg)
+    assert add_tool_prompt(tok)
+    return cfg, tok, load_sft(path)
+
+
+def label_spans(tok, labels: list[int]) -> list[str]:
+    """The decoded runs of consecutive labelled (!= -100) tokens."""
+    spans, run = [], []
+    for t in labels + [-100]:
+        if t != -100:
+            run.append(t)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    return spans
+
+
+def test_smollm2_labels_are_the_assistant_bodies_and_their_end_of_turn(smollm2_dir, tmp_path):
+    from runrl_engine.sft import _trl_can_mask
+
+    convs = [tool_conversation(6, 5), [*user("apple"), {"role": "assistant", "content": ANSWER}]]
+    cfg, tok, examples = smollm2_setup(tmp_path, convs)
+    assert not _trl_can_mask(tok)  # no {% generation %} and not a template TRL knows: the path under test
+    trainer = sft_trainer(load_policy(cfg, "cpu", torch.float32), tok, cfg, examples, tmp_path, device="cpu",
+                          tools=ADD_TOOL)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(convs))])
+    for row, conv in enumerate(convs):
+        text = tok.apply_chat_template(conv, tools=ADD_TOOL, tokenize=False)
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        assert batch["input_ids"][row, :len(full)].tolist() == full  # pieces tokenise as the whole render does
+        assert '<tools>\n{"type": "function", "function": {"name": "add"' in text  # the tools reach SFT too
+        labels = batch["labels"][row].tolist()
+        assert (batch["labels"][row, len(full):] == -100).all()
+        assert sum(t != -100 for t in labels) == sum(
+            len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1 for m in conv if m["role"] == "assistant")
+    assert label_spans(tok, batch["labels"][0].tolist()) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 6, "b": 5}}\n</tool_call><|im_end|>',
+        "<answer>11</answer><|im_end|>"]
+    assert label_spans(tok, batch["labels"][1].tolist()) == [ANSWER + "<|im_end|>"]
+
+
+def test_own_masks_equal_the_templates_generation_masks(tiny_model_dir):
+    """On builtin:tiny, whose template marks assistant tokens with {% generation %}, the prefix-render masks must
+    be exactly the template's own (transformers' `return_assistant_tokens_mask`), tool turns included."""
+    from runrl_engine.sft import conversation_ids
+
+    tok = load_tokenizer(make_cfg(Path("unused.jsonl")))
+    convs = [tool_conversation(2, 3), [*user("kiwi"), {"role": "assistant", "content": "<answer>k</answer>"},
+                                       {"role": "user", "content": "Again"}, {"role": "assistant", "content": "k"}]]
+    for conv in convs:
+        for tools in (None, ADD_TOOL):
+            ids, mask = conversation_ids(tok, conv, tools)
+            want = tok.apply_chat_template(conv, tools=tools, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+            assert ids == list(want["input_ids"]) and mask == list(want["assistant_masks"])
+            assert sum(mask) > 0
+
+
+def test_a_message_the_template_cannot_render_names_the_example(smollm2_dir, tmp_path):
+    from runrl_engine.errors import DataError
+    from runrl_engine.sft import conversation_ids
+
+    _, tok, _ = smollm2_setup(tmp_path, [tool_conversation(1, 1)])
+    conv = [*user("apple"), {"role": "assistant", "content": None,  # SmolLM2's template reads `content` only
+                             "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {}}}]}]
+    with pytest.raises(DataError, match="cannot render") as err:
+        conversation_ids(tok, conv, ADD_TOOL, where="sft.jsonl:3")
+    assert err.value.where == "sft.jsonl:3" and "<tool_call>" in err.value.fix
+
+
+@pytest.mark.slow  # ~25 s on 2 busy cores: two forward/backward passes of the real 135 M model
+def test_two_step_sft_on_smollm2(smollm2_dir, tmp_path):
+    """Both examples in one batch for two epochs: step 2's loss is the same tokens' loss after one update, so it
+    must be lower (short conversations, without tool schemas, to keep the real model's passes short on CPU)."""
+    convs = [[*user(fruit), {"role": "assistant", "content": ANSWER}] for fruit in FRUITS[:2]]
+    cfg, tok, examples = smollm2_setup(tmp_path, convs, micro_batch_size=2, sft_epochs=2, sft_learning_rate=1e-4)
+    model = load_policy(cfg, "cpu", torch.float32)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records, lines = [], []
+    summary = run_sft(model, tok, cfg, tmp_path, log=lines.append, metrics=records.append, device="cpu")
+    assert summary["sft/steps"] == 2 and "2 example(s)" in lines[0]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["sft/loss"]) for r in records)
+    assert 0.0 < summary["sft/loss_first"] < 5.0  # a pretrained model on assistant tokens, not ~ln(49152) = 10.8
+    assert summary["sft/loss_last"] < 0.9 * summary["sft/loss_first"]
+    assert any(not torch.equal(weights[n], p) for n, p in model.named_parameters())
