@@ -4,7 +4,8 @@ Tests, the CPU quickstart and benchmarks need a real Hugging Face model director
 `build_tiny_model(name)` writes one, deterministically and in a few seconds: a randomly initialised (seeded)
 `Qwen2ForCausalLM` saved as safetensors, plus a byte-level BPE tokenizer (512 ids including the ChatML and Hermes
 tool-calling special tokens) trained here on a corpus generated in code, with a ChatML chat template. Anywhere
-a model id is accepted, `resolve_model_path("builtin:tiny")` turns the id into that directory.
+a model id is accepted, `resolve_model_path("builtin:tiny")` turns the id into that directory; the same function
+resolves the real packaged model (`builtin:smollm2-135m-instruct`) and `*.gguf` files through `gguf_cache`.
 
 Build is cached under `$RUNRL_CACHE_DIR` (default `~/.cache/runrl_engine`) in `builtin/<name>-v<version>-<hash>/`;
 the hash covers everything that shapes the output (spec, corpus, template, special tokens), so a changed builder
