@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling modules
+from grpo_vs_trl import load_reward_fn  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2_arithmetic.yaml"
 SIDES = ("ours", "trl")
@@ -53,12 +56,6 @@ def load_settings(steps: int | None, seed: int, quick: bool, threads: int | None
 def read_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
-
-
-def load_reward_fn(path: str):
-    namespace: dict[str, Any] = {}
-    exec(compile(Path(path).read_text(), path, "exec"), namespace)
-    return namespace["reward_fn"]
 
 
 def heldout_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], reward_fn, max_new_tokens: int,
@@ -99,7 +96,7 @@ def run_ours(cfg: Any, work: Path) -> dict[str, Any]:
 
     trainer = Trainer(cfg, work / "ours-run")
     rows = read_rows(cfg.eval_prompt_file, cfg.eval_max_prompts)
-    reward_fn = load_reward_fn(cfg.reward_file)
+    reward_fn = load_reward_fn(Path(cfg.reward_file))
     curve: dict[int, float] = {}
     own_eval = trainer._evaluate
 
@@ -129,7 +126,7 @@ def run_trl(cfg: Any, work: Path) -> dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     path = resolve_model_path(cfg.model)
-    reward_fn = load_reward_fn(cfg.reward_file)
+    reward_fn = load_reward_fn(Path(cfg.reward_file))
     train_rows = read_rows(cfg.prompt_file)
     rows = read_rows(cfg.eval_prompt_file, cfg.eval_max_prompts)
 
