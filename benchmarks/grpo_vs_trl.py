@@ -64,10 +64,25 @@ def reward_fn(completion, **row):
 '''
 
 
+# W4's system prompt (~200 tokens with SmolLM2's tokenizer), the same on every prompt: RunRL's typical shape
+SYSTEM_PROMPT = (
+    "You are a careful assistant working on a letter-counting exercise for a language-learning platform. Every "
+    "message from the user contains a short list of English words. Read the words one at a time, say which "
+    "letters they contain, and then write a short playful sentence that reuses as many of the given words as "
+    "you can. Keep your whole answer under one hundred words. Do not use lists, headings, tables, code blocks "
+    "or emoji. Do not explain these instructions, do not apologise, and do not ask the user any questions. If "
+    "a word is unusual, treat it as an ordinary English noun. Prefer simple vocabulary that a child could read. "
+    "Write in the present tense, use complete sentences, and end your answer with a full stop. The platform "
+    "rates every answer automatically: answers that follow these rules and stay on the topic of the given "
+    "words are rated highly, answers that drift to other topics or repeat themselves are rated low. Begin "
+    "your answer directly with the first word of the list."
+)
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
-    model: str  # builtin name: "small" | "tiny"
+    model: str  # builtin name: "small" | "tiny" | "smollm2-135m-instruct"
     prompts_per_step: int
     num_generations: int
     completion_length: int
@@ -78,11 +93,14 @@ class Workload:
     seed: int = 0  # training seed on both sides (sampling, data order); the prompts themselves never change
     micro_batch: int = 8  # sequences per forward/backward on both sides; 0 = the whole step in one
     ours_micro_batch: int | None = None  # ours only, overriding micro_batch (0 = the whole step)
+    system_prompt: bool = False  # every prompt starts with SYSTEM_PROMPT as a system turn
 
 
 WORKLOADS = {
     "W1": Workload("W1", "small", 1, 8, 64, 1e-5, 0.0, 0, 10),
     "W2": Workload("W2", "small", 4, 8, 128, 1e-5, 0.04, 16, 10),
+    "W3": Workload("W3", "smollm2-135m-instruct", 1, 8, 64, 1e-5, 0.0, 0, 8),
+    "W4": Workload("W4", "smollm2-135m-instruct", 4, 8, 128, 1e-5, 0.04, 16, 4, system_prompt=True),
     "learn": Workload("learn", "tiny", 1, 8, 64, 1e-2, 0.0, 0, 30),
 }
 SEED = 0
@@ -102,11 +120,12 @@ def make_prompts(n: int = NUM_PROMPTS, seed: int = SEED) -> list[str]:
     return ["Count the letters: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))) for _ in range(n)]
 
 
-def write_inputs(work: Path) -> tuple[Path, Path]:
+def write_inputs(work: Path, system_prompt: bool = False) -> tuple[Path, Path]:
     prompt_file, reward_file = work / "prompts.jsonl", work / "reward.py"
+    system = [{"role": "system", "content": SYSTEM_PROMPT}] if system_prompt else []
     with prompt_file.open("w") as f:
         for text in make_prompts():
-            f.write(json.dumps({"prompt": [{"role": "user", "content": text}]}) + "\n")
+            f.write(json.dumps({"prompt": [*system, {"role": "user", "content": text}]}) + "\n")
     reward_file.write_text(REWARD_SOURCE)
     return prompt_file, reward_file
 
@@ -118,15 +137,25 @@ def load_reward_fn(reward_file: Path):
 
 
 def model_dir(name: str) -> Path:
-    from runrl_engine.tiny import build_tiny_model
+    """The model directory both sides load: a builtin tiny model, or the converted SmolLM2 GGUF."""
+    from runrl_engine.tiny import resolve_model_path
 
-    return build_tiny_model(name)
+    return Path(resolve_model_path(f"builtin:{name}"))
 
 
 def linear_params(model: Any) -> int:
     import torch
 
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def decode_weight_bytes(model: Any) -> int:
+    """Bytes of the weights one decode step reads: every projection and the LM head (LoRA adapters folded into
+    them, so the base weights' size); embedding lookups, norms and the KV cache are left out."""
+    import torch
+
+    return sum(m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in name)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -165,7 +194,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     from runrl_engine.trainer import Trainer
 
     torch.set_num_threads(threads)
-    prompt_file, reward_file = write_inputs(work)
+    prompt_file, reward_file = write_inputs(work, w.system_prompt)
     n_seq = w.prompts_per_step * w.num_generations
     cfg = ours_config(w, prompt_file, reward_file, threads)
     t_setup = time.perf_counter()
@@ -188,11 +217,14 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
         prompt_tokens = sum(len(trainer.train_rows[i][1]) for i in trainer.schedule.indices(rec["step"]))
         trained_tokens.append(prompt_tokens * w.num_generations + rec["completion_length_mean"] * n_seq)
     phases = {k[len("time/"):-2]: [rec.get(k, 0.0) for rec in hist]
-              for k in ("time/rollout_s", "time/reward_s", "time/advantages_s", "time/update_s")}
+              for k in ("time/rollout_s", "time/rollout_prefill_s", "time/rollout_decode_s", "time/rollout_pack_s",
+                        "time/reward_s", "time/advantages_s", "time/update_s")}
     return {"side": "ours", "workload": w.name, "threads": torch.get_num_threads(), "setup_s": setup_s,
             "step_s": intervals(t_start, ends), "completion_tokens": [rec["completion_length_mean"] * n_seq
                                                                       for rec in hist],
             "reward": [rec["reward_mean"] for rec in hist], "phases": phases, "linear_params": n_linear,
+            "decode_steps": [rec.get("decode_steps", 0) for rec in hist],
+            "decode_weight_bytes": decode_weight_bytes(trainer.acc.unwrap_model(trainer.model)),
             "trained_tokens": trained_tokens, **_peaks()}
 
 
@@ -203,7 +235,7 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
-    prompt_file, reward_file = write_inputs(work)
+    prompt_file, reward_file = write_inputs(work, w.system_prompt)
     reward_fn = load_reward_fn(reward_file)
     path = str(model_dir(w.model))
     rows = [json.loads(line) for line in prompt_file.read_text().splitlines()]
@@ -251,6 +283,7 @@ def run_trl(w: Workload, work: Path, threads: int) -> dict[str, Any]:
               "update": [total - gs for total, gs in zip(step_s, t["gen_and_score"])]}
     return {"side": "trl", "workload": w.name, "threads": torch.get_num_threads(), "setup_s": setup_s,
             "step_s": step_s, "completion_tokens": [lg["completions/mean_length"] * n_seq for lg in logs],
+            "decode_steps": [lg["completions/max_length"] for lg in logs],
             "reward": [lg["reward"] for lg in logs], "phases": phases,
             "linear_params": linear_params(trainer.model), **_peaks()}
 
@@ -300,6 +333,32 @@ def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 10, trials: int 
     return best
 
 
+def copy_bandwidth_gbs(threads: int, mb: int = 256, trials: int = 7) -> float:
+    """Memory bandwidth as STREAM's Copy counts it: (bytes read + bytes written) / time of `dst.copy_(src)` over
+    two `mb`-MB fp32 arrays (far larger than any cache), best of `trials`, at `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src, dst = torch.randn(mb * 2**18), torch.randn(mb * 2**18)  # filled, so no page is a shared zero page
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(trials))
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_step_ms(run: dict[str, Any], s: int) -> list[float]:
+    """Per-decode-step milliseconds of each measured step: ours `time/rollout_decode_s` (sampling, one-token
+    forwards and weight packing) over its decode steps; TRL its `_generate` time (prefill included) over the
+    longest completion's length."""
+    key = "rollout_decode" if run["side"] == "ours" else "generate"
+    return [1e3 * t / n for t, n in zip(run["phases"][key][s:], run["decode_steps"][s:]) if n]
+
+
 def summarize_side(runs: list[dict[str, Any]], skip_first: bool = True) -> dict[str, Any]:
     """Medians over every measured step of every successful round (the first step of each run excluded)."""
     ok = [r for r in runs if "error" not in r]
@@ -316,6 +375,10 @@ def summarize_side(runs: list[dict[str, Any]], skip_first: bool = True) -> dict[
                setup_s=_median([r["setup_s"] for r in ok]), threads=ok[0]["threads"],
                phases={k: _median([v for r in ok for v in r["phases"][k][s:]]) for k in ok[0]["phases"]},
                rewards=[r["reward"] for r in ok], linear_params=ok[0]["linear_params"])
+    if "decode_steps" in ok[0]:
+        out["decode_step_ms"] = _median([x for r in ok for x in decode_step_ms(r, s)])
+    if "decode_weight_bytes" in ok[0]:
+        out["decode_weight_bytes"] = ok[0]["decode_weight_bytes"]
     if "trained_tokens" in ok[0]:
         flops = [6 * r["linear_params"] * n / u for r in ok
                  for n, u in zip(r["trained_tokens"][s:], r["phases"]["update"][s:]) if u > 0]
@@ -355,7 +418,8 @@ def print_table(info: dict[str, Any], results: dict[str, dict[str, Any]], final:
     print(f"\nmachine: {info['cpu']}, nproc {info['nproc']}; torch.set_num_threads({info['threads']}) on both "
           f"sides; torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, peft {info['peft']}")
     print(f"load average at start {info['loadavg_start']}, at end {info.get('loadavg_end')}; "
-          f"fp32 matmul peak {final['matmul_peak_gflops']:.1f} GFLOP/s")
+          f"fp32 matmul peak {final['matmul_peak_gflops']:.1f} GFLOP/s; copy bandwidth "
+          f"{final['copy_bandwidth_gbs']:.1f} GB/s (read + written)")
     print(f"\n{'workload':<8} {'side':<5} {'step s':>8} {'tok/s':>8} {'rss MB':>8} {'setup s':>8}  phases (median s/step)")
     for name, res in results.items():
         for side in SIDES:
@@ -370,7 +434,13 @@ def print_table(info: dict[str, Any], results: dict[str, dict[str, Any]], final:
             f = final[name]
             extra = f"; ours training phase {_fmt(f.get('ours_train_gflops'), '.1f')} GFLOP/s = " \
                     f"{_fmt(f.get('ours_train_peak_fraction'), '.2f')} of peak" if f.get("ours_train_gflops") else ""
-            print(f"{'':<8} ratio ours/TRL step time {_fmt(f['ratio_step'])}{extra}")
+            print(f"{'':<8} ratio ours/TRL step time {_fmt(f['ratio_step'])}, per completion token "
+                  f"{_fmt(f.get('ratio_per_token'))}{extra}")
+            if f.get("decode_floor_ms"):
+                print(f"{'':<8} decode step: ours {_fmt(f.get('ours_decode_step_ms'), '.1f')} ms, TRL "
+                      f"{_fmt(f.get('trl_decode_step_ms'), '.1f')} ms; memory floor {f['decode_floor_ms']:.1f} ms "
+                      f"({f['decode_weight_mb']:.0f} MB of weights / copy bandwidth) -> ours/floor "
+                      f"{_fmt(f.get('ratio_decode_floor'), '.2f')}")
     if "learn" in final:
         f = final["learn"]
         print(f"\nlearning check (mean reward of the last {LAST_N} steps, mean over seeds {f['seeds']}): "
@@ -381,11 +451,14 @@ def print_table(info: dict[str, Any], results: dict[str, dict[str, Any]], final:
 
 
 def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_s: float,
-                  spawn_fn=spawn, peak_fn=matmul_peak_gflops, learn_seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
+                  spawn_fn=spawn, peak_fn=matmul_peak_gflops, learn_seeds: tuple[int, ...] = (0,),
+                  bandwidth_fn=copy_bandwidth_gbs) -> dict[str, Any]:
     """Alternate the sides over `rounds` per workload; `spawn_fn(side, workload, threads, timeout_s)` returns one
-    run's raw numbers (a subprocess by default) and `peak_fn(threads)` the matmul peak in GFLOP/s."""
+    run's raw numbers (a subprocess by default), `peak_fn(threads)` the matmul peak in GFLOP/s and
+    `bandwidth_fn(threads)` the copy bandwidth in GB/s."""
     info = machine_info(threads)
     peak = peak_fn(threads)
+    bandwidth = bandwidth_fn(threads)
     results: dict[str, dict[str, Any]] = {}
     final: dict[str, Any] = {}
     for w in workloads:
@@ -416,6 +489,11 @@ def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_
                                      "ratio_step": (o["step_s"] / t["step_s"]) if o.get("step_s") and t.get("step_s")
                                      else None, "ours_tok_s": o.get("tok_s"), "trl_tok_s": t.get("tok_s"),
                                      "ours_peak_rss_mb": o.get("peak_rss_mb"), "trl_peak_rss_mb": t.get("peak_rss_mb")}
+            if o.get("tok_s") and t.get("tok_s"):  # step time per completion token, ours / TRL
+                entry["ratio_per_token"] = t["tok_s"] / o["tok_s"]
+            entry["ours_decode_step_ms"], entry["trl_decode_step_ms"] = o.get("decode_step_ms"), t.get("decode_step_ms")
+            if o.get("decode_weight_bytes"):
+                entry["decode_weight_mb"] = o["decode_weight_bytes"] / 1e6
             if o.get("train_gflops"):
                 entry["ours_train_gflops"] = o["train_gflops"]
                 entry["ours_train_peak_fraction"] = o["train_gflops"] / peak
@@ -423,9 +501,14 @@ def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_
         results[w.name] = res
     peak_end = peak_fn(threads)
     final["matmul_peak_gflops"] = max(peak, peak_end)
+    final["copy_bandwidth_gbs"] = max(bandwidth, bandwidth_fn(threads))
     for entry in final.values():  # fraction of the better of the two peak measurements
         if isinstance(entry, dict) and entry.get("ours_train_gflops"):
             entry["ours_train_peak_fraction"] = entry["ours_train_gflops"] / final["matmul_peak_gflops"]
+        if isinstance(entry, dict) and entry.get("decode_weight_mb"):  # the memory floor of one decode step
+            entry["decode_floor_ms"] = entry["decode_weight_mb"] / final["copy_bandwidth_gbs"]
+            if entry.get("ours_decode_step_ms"):
+                entry["ratio_decode_floor"] = entry["ours_decode_step_ms"] / entry["decode_floor_ms"]
     final["threads"] = threads
     info["loadavg_end"] = list(os.getloadavg())
     print_table(info, results, final)
@@ -434,11 +517,13 @@ def run_benchmark(workloads: list[Workload], rounds: int, threads: int, timeout_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="W1,W2,learn", help="comma-separated subset of W1,W2,learn")
+    p.add_argument("--workloads", default="W1,W2,learn", help="comma-separated subset of W1,W2,W3,W4,learn "
+                                                                "(W3, W4: SmolLM2-135M-Instruct)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per W1/W2 workload")
     p.add_argument("--learn-seeds", default="0,1,2", help="seeds of the learning check (one run per side and seed; "
                                                            "the check compares the means)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per W1/W2 run (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per speed-workload run (default: "
+                                                           "W1/W2 10, W3 8, W4 4; the first is not measured)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
     p.add_argument("--micro-batch", type=int, default=8,
                    help="sequences per forward/backward on both sides (the same update, gradients accumulated); "
@@ -468,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         w = replace(w, micro_batch=a.micro_batch, ours_micro_batch=a.ours_micro_batch)
         workloads.append(quick(w) if a.quick else w)
     peak_fn = (lambda t: matmul_peak_gflops(t, n=512, reps=4, trials=2)) if a.quick else matmul_peak_gflops
+    bandwidth_fn = (lambda t: copy_bandwidth_gbs(t, mb=32, trials=2)) if a.quick else copy_bandwidth_gbs
     seeds = tuple(int(x) for x in a.learn_seeds.split(","))
-    out = run_benchmark(workloads, a.rounds, a.threads, a.timeout, peak_fn=peak_fn, learn_seeds=seeds)
+    out = run_benchmark(workloads, a.rounds, a.threads, a.timeout, peak_fn=peak_fn, learn_seeds=seeds,
+                        bandwidth_fn=bandwidth_fn)
     if a.details:
         a.details.write_text(json.dumps(out, indent=1, default=str))
     print(json.dumps(out["final"], default=str))

@@ -31,10 +31,14 @@ that `SFTTrainer` reseeds. Gradient checkpointing is left as the model has it (T
 Precision: fp32 on CPU; on a GPU the mixed-precision mode of the process's existing `Accelerator` (the RL
 trainer's), since accelerate refuses a second one with another mode.
 
-Not covered: packing or padding-free batches (one conversation per row, padded); datasets other than the
-conversational `messages` form (`data.load_sft` turns prompt/completion lines into it); on the own-masks path,
-conversations that open with an assistant turn, and messages the template itself cannot render (SmolLM2's reads
-only `content`: tool calls there must be `<tool_call>` text, not structured `tool_calls`); multi-process SFT
+Batches: on the own-masks path (`padding_free`, the default), each batch's conversations run as one row of real
+tokens, truncated here as TRL would truncate them; on TRL's masking path one conversation per row, padded to the
+batch's longest (TRL does not enforce `max_length` on padding-free rows it tokenises itself).
+Not covered: packing (conversations cut and regrouped into fixed-length rows, which changes what a step sees);
+datasets other than the conversational `messages` form (`data.load_sft` turns prompt/completion lines into it);
+on the own-masks path, conversations that open with an assistant turn, and messages the template itself cannot
+render (SmolLM2's reads only `content`: tool calls there must be `<tool_call>` text, not structured
+`tool_calls`); multi-process SFT
 beyond what TRL/accelerate give (each process trains on its shard, as `Trainer` does); evaluation, checkpoints
 or resume of the SFT phase (`save_strategy="no"`: a resumed run starts from its RL checkpoint, not from SFT).
 """
@@ -88,8 +92,11 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Pat
         dropped = f" ({len(examples) - kept} dropped: past max_length)" if kept < len(examples) else ""
         log(f"SFT warm-start: {kept} example(s){dropped} from {cfg.sft_file}, {cfg.sft_epochs} epoch(s), "
             f"lr {cfg.sft_learning_rate:g}, batch {trainer.args.per_device_train_batch_size}, "
-            f"max_length {trainer.args.max_length}")
+            f"max_length {cfg.max_prompt_length + cfg.completion_length}"
+            f"{', padding-free' if trainer.args.padding_free else ''}")
+        t_train = time.perf_counter()
         result = trainer.train()
+        train_s = time.perf_counter() - t_train
         steps = trainer.state.global_step
         del trainer
     finally:
@@ -98,7 +105,7 @@ def run_sft(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, out_dir: Pat
     elapsed = time.perf_counter() - t0
     summary = {"sft/loss_first": losses[0] if losses else math.nan, "sft/loss_last": losses[-1] if losses else math.nan,
                "sft/steps": steps, "sft/examples": kept, "sft/train_loss": float(result.training_loss),
-               "sft/time_s": elapsed}
+               "sft/time_s": elapsed, "sft/train_s": train_s}
     log(f"SFT warm-start done: {steps} step(s) in {elapsed:.1f}s, loss {summary['sft/loss_first']:.4f} -> "
         f"{summary['sft/loss_last']:.4f}")
     return summary
@@ -114,11 +121,20 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
     from trl import SFTConfig, SFTTrainer
 
     own_masks = not _trl_can_mask(tokenizer)
+    max_length = cfg.max_prompt_length + cfg.completion_length
+    padding_free = own_masks and cfg.padding_free and _packs_exactly(model)
     if own_masks:  # before anything touches the model: a template we cannot use fails here
         where = str(cfg.sft_file or "sft_file")
         rows = [dict(zip(("input_ids", "assistant_masks"),
                          conversation_ids(tokenizer, ex.messages, tools, where=f"{where}:{ex.line}")))
                 for ex in examples]
+        if padding_free:  # TRL enforces no max_length on padding-free rows: truncate (and drop) them here, as it would
+            rows = [{k: v[:max_length] for k, v in row.items()} for row in rows]
+            rows = [row for row in rows if any(row["assistant_masks"])]
+            if not rows:
+                raise DataError(f"no example has an assistant token within max_length={max_length} tokens",
+                                where=where, fix="raise max_prompt_length / completion_length or shorten the "
+                                                 "conversations")
         dataset = datasets.Dataset.from_list(rows)
     else:
         # One JSON value per message: Arrow's default typing merges the nested structs of all rows, so one row's
@@ -138,7 +154,10 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
         learning_rate=cfg.sft_learning_rate,
         per_device_train_batch_size=max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH)),
         gradient_accumulation_steps=1,
-        max_length=cfg.max_prompt_length + cfg.completion_length,
+        max_length=None if padding_free else max_length,
+        # a batch's conversations as one row of real tokens, position ids restarting per conversation (what
+        # transformers' sdpa/eager masks turn into a block-causal mask): the padded batch's loss and gradients
+        padding_free=padding_free,
         # pre-tokenised rows are not conversational, which TRL's assistant_only_loss refuses; their
         # `assistant_masks` column becomes the labels' -100s all the same
         assistant_only_loss=not own_masks,
@@ -239,6 +258,15 @@ def _trl_can_mask(tokenizer: Any) -> bool:
     except ValueError:  # "not training-compatible and patching is not supported"
         return False
     return True
+
+
+def _packs_exactly(model: torch.nn.Module) -> bool:
+    """Whether a padding-free batch (conversations end to end in one row, no attention mask) gives this model the
+    padded batch's results: transformers turns restarting position ids into a block-causal mask for sdpa and
+    eager attention (flash attention takes the sequence boundaries TRL passes); other kernels would let one
+    conversation attend to the one before it."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 def _mixed_precision(on_cpu: bool) -> str:

@@ -372,8 +372,15 @@ class Trainer:
             for step in range(self.start_step + 1, self.total_steps + 1):
                 times: dict[str, float] = {}
                 t0 = time.perf_counter()
+                take_decode_stats = getattr(self.rollout_backend, "take_stats", None)
+                if take_decode_stats is not None:
+                    take_decode_stats()  # drop what an evaluation counted
                 with self._timer(times, "rollout"):
                     episodes = self._rollout(self._my_prompts(step), step)
+                if take_decode_stats is not None:  # the rollout's split: prefill, decode steps, weight packing
+                    decode = take_decode_stats()
+                    times.update(rollout_prefill=decode.prefill_s, rollout_decode=decode.decode_s,
+                                 rollout_pack=decode.pack_s)
                 with self._timer(times, "reward"):
                     self._score(episodes)
                 batch = self._collate(episodes)
@@ -385,6 +392,8 @@ class Trainer:
                 with self._timer(times, "update"):
                     update_stats = {**self._update(batch, step), **critic_stats}
                 record = self._record(step, episodes, batch, adv_diag, update_stats, times, time.perf_counter() - t0)
+                if take_decode_stats is not None:
+                    record["decode_steps"] = decode.steps  # this process's; time/rollout_decode_s / it = per step
                 if self.cfg.eval_every and self.eval_rows and (step % self.cfg.eval_every == 0 or step == self.total_steps):
                     with self._timer(times, "eval"):
                         record["eval_reward_mean"] = self._evaluate(step)
@@ -553,7 +562,8 @@ class Trainer:
 
         share = (self.cfg.share_prompt_forward and not self.params_sharded
                  and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled()))
-        return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share)
+        packed = self.cfg.padding_free and getattr(self.model_config, "_attn_implementation", None) in ("sdpa", "eager")
+        return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share, packed=packed)
 
     def _critic_values(self, mb: RolloutBatch) -> torch.Tensor:
         """The separate critic's values [b, C], aligned with the completion tokens' log-probs."""

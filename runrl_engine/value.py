@@ -48,9 +48,12 @@ def _hidden_size(lm: nn.Module) -> int:
     return int(text.hidden_size)
 
 
-def _last_hidden(out: Any, keep: int) -> Tensor:
+def _last_hidden(out: Any, keep: int | Tensor) -> Tensor:
+    """The final hidden states at the positions the logits were kept for: the last `keep` (0 = all), or the
+    positions listed in a 1-D tensor (transformers' `logits_to_keep` convention)."""
     # `hidden_states[-1]` is the final (normed) hidden state: transformers 5 ties it to `last_hidden_state`
-    return out.hidden_states[-1][:, -keep:]
+    hidden = out.hidden_states[-1]
+    return hidden[:, keep] if isinstance(keep, Tensor) else hidden[:, -keep:]
 
 
 class PolicyWithValue(nn.Module):
@@ -62,7 +65,7 @@ class PolicyWithValue(nn.Module):
         self.value_head = ValueHead(_hidden_size(policy)).to(next(policy.parameters()).device)
 
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                logits_to_keep: int, cache: Any = None) -> tuple[Tensor, Tensor]:
+                logits_to_keep: int | Tensor, cache: Any = None) -> tuple[Tensor, Tensor]:
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=logits_to_keep, output_hidden_states=True, cache=cache,
                           use_cache=cache is not None)
@@ -84,7 +87,7 @@ class ValueModel(nn.Module):
         self.value_head = ValueHead(_hidden_size(lm)).to(next(lm.parameters()).device)
 
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                logits_to_keep: int, cache: Any = None) -> Tensor:
+                logits_to_keep: int | Tensor, cache: Any = None) -> Tensor:
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       logits_to_keep=1, output_hidden_states=True, cache=cache, use_cache=cache is not None)
         return self.value_head(_last_hidden(out, logits_to_keep))

@@ -73,10 +73,18 @@ class HFBackend:
 
     name = "hf"
 
+    def __init__(self) -> None:
+        self.stats = hf.DecodeStats()  # summed over `generate` calls until `take_stats`
+
     def generate(self, model: torch.nn.Module, prompts: list[list[int]], *, num_samples: int, seeds: Sequence[int],
                  params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Completion]:
         return hf.generate(model, prompts, num_samples=num_samples, seeds=seeds, params=params, stop_ids=stop_ids,
-                           pad_id=pad_id)
+                           pad_id=pad_id, stats=self.stats)
+
+    def take_stats(self) -> hf.DecodeStats:
+        """The decode timings since the last call (the trainer logs them per step), and start counting afresh."""
+        stats, self.stats = self.stats, hf.DecodeStats()
+        return stats
 
     def wake(self) -> None:
         pass

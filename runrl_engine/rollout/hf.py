@@ -21,6 +21,7 @@ All of this leaves the sampled tokens unchanged: same seeds, same tokens as with
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +37,20 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy (the most likely token; top-p/top-k have no effect then)
     top_p: float = 1.0
     top_k: int = 0
+
+
+@dataclass
+class DecodeStats:
+    """Where a `generate` call's time went (summed over calls when one object is passed to several)."""
+    prefill_s: float = 0.0  # the prompts' forward that fills the KV cache
+    decode_s: float = 0.0  # every step after it: sampling, the one-token forwards, weight packing
+    pack_s: float = 0.0  # of decode_s: laying the weights out for the decode matmuls (`PackedProjections`)
+    steps: int = 0  # decode steps (tokens sampled per row, at most max_new_tokens)
+    row_steps: int = 0  # sum over steps of the rows still running: the tokens sampled
+
+    def add(self, other: "DecodeStats") -> None:
+        for name in ("prefill_s", "decode_s", "pack_s", "steps", "row_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -165,23 +180,78 @@ def _linear_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     return weight, base.bias
 
 
+Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None), applied as F.linear
+
+
+class PackedProjections:
+    """The decode step's projections as MKL sgemm with pre-packed weights, at one row count per packing.
+
+    A decode step multiplies a few rows (the batch) by every weight matrix once. MKL's `sgemm` repacks the weight
+    operand on every call, and at 8-32 rows that repacking, not the arithmetic, is most of the time: on the AVX2
+    machine of the benchmarks (one thread) the 538 MB of SmolLM2-135M's projections cost ~115 ms per step for 8
+    rows as `F.linear` against ~62 ms packed, and 48 ms for one row (reading the weights once: the memory floor). So the
+    weights are packed once per `generate` call (`torch.ops.mkl._mkl_reorder_linear_weight`, what torch's
+    own freezing and inductor use) and applied with `torch.ops.mkl._mkl_linear`. A packing serves exactly one row
+    count; as rows finish, the inputs are padded with zero rows up to it (a padded row costs little: the weights
+    are read once either way), and the weights are repacked for the smaller batch once it has halved. One or two
+    rows, CPUs without MKL, and other dtypes use `F.linear`. Same arithmetic, same weights: the results agree
+    with `F.linear` to float rounding (~1e-6), not bitwise (MKL picks a different kernel).
+    """
+
+    MIN_ROWS = 3  # below this `F.linear` (a matrix-vector product at the memory floor) is as fast
+
+    def __init__(self, linears: list[Linear]):
+        self.linears = linears
+        self.enabled = (hasattr(torch.ops, "mkl") and torch.backends.mkl.is_available()
+                        and all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears))
+        self.rows = 0  # the row count of the current packing; 0 = not packed
+        self.pack_s = 0.0  # time spent packing so far
+        self._packs: dict[int, torch.Tensor] = {}  # id(weight) -> packed weight
+
+    def prepare(self, rows: int) -> None:
+        """Pack (or repack, or drop the packing) for a step of `rows` rows."""
+        if not self.enabled or (self.rows and rows <= self.rows and 2 * rows > self.rows):
+            return
+        self._packs.clear()
+        self.rows = rows if rows >= self.MIN_ROWS else 0
+        if self.rows:
+            t0 = time.perf_counter()
+            self._packs = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, self.rows) for w, _ in self.linears}
+            self.pack_s += time.perf_counter() - t0
+
+    def linear(self, x: torch.Tensor, wb: Linear) -> torch.Tensor:
+        """`F.linear(x, *wb)` for x [B, 1, in] (B <= the packed row count)."""
+        weight, bias = wb
+        packed = self._packs.get(id(weight)) if self.rows else None
+        if packed is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        b = x.shape[0]
+        x2 = x.reshape(b, -1)
+        if b < self.rows:
+            x2 = torch.cat([x2, x2.new_zeros(self.rows - b, x2.shape[1])])
+        return torch.ops.mkl._mkl_linear(x2, packed, weight, bias, self.rows)[:b].view(b, 1, -1)
+
+
 class LlamaDecodeStep:
     """One decode step of a Llama-family decoder (`qwen2`, `llama`) computed straight from the model's modules.
 
     A transformers forward of one token runs ~200 small ops per layer (mask construction, module hooks, views,
     rotary helpers); at rollout batch sizes on CPU that overhead costs more than the matmuls. This step runs the
-    same computation with the same kernels on the same shapes (norms, rotary and activation through the model's
-    own modules; q/k/v/o and MLP projections as `F.linear`; SDPA called as transformers' `sdpa` integration calls
-    it for one query token), reading and writing the `PreallocatedKVLayer` buffers the prefill filled. LoRA
-    adapters are folded into the projection weights once per `generate` call. `build` returns None whenever the
-    model is outside what this reproduces, and the caller then uses the model's own forward.
+    same computation from the model's own weights and modules (norms, rotary embedding and activation), reading
+    and writing the `PreallocatedKVLayer` buffers the prefill filled, with fewer and larger ops: the q, k and v
+    projections as one matmul over their concatenated weights, gate and up likewise, rotary applied to q and k
+    together, SDPA with the single query token's heads grouped per key/value head (transformers' `pack_gqa`
+    form; SDPA's `enable_gqa` path costs ~3x more per call here), and the matmuls through `PackedProjections`.
+    LoRA adapters are folded into the projection weights once per `generate` call. Results agree with the
+    transformers forward to float rounding (the tests compare sampled tokens and logits). `build` returns None
+    whenever the model is outside what this reproduces, and the caller then uses the model's own forward.
     """
 
     SUPPORTED = ("qwen2", "llama")
 
-    def __init__(self, core: torch.nn.Module, lm_head: tuple[torch.Tensor, torch.Tensor | None],
-                 projections: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]):
-        self.core, self.lm_head, self.projections = core, lm_head, projections
+    def __init__(self, core: torch.nn.Module, lm_head: Linear, layers: list[dict[str, Linear]]):
+        self.core, self.lm_head, self.layers = core, lm_head, layers
+        self.packed = PackedProjections([*(wb for layer in layers for wb in layer.values()), lm_head])
 
     @classmethod
     def build(cls, model: torch.nn.Module, cache: DynamicCache) -> "LlamaDecodeStep | None":
@@ -193,54 +263,58 @@ class LlamaDecodeStep:
                 or not all(isinstance(layer, PreallocatedKVLayer) for layer in cache.layers)
                 or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"):
             return None
-        projections = []
+        layers = []
         for layer in core.layers:
             attn, mlp = layer.self_attn, layer.mlp
             names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
                      "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
-            weights = {key: _linear_weights(mod) for key, mod in names.items()}
-            if any(w is None for w in weights.values()):
+            w = {key: _linear_weights(mod) for key, mod in names.items()}
+            if any(wb is None for wb in w.values()):
                 return None
-            projections.append(weights)
+            layers.append({"qkv": _concat(w["q"], w["k"], w["v"]), "o": w["o"],
+                           "gate_up": _concat(w["gate"], w["up"]), "down": w["down"]})
         head = _linear_weights(lm_head)
         if head is None:
             return None
-        return cls(core, head, projections)
+        return cls(core, head, layers)
 
     def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                  padding_mask: torch.Tensor | None) -> torch.Tensor:
         """token_ids, position_ids: [B, 1]; padding_mask: [B, kv] (1 = attend, kv = cache length + 1) or None when
         no row has padding. Returns [B, V] logits of the next token."""
         F = torch.nn.functional
-        core = self.core
+        core, linear = self.core, self.packed.linear
+        b = token_ids.shape[0]
+        self.packed.prepare(b)
         hidden = core.embed_tokens(token_ids)  # [B, 1, H]
         cos, sin = core.rotary_emb(hidden, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D], as apply_rotary_pos_emb
         mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
-        b = token_ids.shape[0]
-        for layer, w, kv in zip(core.layers, self.projections, cache.layers):
+        for layer, w, kv in zip(core.layers, self.layers, cache.layers):
             attn = layer.self_attn
             d, groups = attn.head_dim, attn.num_key_value_groups
             x = _rms_norm(layer.input_layernorm, hidden)
-            q = F.linear(x, *w["q"]).view(b, 1, -1, d).transpose(1, 2)
-            k = F.linear(x, *w["k"]).view(b, 1, -1, d).transpose(1, 2)
-            v = F.linear(x, *w["v"]).view(b, 1, -1, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys, values = kv.update(k, v)
-            if groups == 1:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            elif mask is None:
-                out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling, enable_gqa=True)
-            else:  # transformers' `pack_gqa`: the single query token's heads grouped per key/value head
-                out = F.scaled_dot_product_attention(q.reshape(b, -1, groups, d), keys, values, attn_mask=mask,
-                                                     scale=attn.scaling)
-            out = out.reshape(b, -1, 1, d).transpose(1, 2).contiguous().reshape(b, 1, -1)
-            hidden = hidden + F.linear(out, *w["o"])
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            mlp = layer.mlp
-            hidden = hidden + F.linear(mlp.act_fn(F.linear(x, *w["gate"])) * F.linear(x, *w["up"]), *w["down"])
-        return F.linear(_rms_norm(core.norm, hidden), *self.lm_head)[:, -1, :]
+            qkv = linear(x, w["qkv"]).view(b, -1, d)  # [B, q heads + 2 x kv heads, D]
+            kv_heads = qkv.shape[1] // (groups + 2)
+            qk = qkv[:, : (groups + 1) * kv_heads].unsqueeze(2)  # [B, q + k heads, 1, D]
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, : groups * kv_heads], qk[:, groups * kv_heads:]
+            keys, values = kv.update(k, qkv[:, (groups + 1) * kv_heads:].unsqueeze(2))
+            # the query token's heads grouped per key/value head: [B, kv heads, groups, D] against [B, kv, T, D]
+            out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, groups, d), keys, values, attn_mask=mask,
+                                                 scale=attn.scaling)
+            hidden = hidden + linear(out.reshape(b, 1, -1), w["o"])
+            gate, up = linear(_rms_norm(layer.post_attention_layernorm, hidden), w["gate_up"]).chunk(2, dim=-1)
+            hidden = hidden + linear(layer.mlp.act_fn(gate) * up, w["down"])
+        return linear(_rms_norm(core.norm, hidden), self.lm_head)[:, -1, :]
+
+
+def _concat(*linears: Linear) -> Linear:
+    """Linear layers over the same input as one: weights (and biases, zeros where a layer has none) stacked."""
+    weight = torch.cat([w for w, _ in linears])
+    if all(bias is None for _, bias in linears):
+        return weight, None
+    return weight, torch.cat([bias if bias is not None else w.new_zeros(w.shape[0]) for w, bias in linears])
 
 
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -258,11 +332,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: int, seeds: Sequence[int],
-             params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Completion]:
+             params: SamplingParams, stop_ids: set[int], pad_id: int,
+             stats: DecodeStats | None = None) -> list[Completion]:
     """`num_samples` completions of each prompt; result index = prompt_index * num_samples + sample_index.
 
-    `seeds[k]` seeds completion k (same indexing). The model is used as is (call `.eval()` first).
+    `seeds[k]` seeds completion k (same indexing). The model is used as is (call `.eval()` first). `stats`, when
+    given, has this call's timings added to it.
     """
+    t_start = time.perf_counter()
     device = next(model.parameters()).device
     n, steps = len(prompts) * num_samples, params.max_new_tokens
     assert len(seeds) == n, "one seed per completion"
@@ -291,9 +368,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     active = torch.arange(n, device=device)  # completion index of each row still in the batch
     pos = pos[:, -1:]
     prompt_width = width
+    t_decode = time.perf_counter()
+    row_steps = 0
     padded = bool((mask == 0).any())  # no padding: the step runs unmasked attention, as transformers does
     step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
     for t in range(steps):
+        row_steps += active.numel()
         nxt = sample(logits, uniforms[active, t], params)
         sampled[active, t] = nxt
         if t == steps - 1:
@@ -316,6 +396,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1, :]
     rows, lens = sampled.cpu().tolist(), lengths.tolist()
+    if stats is not None:
+        t_end = time.perf_counter()
+        stats.add(DecodeStats(prefill_s=t_decode - t_start, decode_s=t_end - t_decode, row_steps=row_steps,
+                              pack_s=step.packed.pack_s if step is not None else 0.0, steps=max(lens, default=0)))
     # a row that ran to the last step finished if that step sampled a stop token
     last_stops = torch.isin(sampled[:, -1], stop).tolist() if steps else [False] * n
     return [Completion(tokens=rows[k][: lens[k]], finished=lens[k] < steps or last_stops[k]) for k in range(n)]

@@ -50,13 +50,17 @@ def test_both_sides_run_and_summarise(bench, tmp_path, capsys):
     learn = bench.quick(bench.WORKLOADS["learn"])
     out = bench.run_benchmark([w, learn], rounds=1, threads=1, timeout_s=60,
                               spawn_fn=lambda side, wl, *_: {**runs[side], "workload": wl.name},
-                              peak_fn=lambda _threads: 100.0)
+                              peak_fn=lambda _threads: 100.0, bandwidth_fn=lambda _threads: 10.0)
     final = json.loads(json.dumps(out["final"]))
     w1 = final["W1"]
     assert set(w1) >= {"ours_step_s", "trl_step_s", "ratio_step", "ours_tok_s", "trl_tok_s", "ours_peak_rss_mb",
                        "trl_peak_rss_mb"}
     assert math.isclose(w1["ratio_step"], w1["ours_step_s"] / w1["trl_step_s"])
     assert w1["ours_train_peak_fraction"] == pytest.approx(w1["ours_train_gflops"] / 100.0)
+    # the decode floor: the model's projection bytes read once per step at the measured copy bandwidth
+    assert w1["decode_floor_ms"] == pytest.approx(w1["decode_weight_mb"] / 10.0)
+    assert w1["ratio_decode_floor"] == pytest.approx(w1["ours_decode_step_ms"] / w1["decode_floor_ms"])
+    assert w1["trl_decode_step_ms"] > 0 and w1["ratio_per_token"] > 0
     assert set(final["learn"]) >= {"ours_last5", "trl_last5", "held", "paired_diff_mean", "paired_diff_se"}
     assert "ratio ours/TRL" in capsys.readouterr().out
 
@@ -66,3 +70,16 @@ def test_paired_difference(bench):
     assert out["paired_diff_mean"] == pytest.approx(0.0, abs=1e-12)
     assert out["paired_diff_se"] == pytest.approx(0.1)  # stdev 0.1414 / sqrt(2)
     assert bench.paired_difference({"ours": [None], "trl": [0.4]}) == {"paired_diff_mean": None, "paired_diff_se": None}
+
+
+def test_system_prompt_workload_runs_on_both_sides(bench, tmp_path):
+    """W4's shape (4 prompts x 8, beta > 0, LoRA, a long system prompt on every prompt) on the tiny model."""
+    w = bench.quick(bench.WORKLOADS["W4"])
+    assert w.system_prompt and w.lora_rank and w.beta > 0
+    prompt_file, _ = bench.write_inputs(tmp_path, system_prompt=True)
+    first = json.loads(prompt_file.read_text().splitlines()[0])["prompt"]
+    assert first[0] == {"role": "system", "content": bench.SYSTEM_PROMPT} and first[1]["role"] == "user"
+    for side in bench.SIDES:
+        r = bench.run_side(side, w, tmp_path / side, threads=1)
+        assert len(r["step_s"]) == w.steps and all(n > 0 for n in r["decode_steps"]), r
+    assert r["side"] == "trl" and all(x > 0 for x in r["phases"]["scoring_other"])  # TRL's reference pass

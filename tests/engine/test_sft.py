@@ -270,7 +270,7 @@ def test_smollm2_labels_are_the_assistant_bodies_and_their_end_of_turn(smollm2_d
     from runrl_engine.sft import _trl_can_mask
 
     convs = [tool_conversation(6, 5), [*user("apple"), {"role": "assistant", "content": ANSWER}]]
-    cfg, tok, examples = smollm2_setup(tmp_path, convs)
+    cfg, tok, examples = smollm2_setup(tmp_path, convs, padding_free=False)  # one conversation per row to inspect
     assert not _trl_can_mask(tok)  # no {% generation %} and not a template TRL knows: the path under test
     trainer = sft_trainer(load_policy(cfg, "cpu", torch.float32), tok, cfg, examples, tmp_path, device="cpu",
                           tools=ADD_TOOL)
@@ -334,3 +334,49 @@ def test_two_step_sft_on_smollm2(smollm2_dir, tmp_path):
     assert 0.0 < summary["sft/loss_first"] < 5.0  # a pretrained model on assistant tokens, not ~ln(49152) = 10.8
     assert summary["sft/loss_last"] < 0.9 * summary["sft/loss_first"]
     assert any(not torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
+def _batch_loss_and_grads(trainer, rows: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    batch = trainer.data_collator(rows)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=int((batch["labels"][:, 1:] != -100).sum()))
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_model_dir, tmp_path, monkeypatch):
+    """The own-masks path (templates TRL cannot mask) packs a batch's conversations into one row: same loss and
+    gradients as the padded batch, rows longer than max_length truncated, and ones left without an assistant
+    token dropped, as TRL does for padded rows."""
+    import runrl_engine.sft as sft
+
+    monkeypatch.setattr(sft, "_trl_can_mask", lambda tok: False)  # builtin:tiny's template would go to TRL
+    convs = [[*user(f), {"role": "assistant", "content": "<answer>" + "a" * (3 + 5 * i) + "</answer>"}]
+             for i, f in enumerate(FRUITS[:4])]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    results = {}
+    for padding_free in (False, True):
+        cfg = make_cfg(path, padding_free=padding_free)
+        model = load_policy(cfg, "cpu", torch.float32)
+        trainer = sft_trainer(model, load_tokenizer(cfg), cfg, load_sft(path), tmp_path / str(padding_free),
+                              device="cpu")
+        rows = [trainer.train_dataset[i] for i in range(len(convs))]
+        batch = trainer.data_collator(rows)
+        assert batch["input_ids"].shape[0] == (1 if padding_free else len(convs))
+        results[padding_free] = _batch_loss_and_grads(trainer, rows)
+    (loss_padded, grads_padded), (loss_free, grads_free) = results[False], results[True]
+    assert loss_free == pytest.approx(loss_padded, rel=1e-5)
+    assert grads_free.keys() == grads_padded.keys()
+    for name, g in grads_padded.items():
+        torch.testing.assert_close(grads_free[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()))
+
+    # max_length = max_prompt_length + completion_length: a prompt that fills it leaves no assistant token
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": ANSWER}]
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [*convs, long]))
+    cfg = make_cfg(path, padding_free=True)
+    trainer = sft_trainer(load_policy(cfg, "cpu", torch.float32), load_tokenizer(cfg), cfg, load_sft(path),
+                          tmp_path / "trunc", device="cpu")
+    assert trainer.args.padding_free and len(trainer.train_dataset) == len(convs)
+    assert all(len(row["input_ids"]) <= 96 for row in trainer.train_dataset)

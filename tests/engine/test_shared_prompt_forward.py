@@ -1,6 +1,7 @@
-"""The update's shared-prompt forward (`runrl_engine.forward`): each distinct prompt runs once per micro-batch, and
-log-probs, values, reference log-probs and gradients equal the plain forward's; micro-batches keep a prompt's
-completions together; gradient checkpointing falls back to the plain forward."""
+"""The update's shared-prompt forward (`runrl_engine.forward`): each distinct prompt runs once per micro-batch, padded
+or padding-free (one packed row), and log-probs, values, reference log-probs and gradients equal the plain
+forward's; micro-batches keep a prompt's completions together; gradient checkpointing falls back to the plain
+forward."""
 
 from __future__ import annotations
 
@@ -25,9 +26,16 @@ def make_trainer(tmp_path: Path, **over) -> Trainer:
 
 
 def rollout_batch(trainer: Trainer) -> RolloutBatch:
+    """The step's rollouts, with completions cut to lengths 12, 10, ..., 4 (the tiny model rarely stops early,
+    real completions of a group end at different tokens), so rows carry right padding."""
     episodes = trainer._rollout(trainer._my_prompts(1), 1)
     trainer._score(episodes)
     batch = trainer._collate(episodes)
+    for i in range(len(batch)):
+        n = max(1, batch.completion_ids.shape[1] - 2 * (i % 5))
+        batch.completion_mask[i, n:] = 0
+        batch.loss_mask[i, n:] = 0
+        batch.completion_ids[i, n:] = trainer.tokenizer.pad_token_id
     return batch.select(torch.arange(len(batch)))
 
 
@@ -41,8 +49,8 @@ def embedded_shapes(trainer: Trainer) -> list[tuple[int, ...]]:
     return shapes
 
 
-def outputs(trainer: Trainer, mb: RolloutBatch, share: bool) -> dict[str, torch.Tensor]:
-    trainer.cfg.share_prompt_forward = share
+def outputs(trainer: Trainer, mb: RolloutBatch, share: bool, packed: bool = False) -> dict[str, torch.Tensor]:
+    trainer.cfg.share_prompt_forward, trainer.cfg.padding_free = share, packed
     trainer.model.zero_grad(set_to_none=True)
     if trainer.critic is not None:
         trainer.critic.zero_grad(set_to_none=True)
@@ -65,7 +73,12 @@ def outputs(trainer: Trainer, mb: RolloutBatch, share: bool) -> dict[str, torch.
 @pytest.mark.parametrize("over", [{}, {"use_lora": True, "lora_rank": 4, "lora_alpha": 8},
                                   {"algorithm": "ppo"}, {"algorithm": "ppo", "critic": "separate"}],
                          ids=["grpo", "lora", "ppo-head", "ppo-separate"])
-def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir, over):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir, over, packed, monkeypatch):
+    import runrl_engine.forward as forward
+
+    # on the tiny model attention is a large share of the work, so packing would not pay (`_packing_pays`): force it
+    monkeypatch.setattr(forward, "_packing_pays", lambda *args: packed)
     trainer = make_trainer(tmp_path, **over)
     try:
         mb = rollout_batch(trainer)
@@ -78,9 +91,13 @@ def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir
         first, group = mb.prompt_groups()
         assert len(first) == 3 and len(mb) == 12 and int(mb.prompt_mask.sum(1).min()) < P  # left padding in play
         shapes = embedded_shapes(trainer)
-        shared = outputs(trainer, mb, share=True)
-        # every forward (policy, reference or adapter-disabled policy, critic) ran the 3 prompts once
-        assert shapes and all(s in ((3, P), (12, C)) for s in shapes) and shapes.count((3, P)) == shapes.count((12, C))
+        shared = outputs(trainer, mb, share=True, packed=packed)
+        # every forward (policy, reference or adapter-disabled policy, critic) ran the 3 prompts once: padded
+        # as 3 rows then 12, or packed as one row of the prompts' real tokens then one of the completions'
+        heads = [(1, int(mb.prompt_mask[first].sum()))] if packed else [(3, P)]
+        tails = [(1, int(mb.completion_mask.sum()))] if packed else [(12, C)]
+        assert int(mb.completion_mask.sum()) < 12 * C  # the completions differ in length: padding to drop
+        assert shapes and all(s in heads + tails for s in shapes) and shapes.count(heads[0]) == shapes.count(tails[0])
         shapes.clear()
         plain = outputs(trainer, mb, share=False)
         assert shapes and all(s == (12, P + C) for s in shapes)
@@ -192,3 +209,23 @@ def test_sharded_parameters_keep_the_plain_forward():
     assert sharded(DistributedType.FSDP) and sharded(DistributedType.DEEPSPEED, 3)
     assert not sharded(DistributedType.DEEPSPEED, 2) and not sharded(DistributedType.MULTI_CPU)
     assert not sharded(DistributedType.MULTI_GPU) and not sharded(DistributedType.NO)
+
+
+def test_packing_is_chosen_when_it_computes_less():
+    """SmolLM2-135M's shape, 8 completions of one 50-token prompt: no padding -> the padded layout (the packed row's
+    masked attention over all pairs costs more), a third of the positions padding -> packed; and a small model with
+    long sequences, where attention dominates, stays padded."""
+    from transformers import LlamaConfig
+
+    from runrl_engine.forward import _packing_pays
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    full = _batch([[1] * 50] * 8, [[7] * 64] * 8)
+    ragged = _batch([[1] * 50] * 8, [[7] * n for n in (64, 60, 52, 44, 40, 36, 30, 20)])
+    assert not _packing_pays(full, full.prompt_groups()[0], smollm2)
+    assert _packing_pays(ragged, ragged.prompt_groups()[0], smollm2)
+    small = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=100)
+    long = _batch([[1] * 50] * 8, [[7] * n for n in (2000, 1900, 1500, 1200, 1000, 800, 600, 400)])
+    assert not _packing_pays(long, long.prompt_groups()[0], small)
