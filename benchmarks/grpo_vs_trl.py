@@ -335,7 +335,15 @@ def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 10, trials: int 
 
 def copy_bandwidth_gbs(threads: int, mb: int = 256, trials: int = 7) -> float:
     """Memory bandwidth as STREAM's Copy counts it: (bytes read + bytes written) / time of `dst.copy_(src)` over
-    two `mb`-MB fp32 arrays (far larger than any cache), best of `trials`, at `threads` torch threads."""
+    two `mb`-MB fp32 arrays (far larger than any cache), best of `trials`, at `threads` torch threads. Measured in
+    a child process: the arrays would otherwise raise this process's RSS high-water mark, which Linux carries
+    into every worker it starts (`ru_maxrss` survives fork + exec), and the workers' peak memory is reported."""
+    out = subprocess.run([sys.executable, __file__, "--bandwidth-worker", f"{threads},{mb},{trials}"],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _copy_bandwidth_here(threads: int, mb: int, trials: int) -> float:
     import torch
 
     torch.set_num_threads(threads)
@@ -533,11 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--details", type=Path, default=None, help="also write every run's raw numbers here (JSON)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth-worker", help=argparse.SUPPRESS)
     p.add_argument("--workload-json", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
+    if a.bandwidth_worker:
+        print(_copy_bandwidth_here(*(int(x) for x in a.bandwidth_worker.split(","))))
+        return 0
     if a.worker:
         w = Workload(**json.loads(a.workload_json))
         a.result.write_text(json.dumps(run_side(a.worker, w, a.work_dir, a.threads)))

@@ -352,6 +352,7 @@ def test_padding_free_batches_give_the_padded_loss_and_gradients(tiny_model_dir,
     import runrl_engine.sft as sft
 
     monkeypatch.setattr(sft, "_trl_can_mask", lambda tok: False)  # builtin:tiny's template would go to TRL
+    monkeypatch.setattr(sft, "packed_rows_pay", lambda *args: True)  # on the tiny model attention dominates
     convs = [[*user(f), {"role": "assistant", "content": "<answer>" + "a" * (3 + 5 * i) + "</answer>"}]
              for i, f in enumerate(FRUITS[:4])]
     path = tmp_path / "sft.jsonl"

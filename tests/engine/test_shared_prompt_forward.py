@@ -229,3 +229,16 @@ def test_packing_is_chosen_when_it_computes_less():
                         num_key_value_heads=4, vocab_size=100)
     long = _batch([[1] * 50] * 8, [[7] * n for n in (2000, 1900, 1500, 1200, 1000, 800, 600, 400)])
     assert not _packing_pays(long, long.prompt_groups()[0], small)
+
+
+def test_sft_packs_rows_only_where_padding_costs_more():
+    """The same count for SFT batches (`packed_rows_pay`): SmolLM2, 8 conversations per batch."""
+    from transformers import LlamaConfig
+
+    from runrl_engine.forward import packed_rows_pay
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    assert not packed_rows_pay(smollm2, [[150] * 8, [120] * 8])  # no padding at all
+    assert not packed_rows_pay(smollm2, [[150, 140, 130, 125, 120, 115, 110, 60]])  # ~17 % padding: about even
+    assert packed_rows_pay(smollm2, [[300, 40, 30, 30, 20, 20, 20, 20]])  # mostly padding
