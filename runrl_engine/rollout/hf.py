@@ -13,10 +13,12 @@ place instead of transformers' `DynamicLayer` concatenating the whole cache ever
 for every step are drawn from its generator up front (the same numbers, in the same order, as one draw per
 step), and sampled tokens stay in a tensor, so the only per-step host sync is "did any row stop?". For
 Llama-family models on CPU (`LlamaDecodeStep`) the decode steps after the prefill skip the transformers forward
-and its per-op overhead; everything else (other architectures, GPUs, where that path is untested) uses the
-model's own forward. Models with sliding-window, chunked or shared-KV layers keep transformers' cache layers.
-All of this leaves the sampled tokens unchanged: same seeds, same tokens as with a plain transformers forward
-(the tests compare the paths token for token, and the step's logits with a full forward's).
+and its per-op overhead, with fused projections on pre-packed weights (`PackedProjections`: what matters once the
+weights are far larger than the caches, as for SmolLM2's 538 MB); everything else (other architectures, GPUs,
+where that path is untested) uses the model's own forward. Models with sliding-window, chunked or shared-KV layers
+keep transformers' cache layers. The fast step computes what the transformers forward computes, to float
+rounding (MKL's packed kernels round differently from `F.linear`'s): the tests compare the sampled tokens of
+both paths token for token on the builtin models, and the step's logits with a full forward's.
 """
 
 from __future__ import annotations
