@@ -126,13 +126,13 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
 
     own_masks = not _trl_can_mask(tokenizer)
     max_length = cfg.max_prompt_length + cfg.completion_length
+    batch = max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH))
     padding_free = own_masks and cfg.padding_free and _packs_exactly(model)
     if own_masks:  # before anything touches the model: a template we cannot use fails here
         where = str(cfg.sft_file or "sft_file")
         rows = [dict(zip(("input_ids", "assistant_masks"),
                          conversation_ids(tokenizer, ex.messages, tools, where=f"{where}:{ex.line}")))
                 for ex in examples]
-        batch = max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH))
         if padding_free and not str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
             # sdpa/eager attend over every pair of the packed row: worth it only where padding costs more (FLOP
             # count over batches of the data in a seeded order, as the sampler would draw them)
@@ -163,7 +163,7 @@ def sft_trainer(model: torch.nn.Module, tokenizer: Any, cfg: RunConfig, examples
         output_dir=str(out_dir / "sft"),
         num_train_epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_learning_rate,
-        per_device_train_batch_size=max(1, min(cfg.micro_batch_size, len(examples), MAX_SFT_BATCH)),
+        per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         max_length=None if padding_free else max_length,
         # a batch's conversations as one row of real tokens, position ids restarting per conversation (what
