@@ -37,6 +37,30 @@ class Settings:
     deploy_command: tuple[str, ...] = (sys.executable, "-m", "server.deploy")
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    # ---- security policy (issue 16). `runrl serve` flags set these; the defaults are the safe ones. --------
+    # User code (reward functions, environments, pip builds, validation) runs only in a working bubblewrap
+    # sandbox; without one, runs and validation that execute user code are refused with a clear error.
+    require_isolation: bool = True
+    # Whether a run may set `reward_allow_network: true` (otherwise it is forced off: no network at all).
+    allow_user_network: bool = False
+    # `package_requirements` entries that are URLs (`name @ https://...`); never host paths.
+    allow_url_requirements: bool = False
+    # Outbound destinations the server or a run's trainer connects to for users (MCP tools, test-mcp,
+    # webhooks): public addresses are allowed; loopback, private, link-local and other special ranges only
+    # when `allow_private_destinations` or when listed in `allowed_destinations` ("host:port", "host" or a CIDR).
+    allow_private_destinations: bool = False
+    allowed_destinations: tuple[str, ...] = ()
+    # Request bodies: JSON bodies are capped at `max_json_bytes` (routes that carry file content at
+    # `max_upload_bytes`), before parsing, streamed bodies too; JSON nesting deeper than `max_json_depth` is a 422.
+    max_json_bytes: int = 1024 * 1024
+    max_json_depth: int = 64
+    # Validation of user code: its own bounded pool, a per-user cap, a smaller memory limit per sandbox.
+    validation_workers: int = 4
+    validation_per_user: int = 2
+    validation_memory_mb: int = 1024
+    # Failed authentications per client address per minute before 429s.
+    auth_failures_per_minute: int = 30
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "runrl.db"
