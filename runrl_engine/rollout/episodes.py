@@ -28,6 +28,7 @@ from runrl_engine.data import PromptRow
 from runrl_engine.errors import UserError
 from runrl_engine.rollout.backends import HFBackend, RolloutBackend
 from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.sandbox.pool import MAX_ABS_REWARD
 
 
 @dataclass
@@ -241,9 +242,13 @@ def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], *, inse
         if step.error:
             _end_with_error(ep, step.error)
             continue
+        total = sum(ep.step_rewards) + step.reward
+        if abs(total) > MAX_ABS_REWARD:  # each step reward is in range; their sum must be too
+            _end_with_error(ep, f"the environment's step rewards sum to {total:g}, beyond ±{MAX_ABS_REWARD:g}")
+            continue
         ep.step_rewards.append(step.reward)
         ep.step_reward_ends.append(ep.last_turn_end)  # the turn it judged (tool-answered turns are not judged)
-        ep.reward = sum(ep.step_rewards)
+        ep.reward = total
         ep.info.update(step.info)
         if step.done:
             ep.done = ep.finished = True

@@ -142,6 +142,11 @@ class Completion(str):
         return str.__getitem__(self, key)
 
 
+# Rewards beyond this are refused (the parent checks again: pool.MAX_ABS_REWARD): float32 tensors, group
+# statistics and losses of larger values overflow.
+_MAX_ABS_REWARD = 1e15
+
+
 def _to_float(value: Any) -> float | None:
     if isinstance(value, (str, bytes, bytearray)) or value is None:
         return None
@@ -184,6 +189,8 @@ def _normalise(out: Any, what: str) -> dict[str, Any]:
         return _error(f"{what} returned {type(value).__name__} {shown}; expected a number or (number, dict)")
     if not math.isfinite(number):
         return _error(f"{what} returned {number}; rewards must be finite numbers")
+    if abs(number) > _MAX_ABS_REWARD:
+        return _error(f"{what} returned {number:g}; rewards must lie within ±{_MAX_ABS_REWARD:g}")
     try:
         info = _clean_info(raw_info)
     except Exception as exc:  # a broken __str__ or a dict-like that fails on .items()

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runrl_engine.sandbox.pool import WorkerPool, _Worker
+from runrl_engine.sandbox.pool import MAX_ABS_REWARD, WorkerPool, _Worker, usable_reward
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,10 @@ class EnvSandbox(WorkerPool):
         op = w.outstanding.pop(0)
         self._waiting -= 1
         reward = msg.get("reward", 0.0)
-        if op.kind.endswith("step") and not (isinstance(reward, (int, float)) and math.isfinite(reward)):
-            msg = {"error": "the worker sent a malformed step result"}
+        if op.kind.endswith("step") and not msg.get("error") and not usable_reward(reward):
+            numeric = isinstance(reward, (int, float)) and not isinstance(reward, bool)
+            msg = {"error": f"the step reward {reward:g} is not a finite number within ±{MAX_ABS_REWARD:g}" if numeric
+                   else "the worker sent a malformed step result"}
         self._finish(op, self._clean_error(msg.get("error")), msg)
         w.err_mark = w.err_dropped + len(w.err)
         if w.outstanding:

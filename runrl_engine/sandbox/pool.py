@@ -38,6 +38,17 @@ _NETWORK_SIGNS = ("Network is unreachable", "Temporary failure in name resolutio
                   "Connection refused", "gaierror", "ConnectError", "APIConnectionError")
 
 
+# The largest reward magnitude accepted from user code (and for an episode's summed step rewards): training
+# keeps rewards in float32, and their group statistics, advantages and losses must stay finite there.
+MAX_ABS_REWARD = 1e15
+
+
+def usable_reward(value: object) -> bool:
+    """A finite number within ±MAX_ABS_REWARD (bools are not rewards)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= MAX_ABS_REWARD)
+
+
 @dataclass
 class SandboxStats:
     """Counters since the pool started; the trainer logs them per step as differences."""

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from runrl_engine.sandbox.pool import WorkerPool, _Worker
+from runrl_engine.sandbox.pool import MAX_ABS_REWARD, WorkerPool, _Worker, usable_reward
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,13 @@ class RewardSandbox(WorkerPool):
         w.outstanding.remove(idx)
         reward = msg.get("reward")
         info = msg.get("info")
-        ok = isinstance(reward, (int, float)) and math.isfinite(reward) and isinstance(info, dict)
-        error = self._clean_error(msg.get("error")) if ok else "the worker sent a malformed result"
+        ok = usable_reward(reward) and isinstance(info, dict)
+        if ok:
+            error = self._clean_error(msg.get("error"))
+        elif isinstance(reward, (int, float)) and not isinstance(reward, bool):
+            error = f"the reward {reward:g} is not a finite number within ±{MAX_ABS_REWARD:g}"
+        else:
+            error = "the worker sent a malformed result"
         self._settle(idx, RewardResult(float(reward) if ok and error is None else 0.0,
                                        info if ok and error is None else {}, error))
         now = time.monotonic()

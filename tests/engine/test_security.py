@@ -1,0 +1,60 @@
+"""Engine-side security claims (issue 16): out-of-range rewards, isolation that fails closed, requirement
+specifiers only, shared memory inside the memory cap, no secret on disk."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from runrl_engine import train
+from runrl_engine.sandbox import RewardSandbox
+from runrl_engine.sandbox.pool import MAX_ABS_REWARD
+
+ROOT = Path(__file__).resolve().parents[2]
+QS = ROOT / "configs" / "data" / "quickstart"
+
+
+def _code(tmp_path: Path, source: str, name: str = "reward.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+# ---- finding 9: rewards that overflow float32 ------------------------------------------------------------
+
+def test_overflowing_rewards_score_zero_and_the_run_completes(tmp_path, tiny_model_dir):
+    reward = _code(tmp_path, """
+        def reward_fn(completion, **row):
+            return 1e308 if len(completion) % 2 else -3.5e38
+        """)
+    result = train(dict(model="builtin:tiny", prompt_file=str(QS / "prompts.jsonl"), reward_file=str(reward),
+                        completion_length=8, max_steps=2, prompts_per_step=2, num_generations=4, micro_batch_size=8,
+                        eval_every=0, save_every=0, max_failed_reward_steps=5), output_dir=tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward_errors"] for m in metrics] == [8, 8]
+    assert all(m["reward_mean"] == 0.0 for m in metrics) and len(result.history) == 2
+    completions = (tmp_path / "run" / "completions.jsonl").read_text()
+    assert "rewards must lie within" in completions
+
+
+def test_a_forged_out_of_range_result_is_refused_by_the_parent(tmp_path):
+    # User code can find the worker's protocol descriptor and write a result line itself; the parent
+    # must apply the same range check the worker does.
+    reward = _code(tmp_path, """
+        import os
+        def reward_fn(completion, **row):
+            line = b'{"op": "result", "idx": 0, "reward": 1e308, "info": {}, "error": null}\\n'
+            for fd in range(3, 12):
+                try:
+                    os.write(fd, line)
+                except OSError:
+                    pass
+            return 1.0
+        """)
+    with RewardSandbox(reward, num_workers=1, timeout_s=10) as sandbox:
+        [result] = sandbox.score(["x"], [{}])
+    assert result.reward == 0.0
+    assert f"within ±{MAX_ABS_REWARD:g}" in (result.error or "")
