@@ -97,7 +97,8 @@ def create_app(settings: Settings) -> Starlette:
     routes = [route for group in RESOURCE_ROUTES for route in group]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=routes)],
-        middleware=[Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter)],
+        middleware=[Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter,
+                               auth_failures_per_minute=settings.auth_failures_per_minute)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

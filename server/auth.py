@@ -5,8 +5,23 @@ The 8-character part is a public lookup prefix; the 32-character secret never to
 filter every resource by that user, so another user's things answer 404.
 
 `AuthMiddleware` authenticates the key (if one is sent), applies the hourly quota and adds the
-`X-RateLimit-*` headers to every response; routes then demand a principal and a scope through `guard()`
+`X-RateLimit-*` headers to every response; routes then demand a principal and a scope through `api()`
 (routes/__init__.py). A missing key is only an error on routes, so an unknown path still answers 404.
+
+Failed authentications (a malformed, unknown, wrong, inactive or expired key) are throttled per client
+address (`Settings.auth_failures_per_minute`, `FailureThrottle` in ratelimit.py): the first N failures in a
+minute answer 401 with their reason; past N, every failed attempt from that address answers 429
+`rate_limit_exceeded` with `retry_after` (envelope and `Retry-After` header) and no reason, so a prober learns
+nothing more (not even that a key exists but is revoked). A valid key from the same address still
+authenticates, so a legitimate user behind the same NAT as a prober keeps working; the throttle bounds what
+probing costs and reveals, it does not make guessing slower (a secret is 32 base-36 characters, ~165 bits).
+A request without any key is not a failure. The address is the ASGI client address, i.e. what uvicorn
+reports (behind a trusted proxy with proxy headers, the forwarded one).
+
+What a key may do to keys (routes/keys.py): a key never creates a key with a scope it lacks, a quota above its
+own (the default is min(10 000, its own)) or an expiry later than its own; only an `admin` key raises a quota,
+reactivates an inactive key, or extends or removes an expiry. Any `write` key of a user may lower, deactivate,
+rename or delete that user's keys.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError, error_response
-from server.ratelimit import RateLimiter
+from server.ratelimit import FAILURE_WINDOW_S, FailureThrottle, RateLimiter
 from server.store import Store, now_iso
 
 SCOPES = ("read", "write", "admin")
@@ -141,12 +156,15 @@ class Authenticator:
 
 
 class AuthMiddleware:
-    """Authenticates `Authorization: Bearer <key>`, enforces the hourly quota, adds X-RateLimit-* headers."""
+    """Authenticates `Authorization: Bearer <key>`, throttles failures per address, enforces the hourly quota,
+    adds X-RateLimit-* headers."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, limiter: RateLimiter):
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, limiter: RateLimiter,
+                 auth_failures_per_minute: int = 30):
         self.app = app
         self.authenticator = authenticator
         self.limiter = limiter
+        self.failures = FailureThrottle(auth_failures_per_minute)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,6 +183,15 @@ class AuthMiddleware:
         try:
             principal, row = self.authenticator.authenticate(token)
         except ApiError as exc:
+            client = scope.get("client")
+            wait = self.failures.fail(client[0] if client else "unknown")
+            if wait is not None:
+                details = {"retry_after": wait, "limit": self.failures.limit, "window_s": int(FAILURE_WINDOW_S)}
+                await error_response(429, "rate_limit_exceeded",
+                                     f"Too many failed authentications from this address; retry in {wait} s",
+                                     details, headers={"Retry-After": str(wait)}, retry_after=wait
+                                     )(scope, receive, send)
+                return
             await error_response(exc.status, exc.code, exc.message)(scope, receive, send)
             return
         decision = self.limiter.hit(row["id"], row["requests_per_hour"])

@@ -1,9 +1,13 @@
-"""Per-key hourly request quota (spec §1.5).
+"""Per-key hourly request quota (spec §1.5), and the per-address throttle of failed authentications.
 
-Fixed windows aligned to the clock hour: a key may make `requests_per_hour` requests per hour, the window
-resets at the top of the next hour (`X-RateLimit-Reset`, unix seconds), and a request over the quota is
-answered 429 `rate_limit_exceeded` with `Retry-After`. Counters live in memory (one server process per data
+`RateLimiter`: fixed windows aligned to the clock hour: a key may make `requests_per_hour` requests per hour,
+the window resets at the top of the next hour (`X-RateLimit-Reset`, unix seconds), and a request over the quota
+is answered 429 `rate_limit_exceeded` with `Retry-After`. Counters live in memory (one server process per data
 dir); lifetime totals are flushed to the store in batches so that counting never costs a write per request.
+
+`FailureThrottle`: failed authentications counted per client address in a 60-second window that opens at the
+address's first failure; past `limit` failures in the window the address is over (see auth.py for what that
+does). Only in memory; at most `MAX_ADDRESSES` addresses are tracked (stale windows are dropped first).
 """
 
 from __future__ import annotations
@@ -75,3 +79,35 @@ class RateLimiter:
             pending, self._unflushed = self._unflushed, {}
         if pending:
             store.add_key_usage(pending)
+
+
+FAILURE_WINDOW_S = 60.0
+MAX_ADDRESSES = 10_000
+
+
+class FailureThrottle:
+    """Failed authentications per client address per minute; `limit <= 0` turns the throttle off."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, failures in it)
+
+    def fail(self, address: str, now: float | None = None) -> int | None:
+        """Count one failure from `address`; returns the seconds to wait when the address is over the limit."""
+        if self.limit <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            start, count = self._windows.get(address, (now, 0))
+            if now - start >= FAILURE_WINDOW_S:
+                start, count = now, 0
+            if address not in self._windows and len(self._windows) >= MAX_ADDRESSES:
+                self._windows = {a: w for a, w in self._windows.items() if now - w[0] < FAILURE_WINDOW_S}
+                if len(self._windows) >= MAX_ADDRESSES:
+                    self._windows.clear()
+            count += 1
+            self._windows[address] = (start, count)
+        if count <= self.limit:
+            return None
+        return max(1, math.ceil(start + FAILURE_WINDOW_S - now))

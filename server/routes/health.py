@@ -1,4 +1,7 @@
-"""`GET /health`: liveness plus queue counts (any valid key, any scope)."""
+"""`GET /health`: liveness plus queue counts (any valid key, any scope).
+
+The counts are of the caller's own queued and running runs; an `admin` key sees everyone's. `slots` is the
+server's number of concurrent runs (not per user)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from server.routes import api, services
 
 async def health(request: Request, p: Principal) -> Response:
     svc = services(request)
-    counts = {r["status"]: r["n"] for r in svc.store.all("SELECT status, COUNT(*) AS n FROM runs "
-                                                            "WHERE status IN ('PENDING','SETTING_UP','RUNNING') "
-                                                            "GROUP BY status")}
+    sql, args = "SELECT status, COUNT(*) AS n FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING')", []
+    if "admin" not in p.scopes:
+        sql, args = sql + " AND user_id = ?", [p.user_id]
+    counts = {r["status"]: r["n"] for r in svc.store.all(sql + " GROUP BY status", args)}
     return ok({"status": "ok", "version": runrl_engine.__version__, "queue": counts,
                "slots": svc.settings.slots})
 

@@ -1,7 +1,14 @@
-"""`/keys`: create, list (bare array), update, delete, usage — only the caller's own keys."""
+"""`/keys`: create, list (bare array), update, delete, usage — only the caller's own keys.
+
+No key gains privilege through these routes: a new key holds only scopes its creator holds, a quota of at most
+the creator's own (default min(10 000, the creator's)) and, when the creator expires, an expiry no later than
+the creator's (default: the same). On update, only an `admin` key raises a quota, reactivates an inactive key or
+extends (or removes) an expiry; any `write` key may lower, deactivate, rename or delete its user's keys, and set
+scopes it holds itself. A refusal is a 403 naming the field."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -39,6 +46,26 @@ def _rate(body: dict[str, Any]) -> int | None:
     return value
 
 
+def _caller(svc: Any, p: Principal) -> dict[str, Any]:
+    row = svc.store.one("SELECT * FROM api_keys WHERE id = ?", (p.key_id,))
+    if row is None:
+        raise ApiError(401, "Invalid API key")  # deleted since it authenticated
+    return row
+
+
+def _later(a: str | None, b: str | None) -> bool:
+    """Whether expiry `a` is later than expiry `b` (None: never expires)."""
+    if b is None:
+        return False
+    if a is None:
+        return True
+    return datetime.fromisoformat(a.replace("Z", "+00:00")) > datetime.fromisoformat(b.replace("Z", "+00:00"))
+
+
+def _refuse(field_name: str, why: str) -> ApiError:
+    return ApiError(403, f"Not allowed: {why}", details={field_name: why})
+
+
 def _no_escalation(p: Principal, scopes: list[str]) -> None:
     extra = [s for s in scopes if not p.allows(s)]
     if extra:
@@ -51,8 +78,21 @@ async def create(request: Request, p: Principal) -> Response:
     name = field(body, "name", str, required=True).strip()
     scopes = auth.check_scopes(body.get("scopes", ["read"]))
     _no_escalation(p, scopes)
-    rate = _rate(body) or auth.DEFAULT_REQUESTS_PER_HOUR
-    row, token = auth.create_key(svc.store, p.user_id, name, scopes, rate, auth.parse_expiry(body.get("expires_at")))
+    caller, admin = _caller(svc, p), p.allows("admin")
+    rate = _rate(body)
+    if rate is None:
+        rate = min(auth.DEFAULT_REQUESTS_PER_HOUR, caller["requests_per_hour"])
+    elif rate > caller["requests_per_hour"] and not admin:
+        raise _refuse("requests_per_hour", f"at most {caller['requests_per_hour']}, this key's own quota; "
+                                           "only an admin key grants more")
+    expires = auth.parse_expiry(body.get("expires_at"))
+    if caller["expires_at"] and not admin:
+        if "expires_at" not in body:
+            expires = caller["expires_at"]
+        elif _later(expires, caller["expires_at"]):
+            raise _refuse("expires_at", f"at most {caller['expires_at']}, when this key expires; "
+                                        "only an admin key grants later")
+    row, token = auth.create_key(svc.store, p.user_id, name, scopes, rate, expires)
     return ok({"api_key": key_object(row, svc), "token": token, "warning": WARNING},
               message="API key created", status=201)
 
@@ -67,18 +107,25 @@ async def update(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _own_key(svc, request.path_params["key_id"], p)
     body = await read_json(request)
+    admin = p.allows("admin")
     values: dict[str, Any] = {}
     if "name" in body:
         values["name"] = field(body, "name", str, required=True).strip()
     if "active" in body:
         values["active"] = int(field(body, "active", bool, required=True))
+        if values["active"] and not row["active"] and not admin:
+            raise _refuse("active", "only an admin key reactivates an inactive key")
     if "scopes" in body:
         values["scopes"] = auth.check_scopes(body["scopes"])
         _no_escalation(p, values["scopes"])
     if "requests_per_hour" in body:
         values["requests_per_hour"] = _rate(body) or row["requests_per_hour"]
+        if values["requests_per_hour"] > row["requests_per_hour"] and not admin:
+            raise _refuse("requests_per_hour", f"only an admin key raises a quota (now {row['requests_per_hour']})")
     if "expires_at" in body:
         values["expires_at"] = auth.parse_expiry(body["expires_at"])
+        if _later(values["expires_at"], row["expires_at"]) and not admin:
+            raise _refuse("expires_at", "only an admin key extends or removes an expiry")
     if values:
         svc.store.update("api_keys", "id", row["id"], values)
         svc.auth.invalidate()

@@ -122,8 +122,8 @@ def test_keys_sdk_round_trip_and_ownership(live):
     names = [k.name for k in alice.api_keys.list()]
     assert names == ["test", "ci"]
     assert [k.name for k in bob.api_keys.list()] == ["test"]
-    updated = alice.api_keys.update(made.api_key.id, name="ci2", scopes=["read"], requests_per_hour=60)
-    assert updated.name == "ci2" and updated.requests_per_hour == 60
+    updated = alice.api_keys.update(made.api_key.id, name="ci2", scopes=["read"], requests_per_hour=40)
+    assert updated.name == "ci2" and updated.requests_per_hour == 40  # lowered (only admin raises)
     for call in (lambda: bob.api_keys.update(made.api_key.id, name="x"), lambda: bob.api_keys.usage(made.api_key.id),
                  lambda: bob.api_keys.delete(made.api_key.id)):
         with pytest.raises(NotFoundError):
@@ -132,7 +132,7 @@ def test_keys_sdk_round_trip_and_ownership(live):
         for _ in range(3):
             c.get("/files")
     usage = alice.api_keys.usage(made.api_key.id)
-    assert usage["requests_this_hour"] == 3 and usage["total_requests"] == 3 and usage["remaining_requests"] == 57
+    assert usage["requests_this_hour"] == 3 and usage["total_requests"] == 3 and usage["remaining_requests"] == 37
     alice.api_keys.delete(made.api_key.id)
     with live.client(made.token) as c:
         assert c.get("/files").status_code == 401
