@@ -51,7 +51,7 @@ from runrl_engine.models import load_policy, load_reference, load_tokenizer, res
 from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
 from runrl_engine.rollout.hf import SamplingParams
-from runrl_engine.sandbox import EnvSandbox, RewardSandbox, inspect_user_code, install_requirements
+from runrl_engine.sandbox import EnvSandbox, RewardSandbox, detect_isolation, inspect_user_code, install_requirements
 from runrl_engine.tools.template import add_tool_prompt
 from runrl_engine.value import PolicyWithValue, load_critic
 
@@ -164,6 +164,9 @@ class Trainer:
             for url, why in self.tool_connection_errors.items():
                 self.log(f"MCP server {url} is unreachable at start ({why}); its tool calls will fail and be counted")
 
+        # Isolation fails closed before anything costly: with `sandbox_isolation: bwrap` and no working
+        # bubblewrap, no user code runs (not even pip) and the run stops with IsolationUnavailable.
+        detect_isolation(cfg.sandbox_isolation)
         req_dir = self._install_requirements()
         # param dtype: fp32 master weights for full fine-tuning (bf16 autocast on GPU); LoRA keeps the frozen
         # base in the compute dtype and peft keeps the adapter in fp32.
@@ -238,7 +241,7 @@ class Trainer:
         self.sandbox = sandbox_cls(Path(cfg.reward_file), num_workers=cfg.reward_workers,
                                    timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                    requirements_dir=req_dir, allow_network=cfg.reward_allow_network,
-                                   secrets=self.outputs.secrets, log=self.log,
+                                   secrets=self.outputs.secrets, log=self.log, isolation=cfg.sandbox_isolation,
                                    work_dir=output_dir / "sandbox" / f"rank{self.rank}")
         self.start_step, self.failed_reward_steps = 0, 0
         if resume:
@@ -280,7 +283,8 @@ class Trainer:
         target = self.out / "reward_env"
         if self.acc.is_main_process:
             self.log(f"installing package_requirements: {' '.join(self.cfg.package_requirements)}")
-            install_requirements(self.cfg.package_requirements, target, log=self.log)
+            install_requirements(self.cfg.package_requirements, target, log=self.log,
+                                 isolation=self.cfg.sandbox_isolation)
         self.acc.wait_for_everyone()
         return target
 
@@ -289,9 +293,13 @@ class Trainer:
         self.tool_schemas: list[dict[str, Any]] = []
         if not self.cfg.tools:
             return None
+        from runrl_engine.netpolicy import DestinationPolicy
         from runrl_engine.tools.mcp_client import ToolRuntime
 
-        runtime = ToolRuntime()
+        runtime = ToolRuntime(policy=DestinationPolicy(
+            allow_private=self.cfg.tool_allow_private_destinations, allowed=tuple(self.cfg.tool_allowed_destinations),
+            hint="allowed by tool_allow_private_destinations or tool_allowed_destinations (under `runrl serve`: the "
+                 "server's allow_private_destinations / allowed_destinations settings)"))
         probe = runtime.open_session(self.cfg.tools, call_timeout_s=self.cfg.tool_timeout_s)
         try:
             self.tool_schemas = probe.tool_schemas()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from runrl_engine.errors import UserError
+
 WORKER_SCRIPT = Path(__file__).resolve().with_name("_worker.py")
 SANDBOX_DIR_INSIDE = "/sandbox"  # where the private directory appears inside bubblewrap
 NOBODY = 65534
@@ -82,6 +84,17 @@ def worker_env(home: str, pythonpath: Sequence[str] = (), *, for_pip: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------- launching
+
+
+class IsolationUnavailable(UserError):
+    """`isolation="bwrap"` was required and bubblewrap cannot start a sandbox here: user code does not run."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"user code must run in a bubblewrap sandbox, and none can start on this host ({reason})",
+                         where="sandbox_isolation",
+                         fix="install bubblewrap (`apt install bubblewrap`) and allow it user namespaces, or, on a "
+                             "machine only you use, set sandbox_isolation: auto (the operator of `runrl serve` "
+                             "can allow that with --allow-unisolated)")
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,7 @@ def detect_isolation(prefer: str = "auto") -> Isolation:
                     return Isolation("bwrap", bwrap=bwrap, bwrap_flags=flags)
                 reason = f"bwrap trial failed: {done.stderr.decode(errors='replace').strip()[-300:]}"
         if prefer == "bwrap":
-            raise RuntimeError(f"bubblewrap isolation requested but unusable: {reason}")
+            raise IsolationUnavailable(reason)
     run_as = None
     if os.geteuid() == 0:
         # Dropping to `nobody` stops user code from reading the trainer's /proc/<pid>/environ and from

@@ -204,8 +204,8 @@ def _tiny_wheel(tmp_path: Path, name: str = "runrl_tinypkg") -> Path:
 def test_install_requirements_reach_the_workers_only(tmp_path):
     wheel = _tiny_wheel(tmp_path)
     logs: list[str] = []
-    target = install_requirements([str(wheel), "pip"], tmp_path / "reward_env", logs.append,
-                                  extra_args=["--no-index"], timeout_s=120)
+    target = install_requirements(["runrl_tinypkg==0.1", "pip"], tmp_path / "reward_env", logs.append,
+                                  extra_args=["--no-index"], find_links=[wheel.parent], timeout_s=120)
     assert (target / "runrl_tinypkg" / "__init__.py").exists()
     assert any("pip" in line and "already satisfied" in line for line in logs)
     assert importlib.util.find_spec("runrl_tinypkg") is None  # the trainer process does not see it
@@ -219,8 +219,34 @@ def test_install_requirements_failure_carries_pips_message(tmp_path):
     with pytest.raises(UserError) as info:
         install_requirements(["bad spec ==="], tmp_path / "reward_env", extra_args=["--no-index"], timeout_s=120)
     err = info.value
-    assert err.where == "package_requirements" and "Invalid requirement" in err.message
+    assert err.where == "package_requirements" and "not a requirement specifier" in err.message
     assert not (tmp_path / "reward_env").exists()
+    with pytest.raises(UserError) as info:  # a well-formed name that is not on the index: pip's own words
+        install_requirements(["runrl-no-such-package==1.0"], tmp_path / "reward_env", extra_args=["--no-index"],
+                             timeout_s=120)
+    assert "exit code" in info.value.message and "runrl-no-such-package" in info.value.message
+
+
+@pytest.mark.parametrize("entry", ["/etc", "/no/such/dir", "../reward_env", "./pkg", "~/.ssh", "file:///etc/passwd",
+                                   "pkg @ file:///etc", "C:\\x"])
+def test_requirements_are_specifiers_never_host_paths(tmp_path, entry):
+    # The same message whether the path exists or not: an error never reveals host file-system facts.
+    with pytest.raises(UserError) as info:
+        install_requirements([entry], tmp_path / "env", extra_args=["--no-index"], timeout_s=60)
+    message = info.value.message
+    assert info.value.where == "package_requirements" and not (tmp_path / "env").exists()
+    assert "not a requirement specifier" in message or "non-http(s) URL" in message
+    assert "exist" not in message.lower().replace("not a requirement", "")
+
+
+def test_url_requirements_only_when_allowed():
+    from runrl_engine.sandbox.requirements import check_requirements
+
+    url = "pkg @ https://files.example/pkg-1.0-py3-none-any.whl"
+    assert check_requirements([url, " sympy>=1.12 ", ""]) == [url, "sympy>=1.12"]
+    with pytest.raises(UserError, match="does not allow"):
+        check_requirements(["sympy", url], allow_urls=False)
+    assert check_requirements(['requests[socks]==2.32.3; python_version>="3.9"'], allow_urls=False)
 
 
 def test_install_requirements_refuses_pip_options(tmp_path):
