@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,20 @@ EXIT_USER_ERROR = 2
 def _train(args: argparse.Namespace) -> int:
     from runrl_engine.config import load_config
 
-    cfg = load_config(args.config, args.set or [])
+    secrets = None
+    if args.secrets_stdin:
+        try:
+            secrets = json.loads(sys.stdin.read() or "{}")
+        except json.JSONDecodeError as exc:
+            raise UserError(f"stdin is not a JSON object: {exc}", where="--secrets-stdin",
+                            fix='write one JSON object such as {"hf_token": "hf_..."} to stdin') from None
+        if not isinstance(secrets, dict):
+            raise UserError("stdin is not a JSON object", where="--secrets-stdin",
+                            fix='write one JSON object such as {"hf_token": "hf_..."} to stdin')
+    cfg = load_config(args.config, args.set or [], secrets)
+    # SIGTERM (a cancelled run, a stopping server) unwinds like Ctrl-C: the sandbox workers, their private
+    # directories and the MCP sessions are closed by the trainer's `finally`, nothing is left on disk.
+    signal.signal(signal.SIGTERM, _terminated)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
     if not args.resume and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run", where="--output",
@@ -35,6 +49,14 @@ def _train(args: argparse.Namespace) -> int:
                    "reward_mean": last.get("reward_mean"), "eval_reward_mean": last.get("eval_reward_mean")}
         print(json.dumps(summary))
     return 0
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+class Terminated(Exception):
+    """SIGTERM during training."""
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -83,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--secrets-stdin", action="store_true",
+                   help='read secret keys (e.g. {"hf_token": "..."}) as one JSON object from stdin, so they are '
+                        'never written to a file or a command line')
     p.set_defaults(func=_train)
 
     p = sub.add_parser("validate", help="check a prompt/SFT file or reward/environment code")
@@ -119,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM); sandbox workers stopped and their directories removed", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ class RunQueue:
             if ours and (row["lease_expires_at"] or 0) > time.time():
                 continue
             stopped = kill_orphan(row["pid"], runs_dir / str(row["id"]))
+            from server.worker import remove_leftovers  # (worker imports this module)
+
+            remove_leftovers(runs_dir / str(row["id"]))
             message = ("The server restarted while this run was in progress; " if not ours else
                        "The worker stopped renewing this run's lease; ")
             message += ("its training process was stopped. " if stopped else "its training process is gone. ")

@@ -12,6 +12,7 @@ are redacted from everything this module writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from server.policy import forced_config
 from server.queue import RunQueue, RunStatus
 from server.settings import Settings
 from server.store import Store
@@ -63,6 +65,21 @@ def error_from_stderr(stderr: str, returncode: int) -> str:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         return f"Training process was killed by {name}." + (f"\n{tail}" if tail else "")
     return tail or f"Training process exited with code {returncode} and printed no error."
+
+
+# What a run leaves that is nobody's business once it has ended: the config handed to the trainer, the
+# sandbox workers' private directories and the per-run package environment (user-written files, which a
+# later run must never find).
+LEFTOVERS = ("run.yaml", "sandbox", "reward_env")
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    for name in LEFTOVERS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class Worker:
@@ -154,14 +171,17 @@ class Worker:
     def _prepare(self, run: dict[str, Any], run_dir: Path) -> Path:
         inputs = run_dir / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
-        config = dict(run["config"])
+        config = forced_config(self.settings, run["config"])  # today's policy, even for runs queued before
+        config.update(tool_allow_private_destinations=self.settings.allow_private_destinations,
+                      tool_allowed_destinations=list(self.settings.allowed_destinations))
         for key, suffix in (("prompt_file", "prompt.jsonl"), ("reward_file", "reward.py"), ("sft_file", "sft.jsonl")):
             src = config.get(key)
             if src:
                 dst = inputs / suffix
                 shutil.copyfile(src, dst)
                 config[key] = str(dst)
-        config.update(run["secrets"])
+        # The run's secrets (hf_token) are never written down: `runrl train --secrets-stdin` reads them from a
+        # pipe. run.yaml holds only what config.yaml shows anyway, so a kill -9 leaves no secret behind.
         path = run_dir / "run.yaml"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -176,16 +196,23 @@ class Worker:
         env = {**os.environ, **self.settings.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [*self.settings.train_command, str(config_path), "--output", str(run_dir)]
+        cmd = [*self.settings.train_command, str(config_path), "--output", str(run_dir), "--secrets-stdin"]
         with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
             with self._lock:
                 if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
                                                             (run_id,)):
                     proc = None
                 else:
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.PIPE, env=env,
                                             cwd=str(run_dir), start_new_session=True)
                     self._procs[run_id] = proc
+        if proc is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps(run["secrets"]).encode("utf-8"))
+                proc.stdin.close()
+            except OSError:  # the process died at once; its exit status tells why
+                pass
         if proc is None:
             config_path.unlink(missing_ok=True)
             if self._stop.is_set() and not self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
@@ -215,6 +242,7 @@ class Worker:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            remove_leftovers(run_dir)
         self._finish(run_id, run_dir, proc.returncode, secrets)
 
     def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str]) -> None:

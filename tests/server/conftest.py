@@ -66,6 +66,8 @@ def start_server(settings: Settings) -> LiveServer:
 STAND_IN = r"""
 import json, sys, time, yaml, pathlib
 cfg = yaml.safe_load(open(sys.argv[1])); out = pathlib.Path(sys.argv[sys.argv.index('--output') + 1])
+if '--secrets-stdin' in sys.argv:
+    cfg.update(json.loads(sys.stdin.read() or '{}'))
 extra = cfg.get('run_name') or 'sleep=0.2,code=0'
 opts = dict(kv.split('=') for kv in extra.split(','))
 with open(out / 'logs.txt', 'a') as log:
