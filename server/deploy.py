@@ -13,17 +13,37 @@ Two halves in one module:
 
 The public `api_url` is `{base}/api/v1/deployments/{id}`: the API proxies `{api_url}/v1/chat/completions`
 to the subprocess, so inference uses the same keys, scopes and quotas as the rest of the API.
+
+Who can reach a model server: it listens on 127.0.0.1 only, and answers every request (`/health` and
+`/v1/models` included) 401 unless it carries `Authorization: Bearer <secret>` (constant-time compare). The
+secret is random per deployment start (`secrets.token_urlsafe(32)`), held only in the API process's memory
+(`DeploymentManager.token`; a restart starts every live deployment again with a fresh one) and handed to the
+subprocess in its environment (`RUNRL_DEPLOY_TOKEN`, removed from `os.environ` at startup), never on the
+command line: `/proc/<pid>/cmdline` is world-readable, `/proc/<pid>/environ` only to the same uid and root.
+User code runs in bubblewrap as another uid in its own pid namespace, so it can reach the port (when a run may
+use the network) but not the secret. Without bubblewrap, user code runs as the server's uid and could read it
+(see `require_isolation` in settings.py). Only the API's proxy and readiness probe send the secret; the
+caller's API key is never forwarded.
+
+Model servers do not outlive the API server: each sets `PR_SET_PDEATHSIG` = SIGKILL at startup (and exits if
+its parent is already gone), so a kill -9 of the API process kills them too; on Linux the signal follows the
+*thread* that started the child, so `start()` runs on a thread that lives as long as the server (the event
+loop's: the create route and the lifespan's `resume_all`). Where prctl is unavailable, a thread polls the
+parent pid instead. `resume_all` still kills recorded leftovers at the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +53,8 @@ from server.store import Store, now_iso
 
 READY_TIMEOUT_S = 600.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKEN_ENV = "RUNRL_DEPLOY_TOKEN"  # the per-deployment secret, to the subprocess (never argv)
+PARENT_ENV = "RUNRL_DEPLOY_PARENT"  # the API process's pid, so the subprocess can tell its parent died
 
 
 def _free_port() -> int:
@@ -48,6 +70,7 @@ class DeploymentManager:
         self.command = command
         self.logs_dir = logs_dir
         self._procs: dict[int, subprocess.Popen] = {}
+        self._tokens: dict[int, str] = {}  # deployment id -> the secret its running model server demands
         self._watchers: list[threading.Thread] = []
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -55,34 +78,43 @@ class DeploymentManager:
     def model_dir(self, run_id: int) -> Path:
         return self.runs_dir / str(run_id) / "final"
 
+    def token(self, deployment_id: int) -> str | None:
+        """The secret the deployment's running model server demands (None when none runs here)."""
+        with self._lock:
+            return self._tokens.get(deployment_id)
+
     def start(self, deployment_id: int) -> None:
         row = self.store.one("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
         port = _free_port()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{deployment_id}.log"
+        token = secrets.token_urlsafe(32)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
-                                                            if p)}
+                                                            if p), TOKEN_ENV: token, PARENT_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([*self.command, "--model-dir", str(self.model_dir(row["run_id"])), "--port",
                                      str(port), "--name", f"run-{row['run_id']}"], stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         with self._lock:
             self._procs[deployment_id] = proc
+            self._tokens[deployment_id] = token
         self.store.update("deployments", "id", deployment_id, {"status": "pending", "pid": proc.pid, "port": port,
                                                                 "error_message": None, "updated_at": now_iso()})
-        watcher = threading.Thread(target=self._watch, args=(deployment_id, proc, port, log_path), daemon=True)
+        watcher = threading.Thread(target=self._watch, args=(deployment_id, proc, port, log_path, token),
+                                   daemon=True)
         watcher.start()
         self._watchers.append(watcher)
 
-    def _watch(self, deployment_id: int, proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    def _watch(self, deployment_id: int, proc: subprocess.Popen, port: int, log_path: Path, token: str) -> None:
         import httpx
 
         deadline = time.time() + READY_TIMEOUT_S
+        auth = {"Authorization": f"Bearer {token}"}
         while time.time() < deadline:
             if proc.poll() is not None:
                 break
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers=auth, timeout=2).status_code == 200:
                     self._set(deployment_id, "active", only_from="pending")
                     proc.wait()
                     break
@@ -94,6 +126,7 @@ class DeploymentManager:
         with self._lock:
             if self._procs.get(deployment_id) is proc:
                 del self._procs[deployment_id]
+                self._tokens.pop(deployment_id, None)
         if self._closing.is_set():
             return  # stopped by a server shutdown: the deployment stays live and restarts with the server
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-8:]
@@ -119,6 +152,7 @@ class DeploymentManager:
                            (now_iso(), now_iso(), deployment_id))
         with self._lock:
             proc = self._procs.pop(deployment_id, None)
+            self._tokens.pop(deployment_id, None)
         if proc is not None:
             self._kill(proc)
 
@@ -140,6 +174,7 @@ class DeploymentManager:
         with self._lock:
             procs = list(self._procs.values())
             self._procs.clear()
+            self._tokens.clear()
         for proc in procs:
             self._kill(proc)
         for watcher in self._watchers:
@@ -147,6 +182,50 @@ class DeploymentManager:
 
 
 # ---- the model server (subprocess) ---------------------------------------------------------------------------
+
+def require_token(app: Any, token: str) -> Any:
+    """ASGI wrapper: every HTTP request without `Authorization: Bearer <token>` gets a 401 (websockets are closed)."""
+    expected = f"Bearer {token}".encode("latin-1")
+    body = json.dumps({"error": {"message": "Missing or invalid credential", "type": "authentication_error"}}).encode()
+
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(got, expected):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the API process that started it dies; exit now if it is already gone."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit():
+        return  # started by hand, not by a DeploymentManager
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError):
+        def poll() -> None:  # no prctl: notice the parent's death within a second
+            while os.getppid() == int(parent):
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=poll, daemon=True).start()
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
 
 def build_model_app(model_dir: str, name: str) -> Any:
     import torch
@@ -240,9 +319,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="runrl-model")
     args = parser.parse_args(argv)
+    _die_with_parent()
+    token = os.environ.pop(TOKEN_ENV, "")
+    if not token:
+        sys.exit(f"error: {TOKEN_ENV} is not set; the model server answers only requests that carry it as "
+                 "`Authorization: Bearer <secret>`")
     import uvicorn
 
-    uvicorn.run(build_model_app(args.model_dir, args.name), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(require_token(build_model_app(args.model_dir, args.name), token), host=args.host, port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`/deployments`: check, create (pending -> active | failed), list, detail, delete (soft; stops the model
 server), and the inference proxy `POST /deployments/{id}/v1/chat/completions` (= `{api_url}/v1/chat/...`).
-Every deployment endpoint needs the `write` scope (spec §1.7)."""
+Every deployment endpoint needs the `write` scope (spec §1.7). The proxy reaches the owner's model server on
+loopback with that deployment's secret (server/deploy.py); the caller's API key is not forwarded."""
 
 from __future__ import annotations
 
@@ -114,14 +115,22 @@ async def _proxy(request: Request, p: Principal, method: str, path: str) -> Resp
     if row["status"] != "active":
         raise ApiError(422, f"Deployment {row['id']} is {row['status']}, not active",
                        details={"status": row["status"]})
+    token = services(request).deployments.token(row["id"])
+    if token is None:
+        raise ApiError(503, f"Deployment {row['id']} has no running model server in this process; retry shortly")
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{row['port']}", timeout=httpx.Timeout(600, connect=5))
     upstream_req = client.build_request(method, path, content=await request.body(),
-                                        headers={"Content-Type": "application/json"})
+                                        headers={"Content-Type": "application/json",
+                                                 "Authorization": f"Bearer {token}"})
     try:
         upstream = await client.send(upstream_req, stream=True)
     except httpx.HTTPError as exc:
         await client.aclose()
         raise ApiError(503, f"The model server is not reachable: {exc}") from None
+    if upstream.status_code == 401:  # not our model server (the port was reused) or a stale secret
+        await upstream.aclose()
+        await client.aclose()
+        raise ApiError(503, "The model server refused the proxy's credential; retry shortly")
 
     async def body() -> AsyncIterator[bytes]:
         async for chunk in upstream.aiter_raw():
