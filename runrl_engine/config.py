@@ -130,6 +130,13 @@ class RunConfig:
                                        "not started (the episode counts as truncated).", ge=2, le=10_000_000)
     max_tool_calls: int = _f(8, "Most MCP tool calls in one episode; later calls get an error message.", ge=0)
     tool_timeout_s: float = _f(30.0, "Timeout of one MCP tool call, seconds.", gt=0)
+    tool_allow_private_destinations: bool = _f(
+        True, "Let the trainer connect to MCP servers on loopback, private, link-local and other non-public "
+              "addresses (public ones are always allowed). True suits `runrl train` on your own box; "
+              "`runrl serve` forces its own setting (`allow_private_destinations`, default false).")
+    tool_allowed_destinations: list[str] = _f(
+        [], "MCP destinations allowed even when non-public: `host:port`, `host`, an IP or a CIDR, e.g. "
+            "`127.0.0.1:8765`. `runrl serve` forces its `allowed_destinations`.")
     sft_epochs: int = _f(1, "Epochs of SFT warm-start over `sft_file`.", ge=1, le=100)
     sft_learning_rate: float = _f(2e-5, "Learning rate of the SFT warm-start.", gt=0, le=1)
 
@@ -139,6 +146,11 @@ class RunConfig:
     reward_memory_mb: int = _f(4096, "Memory limit (RLIMIT_DATA: heap and anonymous mappings) of each sandbox worker, MiB.", ge=64)
     reward_allow_network: bool = _f(True, "Let reward code reach the network (LLM judges); false isolates it "
                                           "where the host supports it.")
+    sandbox_isolation: Literal["auto", "bwrap", "subprocess"] = _f(
+        "auto", "How user code (rewards, environments, pip builds) is isolated: `auto` uses bubblewrap when a "
+                "trial sandbox starts here, else a plain subprocess (with a warning); `bwrap` refuses to run "
+                "without a working bubblewrap (`runrl serve` forces this unless started with "
+                "--allow-unisolated); `subprocess` never uses namespaces.")
     max_failed_reward_steps: int = _f(3, "Stop the run after this many consecutive steps whose rewards all "
                                          "failed.", ge=1)
 
@@ -246,6 +258,14 @@ class RunConfig:
             raise ConfigError("kl_in_reward puts the KL penalty into per-token rewards, which only GAE uses",
                               where=f"{source}: kl_in_reward",
                               fix="set `algorithm: ppo`, or keep the KL as a loss term (kl_in_reward: false)")
+        for entry in self.tool_allowed_destinations:
+            from runrl_engine.netpolicy import parse_destination
+
+            try:
+                parse_destination(entry)
+            except ValueError as exc:
+                raise ConfigError(str(exc), where=f"{source}: tool_allowed_destinations",
+                                  fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
         rollouts = self.prompts_per_step * self.num_generations
         if self.num_minibatches > rollouts:
             raise ConfigError(f"num_minibatches={self.num_minibatches} is more than the {rollouts} rollouts of a step "
@@ -271,8 +291,9 @@ class RunConfig:
                 if f.metadata.get("secret") and getattr(self, f.name)]
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML scalars)."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), secrets: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config and apply `key=value` overrides (values parsed as YAML scalars), then `secrets`
+    (secret keys only, e.g. `hf_token`: how `runrl serve` hands a run its secrets without writing them down)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config file not found", where=str(path), fix="pass the path of a YAML run config")
@@ -295,6 +316,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping of keys to values", where=str(path), fix="write `key: value` lines")
     data = apply_overrides(data, overrides)
+    if secrets:
+        secret_keys = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
+        wrong = sorted(k for k in secrets if k not in secret_keys)
+        if wrong:
+            raise ConfigError(f"{wrong} are not secret keys", where="--secrets-stdin",
+                              fix=f"pass only {sorted(secret_keys)} this way; other keys belong in the YAML")
+        data.update(secrets)
     return RunConfig.from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 

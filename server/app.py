@@ -26,6 +26,7 @@ from server.queue import RunQueue
 from server.ratelimit import RateLimiter
 from server.deploy import DeploymentManager
 from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation
+from server.routes.validation import ValidationPool
 from server.settings import Settings
 from server.store import ResponseCache, Store
 from server.worker import Worker
@@ -48,6 +49,7 @@ class Services:
     queue: RunQueue
     worker: Worker
     deployments: DeploymentManager
+    validation: ValidationPool
     cache: ResponseCache = field(default_factory=ResponseCache)
 
 
@@ -59,7 +61,9 @@ def build_services(settings: Settings) -> Services:
     return Services(settings=settings, store=store, auth=Authenticator(store), limiter=RateLimiter(), queue=queue,
                     worker=Worker(settings, store, queue),
                     deployments=DeploymentManager(store, settings.runs_dir, settings.deploy_command,
-                                                  settings.data_dir / "deployments"))
+                                                  settings.data_dir / "deployments"),
+                    validation=ValidationPool(settings.validation_workers, settings.validation_per_user,
+                                              settings.data_dir / "validate"))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -91,6 +95,7 @@ def create_app(settings: Settings) -> Starlette:
             flusher.cancel()
             await asyncio.to_thread(services.worker.stop)
             services.deployments.shutdown()
+            services.validation.shutdown()
             services.limiter.flush(services.store)
             services.store.close()
 

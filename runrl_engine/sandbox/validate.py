@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runrl_engine.errors import UserError
+from runrl_engine.sandbox.isolation import detect_isolation
 from runrl_engine.sandbox.static import _normal_mode, inspect_user_code
 
 DUMMY_COMPLETION = "This is a sample completion used to check the reward function. <answer>42</answer>"
@@ -23,8 +24,12 @@ MAX_SAMPLES = 3
 
 def validate_user_code(source: str, *, mode: str = "function", sample_rows: list[dict] | None = None,
                        timeout_s: float = 10, filename: str | None = None, allow_network: bool = False,
-                       isolation: str = "auto") -> dict[str, Any]:
-    """{"valid", "error" (first message or None), "errors" (all), "details" (entry, contract, samples, ...)}."""
+                       isolation: str = "auto", memory_mb: int = 4096, work_root: Path | None = None
+                       ) -> dict[str, Any]:
+    """{"valid", "error" (first message or None), "errors" (all), "details" (entry, contract, samples, ...)}.
+    `work_root`: where the temporary directory goes (the server uses one under its data dir and empties it
+    at start, so a kill mid-validation leaves nothing behind for long). With `isolation="bwrap"` and no
+    working bubblewrap this raises `IsolationUnavailable` instead of running the code."""
     mode = _normal_mode(mode)
     name = filename or ("reward.py" if mode == "function" else "environment.py")
     details: dict[str, Any] = {"mode": mode, "filename": name}
@@ -36,11 +41,14 @@ def validate_user_code(source: str, *, mode: str = "function", sample_rows: list
     if info.env_init:
         details["env_init"] = info.env_init
     rows = [dict(r) for r in (sample_rows or [{}])[:MAX_SAMPLES]]
-    with tempfile.TemporaryDirectory(prefix="runrl-validate-") as tmp:
+    detect_isolation(isolation)  # fails closed before the code is written anywhere
+    if work_root is not None:
+        Path(work_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="runrl-validate-", dir=work_root) as tmp:
         path = Path(tmp) / "code.py"
         path.write_text(source, encoding="utf-8")
         options = dict(num_workers=1, timeout_s=timeout_s, load_timeout_s=max(30.0, timeout_s),
-                       allow_network=allow_network, isolation=isolation, work_dir=Path(tmp),
+                       allow_network=allow_network, isolation=isolation, work_dir=Path(tmp), memory_mb=memory_mb,
                        display_name=name)
         try:
             if mode == "function":

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from runrl_engine.config import REDACTED, RunConfig
 from runrl_engine.errors import ConfigError
 from server.auth import Principal
+from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
 from server.queue import ACTIVE, RunStatus
 from server.routes import api, paged, paging, services
@@ -38,7 +39,9 @@ API_DEFAULTS = {"completion_length": 1024, "epochs": 1, "learning_rate_multiplie
                 "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.0}
 API_ONLY = {"prompt_file_id", "reward_file_id", "sft_file_id", "tool_ids"}
 # Config keys a request may not set directly: server paths and tool URLs come only from ids.
-NOT_FROM_BODY = {"prompt_file", "reward_file", "sft_file", "eval_prompt_file", "tools"}
+# The tool destination policy is the operator's (settings allow_private_destinations / allowed_destinations).
+NOT_FROM_BODY = {"prompt_file", "reward_file", "sft_file", "eval_prompt_file", "tools",
+                 "tool_allow_private_destinations", "tool_allowed_destinations"}
 SECRET_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
 CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -180,6 +183,7 @@ async def create(request: Request, p: Principal) -> Response:
     body = await read_json(request)
     errors: dict[str, str] = {}
     _check_api_fields(body, errors)
+    errors.update(check_run_request(svc.settings, body))
     prompt = _file_for(svc, p, body, "prompt_file_id", ("prompt",), errors, True)
     reward = _file_for(svc, p, body, "reward_file_id", ("reward_function", "environment"), errors, True)
     sft = _file_for(svc, p, body, "sft_file_id", ("sft",), errors, False)
@@ -187,11 +191,15 @@ async def create(request: Request, p: Principal) -> Response:
     if errors:
         raise ApiError(422, "Validation failed", details=errors)
     config: dict[str, Any] = {k: v for k, v in body.items()
-                              if k in CONFIG_KEYS and k not in NOT_FROM_BODY and v is not None}
+                              if k in CONFIG_KEYS and k not in NOT_FROM_BODY and k not in POLICY_KEYS
+                              and v is not None}
     config.update(prompt_file=str(file_path(svc, prompt)), reward_file=str(file_path(svc, reward)),
                   tools=[t["mcp_url"] for t in tools])
     if sft:
         config["sft_file"] = str(file_path(svc, sft))
+    config = forced_config(svc.settings, config)
+    config.update(tool_allow_private_destinations=svc.settings.allow_private_destinations,
+                  tool_allowed_destinations=list(svc.settings.allowed_destinations))
     try:
         cfg = RunConfig.from_dict(config, source="run")
     except ConfigError as exc:

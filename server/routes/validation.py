@@ -4,12 +4,24 @@ The same checks as `runrl validate`: prompt and SFT files through `runrl_engine.
 through `runrl_engine.sandbox.validate_user_code`, which runs the code in the sandbox on up to three rows of
 the given prompt file and reports what it returned. Problems in the user's input are a `valid: false`
 payload (200), not an HTTP error; a file that does not exist or is not the caller's is a 404.
+
+Code validation runs user code, so it has its own bounded pool (`ValidationPool`: `validation_workers`
+threads, at most `validation_per_user` in flight per user, each sandbox capped at `validation_memory_mb`): a
+user over their share gets 429 and a full pool 503, both at once with `Retry-After`, and the cheap prompt and
+SFT checks never wait behind it. With `require_isolation` (the default) and no working bubblewrap, code
+validation answers 503 and runs nothing. Temporary directories live under `<data_dir>/validate/`, emptied at
+every server start.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import shutil
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,10 +29,48 @@ from starlette.responses import Response
 from runrl_engine import data
 from runrl_engine.errors import UserError
 from runrl_engine.sandbox import validate_user_code
+from runrl_engine.sandbox.isolation import IsolationUnavailable, detect_isolation
 from server.auth import Principal
 from server.errors import ApiError, ok, read_json
 from server.routes import api, field, services
 from server.routes.files import file_path, owned_file
+
+RETRY_AFTER_S = 5
+
+
+class ValidationPool:
+    """A fixed set of threads for code validation, with a per-user cap; refuses rather than queues."""
+
+    def __init__(self, workers: int, per_user: int, work_root: Path):
+        self.workers, self.per_user, self.work_root = workers, per_user, work_root
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runrl-validate")
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._by_user: Counter[int] = Counter()
+        shutil.rmtree(work_root, ignore_errors=True)  # what a killed server left mid-validation
+        work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    async def run(self, user_id: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        with self._lock:
+            if self._by_user[user_id] >= self.per_user:
+                raise ApiError(429, f"You already have {self.per_user} code validations running; retry when one "
+                                    f"has finished", details={"retry_after": RETRY_AFTER_S}, headers=retry)
+            if self._busy >= self.workers:
+                raise ApiError(503, "Every code-validation worker is busy; retry in a few seconds",
+                               details={"retry_after": RETRY_AFTER_S}, headers=retry)
+            self._busy += 1
+            self._by_user[user_id] += 1
+        try:
+            return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._by_user[user_id] -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
 
 MODES = {"function": "function", "reward_function": "function", "reward": "function",
          "environment": "environment", "env": "environment"}
@@ -54,7 +104,21 @@ async def reward_function(request: Request, p: Principal) -> Response:
         except UserError as exc:
             return ok({"valid": False, "error": f"prompt file: {exc.message}", "errors": [exc.render()],
                        "details": {"stage": "prompt_file", "prompt_file_id": prompt_id}})
-    report = await asyncio.to_thread(validate_user_code, source, mode=mode, sample_rows=rows)
+    svc = services(request)
+    isolation = "bwrap" if svc.settings.require_isolation else "auto"
+    try:
+        detect_isolation(isolation)
+    except IsolationUnavailable as exc:
+        raise ApiError(503, "This server runs user code only in a bubblewrap sandbox, and none can start on this "
+                            "host; the code was not run", details={"isolation": exc.message}) from None
+    pool: ValidationPool = svc.validation
+    try:
+        report = await pool.run(p.user_id, validate_user_code, source, mode=mode, sample_rows=rows,
+                                isolation=isolation, memory_mb=svc.settings.validation_memory_mb,
+                                work_root=pool.work_root)
+    except IsolationUnavailable as exc:  # bubblewrap stopped working since the check above
+        raise ApiError(503, "This server runs user code only in a bubblewrap sandbox, and none can start on this "
+                            "host; the code was not run", details={"isolation": exc.message}) from None
     if prompt_id:
         report.setdefault("details", {})["prompt_file_id"] = prompt_id
     return ok(report)
