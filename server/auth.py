@@ -16,7 +16,9 @@ nothing more (not even that a key exists but is revoked). A valid key from the s
 authenticates, so a legitimate user behind the same NAT as a prober keeps working; the throttle bounds what
 probing costs and reveals, it does not make guessing slower (a secret is 32 base-36 characters, ~165 bits).
 A request without any key is not a failure. The address is the ASGI client address, i.e. what uvicorn
-reports (behind a trusted proxy with proxy headers, the forwarded one).
+reports: with uvicorn's default `proxy_headers` (trusting `X-Forwarded-For` from 127.0.0.1), a client on the
+loopback interface can name any address and so spread its failures; remote clients cannot. Counters are in
+memory, per server process.
 
 What a key may do to keys (routes/keys.py): a key never creates a key with a scope it lacks, a quota above its
 own (the default is min(10 000, its own)) or an expiry later than its own; only an `admin` key raises a quota,
