@@ -11,6 +11,7 @@ Not covered here: the worker protocol (`pool.py`), resource limits (set by the w
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -83,6 +84,106 @@ def worker_env(home: str, pythonpath: Sequence[str] = (), *, for_pip: bool = Fal
     return env
 
 
+# ------------------------------------------------------------------------------------------- memory cgroups
+
+SHM_MB = 64  # size of the private tmpfs on /dev/shm inside bubblewrap
+CGROUP_HEADROOM_MB = 256  # on top of RLIMIT_DATA + SHM_MB: interpreter pages, page cache of files written
+_CGROUP_PREFIX = "runrl-sandbox-"
+_cgroup_counter = itertools.count()
+
+
+@functools.lru_cache(maxsize=None)
+def memory_cgroup_base() -> tuple[Path, str] | None:
+    """(our own memory cgroup directory, "v1" | "v2") when we may create child cgroups in it, else None.
+
+    A worker in its own child cgroup has *all* its memory counted against the limit: shared mappings, memfd,
+    tmpfs pages, which RLIMIT_DATA does not see. v1: the `memory` hierarchy, writable (root in most
+    containers). v2: only where `memory` is already enabled for our cgroup's children (a delegated subtree)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "" and rel:  # v2
+            root = Path("/sys/fs/cgroup")
+            if not (root / "cgroup.controllers").exists():
+                root = root / "unified"
+            base, version, limit_file = root / rel.lstrip("/"), "v2", "memory.max"
+            try:
+                if "memory" not in (base / "cgroup.subtree_control").read_text().split():
+                    continue
+            except OSError:
+                continue
+        elif "memory" in controllers.split(","):
+            base, version, limit_file = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), "v1", "memory.limit_in_bytes"
+        else:
+            continue
+        probe = base / f"{_CGROUP_PREFIX}{os.getpid()}-probe"
+        try:
+            probe.mkdir(exist_ok=True)
+            ok = (probe / limit_file).exists()
+            probe.rmdir()
+        except OSError:
+            continue
+        if ok:
+            return base, version
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def create_memory_cgroup(limit_mb: int, owner: int | None = None) -> Path | None:
+    """A fresh child cgroup limited to `limit_mb` (swap included where the host counts it), or None when the
+    host gives us none. Empty cgroups left by trainers that died are removed first. `owner`: a uid that
+    must be able to move itself in (the unprivileged fallback worker)."""
+    found = memory_cgroup_base()
+    if found is None:
+        return None
+    base, version = found
+    for stale in base.glob(f"{_CGROUP_PREFIX}*"):
+        pid = stale.name[len(_CGROUP_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            release_memory_cgroup(stale)
+    path = base / f"{_CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_counter)}"
+    limit = str(limit_mb * 1024 * 1024)
+    try:
+        path.mkdir()
+        if version == "v1":
+            (path / "memory.limit_in_bytes").write_text(limit)
+            for name in ("memory.memsw.limit_in_bytes",):  # only where swap accounting exists
+                if (path / name).exists():
+                    (path / name).write_text(limit)
+        else:
+            (path / "memory.max").write_text(limit)
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+        if owner is not None:
+            os.chown(path / "cgroup.procs", owner, owner)
+    except OSError:
+        release_memory_cgroup(path)
+        return None
+    return path
+
+
+def release_memory_cgroup(path: Path | None) -> None:
+    """Remove a worker's cgroup (it must be empty; a busy one is left for the next sweep)."""
+    if path is None:
+        return
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 # ------------------------------------------------------------------------------------------- launching
 
 
@@ -153,7 +254,9 @@ def _bwrap_command(bwrap: str, flags: Sequence[str], *, allow_network: bool, pri
         cmd += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     # /tmp before the host paths: a path under the host's /tmp (a venv, a requirements dir) is then mounted
     # on top of the private /tmp instead of being hidden by it.
-    cmd += ["--proc", "/proc", "--dev", "/dev", *private]
+    # /dev/shm is a small private tmpfs: shared memory written there is bounded (and dies with the sandbox).
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", "/dev/shm",
+            *private]
     bound = ["/usr"]
     for p in [*_python_paths(), *ro_paths]:
         if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in bound):
@@ -244,13 +347,27 @@ class Launcher:
         cmd += [sys.executable, "-s", str(WORKER_SCRIPT), config, *extra_args]
         env = worker_env(home, req, for_pip=role == "pip")
         kwargs: dict = {}
-        if iso.mode == "subprocess" and iso.run_as is not None:
+        unprivileged = iso.mode == "subprocess" and iso.run_as is not None
+        if unprivileged:
             for path in [private_dir, private_dir / "tmp", *map(Path, extra_rw)]:
                 os.chown(path, iso.run_as, iso.run_as)
             kwargs.update(user=iso.run_as, group=iso.run_as, extra_groups=[])
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
-                                start_new_session=True, close_fds=True, **kwargs)
+        cgroup = None
+        if limits.get("data_mb"):
+            cgroup = create_memory_cgroup(int(limits["data_mb"]) + SHM_MB + CGROUP_HEADROOM_MB,
+                                          owner=iso.run_as if unprivileged else None)
+        if cgroup is not None:
+            # The shell joins the cgroup, then becomes the worker (or bwrap): everything it starts is inside.
+            cmd = ["/bin/sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", str(cgroup / "cgroup.procs"), *cmd]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+                                    start_new_session=True, close_fds=True, **kwargs)
+        except BaseException:
+            release_memory_cgroup(cgroup)
+            raise
+        proc.memory_cgroup = cgroup  # type: ignore[attr-defined]  (released by the pool with the worker)
+        return proc
 
 
 def descendants(pid: int) -> list[int]:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from runrl_engine.errors import UserCodeError
-from runrl_engine.sandbox.isolation import Isolation, Launcher, detect_isolation, env_secret_values, host_pid, redact
+from runrl_engine.sandbox.isolation import (Isolation, Launcher, detect_isolation, env_secret_values, host_pid, redact,
+                                            release_memory_cgroup)
 from runrl_engine.sandbox.static import UserCodeInfo, inspect_user_code
 
 _READ_CHUNK = 1 << 16
@@ -99,9 +100,26 @@ def _kill_all(procs: dict[int, subprocess.Popen], root: Path | None) -> None:
             proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             pass
+        _release_cgroup(proc)
     procs.clear()
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _release_cgroup(proc: subprocess.Popen) -> None:
+    """Remove the worker's memory cgroup once its processes are gone (briefly waits for the kill to land)."""
+    cgroup = getattr(proc, "memory_cgroup", None)
+    if cgroup is None:
+        return
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+    for _ in range(20):
+        release_memory_cgroup(cgroup)
+        if not cgroup.exists():
+            return
+        time.sleep(0.01)
 
 
 def describe_exit(returncode: int | None, bwrap: bool) -> str:
@@ -441,6 +459,7 @@ class WorkerPool:
         if self._workers[w.slot] is w:
             self._workers[w.slot] = None
         shutil.rmtree(w.dir, ignore_errors=True)
+        _release_cgroup(w.proc)
 
     # ---- for subclasses -----------------------------------------------------------------------------------
 

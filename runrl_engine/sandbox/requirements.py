@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from runrl_engine.errors import UserError
-from runrl_engine.sandbox.isolation import Launcher, detect_isolation, env_secret_values, redact
+from runrl_engine.sandbox.isolation import Launcher, detect_isolation, env_secret_values, redact, release_memory_cgroup
 
 _FIX = "check each entry is a pip requirement that exists on the package index (e.g. 'sympy==1.13'), or remove it"
 _SPEC_FIX = ("write each entry as a requirement specifier: a package name with optional [extras], versions and a "
@@ -138,8 +138,10 @@ def _run_pip(reqs: list[str], target: Path, private: Path, say: Callable[[str], 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
+        release_memory_cgroup(getattr(proc, "memory_cgroup", None))
         raise UserError(f"installing package_requirements took longer than {timeout_s:g} s",
                         where="package_requirements", fix="install fewer or smaller packages") from None
+    release_memory_cgroup(getattr(proc, "memory_cgroup", None))
     stdout = out.decode("utf-8", errors="replace")
     if proc.returncode != 0:
         tail = (err.decode("utf-8", errors="replace").strip() or stdout.strip())[-2000:]

@@ -58,3 +58,52 @@ def test_a_forged_out_of_range_result_is_refused_by_the_parent(tmp_path):
         [result] = sandbox.score(["x"], [{}])
     assert result.reward == 0.0
     assert f"within ±{MAX_ABS_REWARD:g}" in (result.error or "")
+
+
+# ---- finding 12: shared memory inside the memory cap -----------------------------------------------------
+
+def _one(tmp_path: Path, source: str, **kw):
+    with RewardSandbox(_code(tmp_path, source), num_workers=1, timeout_s=60, work_dir=tmp_path / "sb", **kw) as sb:
+        return sb.score(["x"], [{}])[0], sb.mode
+
+
+def test_dev_shm_is_a_small_private_tmpfs(tmp_path):
+    result, mode = _one(tmp_path, """
+        def reward_fn(completion, **row):
+            written = 0
+            try:
+                with open("/dev/shm/fill", "wb") as f:
+                    for _ in range(256):
+                        f.write(b"x" * (1 << 20))
+                        f.flush()
+                        written += 1
+            except OSError:
+                pass
+            return float(written)
+        """, memory_mb=256)
+    if mode != "bwrap":
+        pytest.skip("bubblewrap unavailable: /dev/shm is the host's (documented)")
+    assert result.error is None and result.reward < 65, result  # 64 MiB, not 256
+
+
+def test_shared_mappings_count_against_the_memory_cap(tmp_path):
+    from runrl_engine.sandbox.isolation import memory_cgroup_base
+
+    if memory_cgroup_base() is None:
+        pytest.skip("no memory cgroup can be created on this host: shared mappings are not counted (documented)")
+    source = """
+        import mmap
+        def reward_fn(completion, **row):
+            m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_SHARED)
+            for i in range(0, 1 << 30, 4096):
+                m[i] = 1
+            return 1.0
+        """
+    result, _ = _one(tmp_path, source, memory_mb=256)
+    assert result.reward == 0.0 and "SIGKILL" in (result.error or ""), result
+    base, _ = memory_cgroup_base()
+    import os
+
+    assert not [p for p in base.glob(f"runrl-sandbox-{os.getpid()}-*")]  # released with the worker
+    ok, _ = _one(tmp_path, source.replace("1 << 30", "64 << 20"), memory_mb=256)  # within the cap: fine
+    assert ok.error is None and ok.reward == 1.0
