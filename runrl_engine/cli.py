@@ -83,7 +83,12 @@ def _validate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from server.cli import serve
 
-    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots)
+    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots,
+          trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,
+          allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
+          allow_private_destinations=args.allow_private_destinations,
+          allowed_destinations=tuple(args.allow_destination or ()), validation_workers=args.validation_workers,
+          validation_per_user=args.validation_per_user)
     return 0
 
 
@@ -121,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=str(Path.home() / ".runrl"))
     p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
+    policy = p.add_argument_group("security policy (the defaults are the safe ones)")
+    policy.add_argument("--allow-unisolated", action="store_true",
+                        help="run user code even where bubblewrap cannot start (then it is NOT isolated: it can "
+                             "read what the server's user can read); default: refuse such runs and validations")
+    policy.add_argument("--allow-user-network", action="store_true",
+                        help="let runs set reward_allow_network: true (the sandbox then shares the host network, "
+                             "loopback included); default: user code has no network")
+    policy.add_argument("--allow-url-requirements", action="store_true",
+                        help="accept `name @ https://...` entries in package_requirements; default: index names only")
+    policy.add_argument("--allow-private-destinations", action="store_true",
+                        help="let MCP tools (test-mcp, run tools) reach loopback, private and link-local addresses")
+    policy.add_argument("--allow-destination", action="append", metavar="HOST[:PORT]|CIDR",
+                        help="allow one non-public MCP destination, e.g. 127.0.0.1:8765 (repeatable)")
+    policy.add_argument("--validation-workers", type=int, default=4, help="concurrent code validations (default 4)")
+    policy.add_argument("--validation-per-user", type=int, default=2,
+                        help="concurrent code validations per user (default 2)")
+    policy.add_argument("--trusted-proxy", action="append", metavar="IP",
+                        help="a reverse proxy whose X-Forwarded-For is believed (repeatable; default none)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("keys", help="manage API keys")

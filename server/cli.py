@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 from server import auth
 from server.settings import Settings, default_slots
@@ -10,13 +11,17 @@ from server.store import Store
 
 
 def serve(*, host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path = "~/.runrl",
-          slots: int | None = None) -> None:
+          slots: int | None = None, trusted_proxies: Sequence[str] = (), **policy: Any) -> None:
+    """`policy`: Settings security fields (require_isolation, allow_user_network, allowed_destinations, ...).
+    `trusted_proxies`: addresses whose X-Forwarded-For is believed (none by default, so a client cannot pick
+    the address the failed-authentication throttle counts)."""
     import uvicorn
 
     from server.app import create_app
 
-    settings = Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or default_slots())
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    settings = Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or default_slots(), **policy)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+                proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
 
 
 def create_key(*, name: str, scopes: list[str], user: str = "admin", data_dir: str | Path = "~/.runrl") -> str:

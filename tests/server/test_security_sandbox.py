@@ -9,6 +9,7 @@ import stat
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -222,3 +223,36 @@ def test_a_cancelled_real_run_leaves_no_user_files(make_live, settings):
         assert wait_status(c, run_id, {"CANCELLED", "FAILED", "COMPLETED"}, timeout=60)["status"] == "CANCELLED"
     assert not (run_dir / "sandbox").exists() and not (run_dir / "run.yaml").exists()
     assert "terminated (SIGTERM)" in (run_dir / "stderr.log").read_text()  # the trainer unwound, not just died
+
+
+# ---- `runrl serve`: the policy flags reach the settings; X-Forwarded-For is not believed by default -----------
+
+def test_runrl_serve_throttles_by_the_real_address(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "runrl_engine.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path / "home"), "--slots", "1", "--allow-destination", "127.0.0.1:9"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api/v1/health"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        bad = "rl_aaaaaaaa_" + "b" * 32
+        codes = [httpx.get(url, headers={"Authorization": f"Bearer {bad}", "X-Forwarded-For": f"10.0.0.{i}"}).status_code
+                 for i in range(31)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert codes[:30] == [401] * 30 and codes[30] == 429  # default auth_failures_per_minute=30, one address
