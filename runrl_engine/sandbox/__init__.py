@@ -18,11 +18,25 @@ own run (reward code can always return garbage). The mode is chosen at runtime (
   requirements directory. Writable: only the worker's private directory (mounted at `/sandbox`, and its
   `tmp/` at `/tmp`). Home directories, the run directory, the server's data directory and caches such as
   `~/.cache/huggingface` are not there at all;
-- `allow_network=False` (the default here; the run config decides for training): a private network
-  namespace with only its own loopback, so neither the internet nor services on the host's 127.0.0.1 nor
-  cloud metadata endpoints are reachable. `allow_network=True` shares the host network, loopback included;
+- `allow_network=False` (the default here; the run config decides for training, and `runrl serve` forces it
+  unless the operator passes --allow-user-network): a private network namespace with only its own loopback,
+  so neither the internet nor services on the host's 127.0.0.1 nor cloud metadata endpoints are reachable.
+  `allow_network=True` shares the host network: loopback, private ranges and metadata endpoints are then
+  reachable, and no destination filter applies (which is why everything the server starts that listens
+  demands a credential);
 - a user namespace with uid 65534 and no capabilities, and no nested user namespaces (hosts without
-  unprivileged user namespaces: as root with all capabilities dropped).
+  unprivileged user namespaces: as root with all capabilities dropped);
+- `/dev/shm` is a private 64 MiB tmpfs (`isolation.SHM_MB`), gone with the sandbox.
+
+**memory cgroup** (both modes, where the host lets us create one: cgroup v1's memory hierarchy writable, or
+cgroup v2 with `memory` delegated to our children): each worker runs in its own child cgroup limited to
+`memory_mb` + 64 + 256 MiB, so shared mappings (`MAP_SHARED`, memfd) and tmpfs pages count too; going over
+kills the worker (its item scores 0, "killed by SIGKILL"). Without one, only RLIMIT_DATA applies.
+
+**Failing closed**: `isolation="bwrap"` (config key `sandbox_isolation`; `runrl serve` forces it unless started
+with --allow-unisolated) refuses to start any worker, pip build or validation when bubblewrap cannot start a
+sandbox here (`IsolationUnavailable`, a UserError naming `sandbox_isolation`). `isolation="auto"` (the
+default for `runrl train` on your own machine) falls back to a plain subprocess with a logged warning.
 
 **fallback mode** (plain subprocess), and in both modes:
 - the environment is built from an allowlist (PATH, LANG, LC_*, TZ; HOME and TMPDIR = the private directory;
@@ -41,16 +55,21 @@ own run (reward code can always return garbage). The mode is chosen at runtime (
 (`allow_network=False` cannot be enforced; a warning is logged), and, when the worker runs as the trainer's
 own uid, the trainer's process: its `/proc/<pid>/environ` (secrets it was started with) is readable and it can
 be signalled or traced. A process that leaves the worker's session survives the kill.
-**Not isolated in either mode**: the kernel (no seccomp filter), memory that RLIMIT_DATA does not count
-(shared memory, tmpfs such as /dev/shm), total disk use of the private directory (only the size of each file
-is capped), the number of processes unless the worker runs as `nobody` in fallback mode (RLIMIT_NPROC counts
-per uid, and never applies to root), CPU and memory contention with the trainer (no cgroups).
+**Not isolated in either mode**: the kernel (no seccomp filter); without a memory cgroup, memory that
+RLIMIT_DATA does not count (shared mappings, memfd; and in fallback mode the host's /dev/shm); total disk
+use of the private directory (only the size of each file is capped); the number of processes unless the
+worker runs as `nobody` in fallback mode (RLIMIT_NPROC counts per uid, and never applies to root); CPU
+contention with the trainer (no CPU cgroup); with network allowed, which destinations are reached.
+
+Rewards: only finite numbers within ±1e15 (`pool.MAX_ABS_REWARD`, checked in the worker and again in the
+parent, since user code can write to the protocol pipe) are used; anything else scores 0 as an error.
+`package_requirements` are requirement specifiers only (`requirements.check_requirements`), never paths.
 """
 
 from __future__ import annotations
 
 from runrl_engine.sandbox.env import EnvSandbox, EnvStart, EnvStep
-from runrl_engine.sandbox.isolation import Isolation, detect_isolation, redact, worker_env
+from runrl_engine.sandbox.isolation import Isolation, IsolationUnavailable, detect_isolation, redact, worker_env
 from runrl_engine.sandbox.pool import SandboxStats
 from runrl_engine.sandbox.requirements import install_requirements
 from runrl_engine.sandbox.reward import RewardResult, RewardSandbox
@@ -58,7 +77,7 @@ from runrl_engine.sandbox.static import UserCodeInfo, inspect_user_code
 from runrl_engine.sandbox.validate import validate_user_code
 
 __all__ = [
-    "EnvSandbox", "EnvStart", "EnvStep", "Isolation", "RewardResult", "RewardSandbox", "SandboxStats",
+    "EnvSandbox", "EnvStart", "EnvStep", "Isolation", "IsolationUnavailable", "RewardResult", "RewardSandbox", "SandboxStats",
     "UserCodeInfo", "detect_isolation", "inspect_user_code", "install_requirements", "redact",
     "validate_user_code", "worker_env",
 ]
