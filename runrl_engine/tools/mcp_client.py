@@ -22,6 +22,17 @@ because that is what creates an `Mcp-Session-Id`, the key stateful servers use f
 The 2026-07-28 era that `mode="auto"` negotiates is sessionless. If a server refuses the handshake with
 an MCP error, the connection is retried once with `mode="auto"`.
 
+Destinations: every connection goes through `runrl_engine.netpolicy.AsyncGuardedTransport` with the
+`DestinationPolicy` given to `handshake_async` / `ToolRuntime` (default: `PERMISSIVE`, every address allowed,
+which is what `runrl train` on a user's own box wants; the server passes its own, and a run's trainer the one
+from `tool_allow_private_destinations` / `tool_allowed_destinations`). The check happens on the resolved
+address of each new TCP connection (see netpolicy for what that covers). Redirects are never followed, the
+SDK's own same-origin following included: a 3xx ends the handshake with "answered with a redirect; register the
+final URL". A policy refusal gives the policy's message. Every other failure to connect, initialize or list
+tools (connection refused, timeout, DNS failure, TLS error, an HTTP server that is not MCP, an MCP error)
+gives ONE message, "could not complete an MCP handshake with <url> ...", so the answer does not tell a closed
+port from an open one; the underlying reason is logged at DEBUG for the operator.
+
 Tool-name collisions across servers: the first URL in `tools` order keeps the bare name; a later server's
 tool with the same name is exposed as `<server-name>__<tool>` (server name from its initialize reply,
 reduced to `[A-Za-z0-9_-]`, `_2`, `_3`... appended if still taken). `ToolSpec.remote_name` keeps the name
@@ -55,6 +66,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from runrl_engine.netpolicy import AsyncGuardedTransport, DestinationDenied, DestinationPolicy, RedirectRefused
 from runrl_engine.tools.parsing import render_tool_schemas
 
 logger = logging.getLogger(__name__)
@@ -71,6 +83,8 @@ _TIMEOUT_GRACE_S = 0.5
 # whole of a long generation phase between two calls, so the SDK's 300 s default is too short.
 _SSE_IDLE_S = 24 * 3600.0
 _MAX_TOOL_PAGES = 100
+# The default policy of this module's entry points: every destination allowed (redirects still refused).
+PERMISSIVE = DestinationPolicy(allow_private=True)
 
 
 @dataclass(frozen=True)
@@ -146,31 +160,43 @@ def _result_text(result: mcp_types.CallToolResult, max_chars: int) -> str:
     return text
 
 
-def _http_client(ssl_context: ssl.SSLContext, timeout_s: float, read_s: float | None) -> httpx2.AsyncClient:
+@dataclass(frozen=True)
+class _Net:
+    """How one connection reaches its server: the TLS context, the destination policy, where refusals go."""
+
+    ssl_context: ssl.SSLContext
+    policy: DestinationPolicy
+    refusals: list[Exception]
+
+
+def _http_client(net: _Net, timeout_s: float, read_s: float | None) -> httpx2.AsyncClient:
     # One shared SSLContext: building one per client (the SDK's default) costs ~0.1 s of CPU to load the
     # CA bundle, which dominated opening 64 episode sessions.
-    return httpx2.AsyncClient(timeout=httpx2.Timeout(timeout_s, read=read_s), verify=ssl_context)
+    transport = AsyncGuardedTransport(net.policy, flavor="httpx2", ssl_context=net.ssl_context,
+                                      on_refusal=net.refusals.append)
+    return httpx2.AsyncClient(timeout=httpx2.Timeout(timeout_s, read=read_s), transport=transport,
+                              follow_redirects=False, trust_env=False)
 
 
 @asynccontextmanager
-async def _streamable_http(url: str, ssl_context: ssl.SSLContext, timeout_s: float) -> AsyncIterator[Any]:
+async def _streamable_http(url: str, net: _Net, timeout_s: float) -> AsyncIterator[Any]:
     # No read timeout at the HTTP layer: every wait on a response is bounded by a call timeout above it.
     async with (
-        _http_client(ssl_context, timeout_s, None) as http,
+        _http_client(net, timeout_s, None) as http,
         streamable_http_client(url, http_client=http) as streams,
     ):
         yield streams
 
 
-def _new_client(url: str, mode: str, timeout_s: float, ssl_context: ssl.SSLContext) -> Client:
+def _new_client(url: str, mode: str, timeout_s: float, net: _Net) -> Client:
     if detect_transport(url) == "sse":
 
         def factory(headers: Any = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
-            return _http_client(ssl_context, timeout_s, _SSE_IDLE_S)
+            return _http_client(net, timeout_s, _SSE_IDLE_S)
 
         transport: Any = sse_client(url, timeout=timeout_s, sse_read_timeout=_SSE_IDLE_S, httpx_client_factory=factory)
     else:
-        transport = _streamable_http(url, ssl_context, timeout_s)
+        transport = _streamable_http(url, net, timeout_s)
     # read_timeout_seconds bounds initialize and tools/list; tool calls pass their own timeout.
     return Client(transport, mode=mode, read_timeout_seconds=timeout_s, cache=None)
 
@@ -184,10 +210,16 @@ class _Connection:
     """
 
     def __init__(
-        self, url: str, *, connect_timeout_s: float, max_result_chars: int, ssl_context: ssl.SSLContext
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float,
+        max_result_chars: int,
+        ssl_context: ssl.SSLContext,
+        policy: DestinationPolicy = PERMISSIVE,
     ) -> None:
         self.url = url
-        self.ssl_context = ssl_context
+        self.net = _Net(ssl_context, policy, [])
         self.transport = detect_transport(url)
         self.connect_timeout_s = connect_timeout_s
         self.max_result_chars = max_result_chars
@@ -213,14 +245,26 @@ class _Connection:
         self._owner = loop.create_task(self._run(ready), name=f"mcp-connection {self.url}")
         done, _ = await asyncio.wait({ready}, timeout=self.connect_timeout_s)
         if not done:
-            self.error = f"could not connect to {self.url} within {self.connect_timeout_s:g} s"
+            problem: str | None = f"no answer within {self.connect_timeout_s:g} s"
             await self._stop_owner(1.0)
-        elif (problem := ready.result()) is not None:
-            self.error = f"could not connect to {self.url}: {problem}"
-            if "Not Found" in problem:
-                self.error += " (is this the server's MCP endpoint? usually a path ending in /mcp, or /sse for SSE)"
-        if self.error:
-            logger.debug("MCP: %s", self.error)
+        else:
+            problem = ready.result()
+        if problem is not None:
+            logger.debug("MCP: handshake with %s failed: %s", self.url, problem)
+            self.error = self._failure()
+
+    def _failure(self) -> str:
+        """The message for a failed open: the policy's, the redirect's, or the one for everything else."""
+        for refusal in self.net.refusals:
+            if isinstance(refusal, DestinationDenied):
+                return f"{self.url}: {refusal}"
+        for refusal in self.net.refusals:
+            if isinstance(refusal, RedirectRefused):
+                return (f"the MCP server at {self.url} answered with a redirect (HTTP {refusal.status}"
+                        f"{f' to {refusal.location}' if refusal.location else ''}); redirects are not followed: "
+                        "register the final URL")
+        return (f"could not complete an MCP handshake with {self.url} (is an MCP server answering at that URL? "
+                "the endpoint is usually a path ending in /mcp, or /sse for SSE)")
 
     async def _run(self, ready: asyncio.Future[str | None]) -> None:
         assert self._stop is not None and self._dead is not None
@@ -228,7 +272,7 @@ class _Connection:
             for mode in ("legacy", "auto"):
                 entered = False
                 try:
-                    async with _new_client(self.url, mode, self.connect_timeout_s, self.ssl_context) as client:
+                    async with _new_client(self.url, mode, self.connect_timeout_s, self.net) as client:
                         entered = True
                         tools = await _list_all_tools(client)
                         info = client.server_info
@@ -242,7 +286,7 @@ class _Connection:
                         self.client = None
                     return
                 except MCPError:
-                    if entered or mode == "auto":
+                    if entered or mode == "auto" or self.net.refusals:
                         raise
                     logger.info("MCP: %s refused the initialize handshake; retrying with mode='auto'", self.url)
         except Exception as e:  # the connection's end, reported to the episode through `error`
@@ -359,8 +403,10 @@ def _merge_tools(connections: Sequence[_Connection]) -> tuple[dict[str, ToolSpec
     return specs, renames
 
 
-async def handshake_async(url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
-    """Connect to `url`, list its tools, disconnect. Never raises.
+async def handshake_async(
+    url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *, policy: DestinationPolicy = PERMISSIVE
+) -> dict[str, Any]:
+    """Connect to `url` (where `policy` allows), list its tools, disconnect. Never raises.
 
     Returns `{"ok", "server_info": {"name", "version"} | None, "protocol_version", "transport",
     "tools": [{"name", "description", "inputSchema"}], "latency_ms", "error"}`; `latency_ms` covers
@@ -382,6 +428,7 @@ async def handshake_async(url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
             connect_timeout_s=timeout_s,
             max_result_chars=DEFAULT_MAX_RESULT_CHARS,
             ssl_context=ssl.create_default_context(),
+            policy=policy,
         )
         report["transport"] = conn.transport if _check_url(url) is None else None
         try:
@@ -410,15 +457,17 @@ async def handshake_async(url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     return report
 
 
-def handshake(url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict[str, Any]:
+def handshake(
+    url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *, policy: DestinationPolicy = PERMISSIVE
+) -> dict[str, Any]:
     """Blocking `handshake_async` for synchronous callers. Async code should await `handshake_async`."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(handshake_async(url, timeout_s))
+        return asyncio.run(handshake_async(url, timeout_s, policy=policy))
     # Called on an event-loop thread: a nested asyncio.run is not allowed there, so use a helper thread.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runrl-mcp-handshake") as pool:
-        return pool.submit(asyncio.run, handshake_async(url, timeout_s)).result()
+        return pool.submit(asyncio.run, handshake_async(url, timeout_s, policy=policy)).result()
 
 
 class ToolSession:
@@ -532,10 +581,11 @@ class ToolRuntime:
     """One daemon thread with one asyncio loop that all `ToolSession`s of a trainer share.
 
     Use as a context manager, or call `close()`: it closes every session still open, cancels what is
-    left on the loop, stops the loop and joins the thread.
+    left on the loop, stops the loop and joins the thread. Every connection obeys `policy`.
     """
 
-    def __init__(self, *, name: str = "runrl-mcp") -> None:
+    def __init__(self, *, name: str = "runrl-mcp", policy: DestinationPolicy = PERMISSIVE) -> None:
+        self.policy = policy
         self._loop = asyncio.new_event_loop()
         self._sessions: set[ToolSession] = set()
         self._lock = threading.Lock()
@@ -597,6 +647,7 @@ class ToolRuntime:
                         connect_timeout_s=connect_timeout_s,
                         max_result_chars=max_result_chars,
                         ssl_context=self._ssl_context,
+                        policy=self.policy,
                     )
                     for url in unique_urls
                 ]

@@ -1,16 +1,27 @@
 """`/tools`: MCP tool registrations (CRUD; name unique per owner; listings show public tools plus the
 caller's own) and `POST /tools/test-mcp`, a real MCP handshake (initialize + tools/list through the official
-`mcp` client, streamable HTTP or SSE by URL path) done by `runrl_engine.tools.mcp_client.handshake_async`."""
+`mcp` client, streamable HTTP or SSE by URL path) done by `runrl_engine.tools.mcp_client.handshake_async`.
+
+Outbound destinations (`runrl_engine.netpolicy`, from the settings `allow_private_destinations` and
+`allowed_destinations`): `mcp_url` is checked when a tool is registered or changed and before test-mcp
+connects; a URL whose host resolves to a loopback, private, link-local or other non-public address the policy
+does not allow is a 422 naming `mcp_url` and the setting that would allow it. A name that does not resolve
+(yet) is accepted at registration: DNS is not the check that matters, the one at connect time is (test-mcp and
+every run's trainer check the resolved address of each connection, so a name that later resolves to 127.0.0.1
+is refused then). test-mcp never follows redirects and reports every other failure with one message, so it
+does not tell a closed port from an open one.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from runrl_engine.netpolicy import DestinationDenied, DestinationPolicy, url_host_port
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
 from server.routes import api, bool_param, field, paged, paging, services, sort_clause
@@ -27,10 +38,37 @@ def tool_object(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_url(value: Any) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+    try:  # an http(s) scheme, a host, and a port (if any) in range
+        ok_url = isinstance(value, str) and bool(url_host_port(value)[0])
+    except ValueError:
+        ok_url = False
+    if not ok_url:
         raise ApiError(422, "Validation failed", details={"mcp_url": "must be an http(s) URL, e.g. https://host/mcp"})
     return value
+
+
+SERVER_HINT = ("the server operator can allow it with the setting allowed_destinations (an entry host:port, host, "
+               "IP or CIDR, e.g. `runrl serve --allow-destination 127.0.0.1:8765`) or allow_private_destinations")
+
+
+@lru_cache(maxsize=8)
+def _policy_for(allow_private: bool, allowed: tuple[str, ...]) -> DestinationPolicy:
+    return DestinationPolicy(allow_private=allow_private, allowed=allowed, hint=SERVER_HINT)
+
+
+def destination_policy(request: Request) -> DestinationPolicy:
+    """The operator's outbound policy (settings allow_private_destinations, allowed_destinations)."""
+    settings = services(request).settings
+    return _policy_for(settings.allow_private_destinations, tuple(settings.allowed_destinations))
+
+
+async def check_destination(request: Request, url: str) -> str:
+    """422 naming `mcp_url` when the URL's host resolves to an address the policy refuses; else `url`."""
+    try:
+        await destination_policy(request).check_url(url)
+    except DestinationDenied as exc:
+        raise ApiError(422, "Destination not allowed", details={"mcp_url": str(exc)}) from None
+    return url
 
 
 def visible_tool(request: Request, p: Principal) -> dict[str, Any]:
@@ -87,7 +125,7 @@ async def create(request: Request, p: Principal) -> Response:
     name = _name(body)
     now = now_iso()
     values = {"user_id": p.user_id, "name": name, "description": field(body, "description", str),
-              "mcp_url": check_url(body.get("mcp_url")), "is_public": int(field(body, "is_public", bool, default=False)),
+              "mcp_url": await check_destination(request, check_url(body.get("mcp_url"))), "is_public": int(field(body, "is_public", bool, default=False)),
               "created_at": now, "updated_at": now}
     try:
         tool_id = svc.store.insert("tools", values)
@@ -113,7 +151,7 @@ async def update(request: Request, p: Principal) -> Response:
     if "is_public" in body:
         values["is_public"] = int(field(body, "is_public", bool, required=True))
     if "mcp_url" in body:
-        values["mcp_url"] = check_url(body["mcp_url"])
+        values["mcp_url"] = await check_destination(request, check_url(body["mcp_url"]))
     if values:
         values["updated_at"] = now_iso()
         try:
@@ -134,8 +172,8 @@ async def test_mcp(request: Request, p: Principal) -> Response:
     from runrl_engine.tools.mcp_client import handshake_async
 
     body = await read_json(request)
-    url = check_url(body.get("mcp_url"))
-    return ok(await handshake_async(url))
+    url = await check_destination(request, check_url(body.get("mcp_url")))
+    return ok(await handshake_async(url, policy=destination_policy(request)))
 
 
 ROUTES = [

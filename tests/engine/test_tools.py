@@ -296,7 +296,7 @@ def test_handshake_closed_port_and_bad_url_fail_fast_without_raising():
     start = time.monotonic()
     report = handshake(f"http://127.0.0.1:{_free_port()}/mcp", timeout_s=5)
     assert time.monotonic() - start < 3.0
-    assert report["ok"] is False and report["tools"] == [] and "could not connect" in report["error"]
+    assert report["ok"] is False and report["tools"] == [] and "could not complete an MCP handshake" in report["error"]
 
     report = handshake("ftp://example/mcp")
     assert report["ok"] is False and "http(s)" in report["error"]
@@ -420,7 +420,7 @@ def test_server_down_at_open_gives_error_results(runtime):
     assert time.monotonic() - start < 3.0
     assert session.tools() == [] and url in session.connection_errors
     result = session.call("add", {"a": 1, "b": 2})
-    assert result.is_error and result.error_type == "unknown_tool" and "could not connect" in result.text
+    assert result.is_error and result.error_type == "unknown_tool" and "could not complete an MCP handshake" in result.text
     session.close()
 
 

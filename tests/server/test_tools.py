@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from typing import Iterator
 
@@ -14,6 +15,13 @@ from mcp.server.mcpserver import MCPServer
 from runrl.exceptions import AuthorizationError, NotFoundError, ValidationError
 
 from tests.server.conftest import free_port
+
+
+@pytest.fixture
+def settings(settings):
+    """These tests use MCP servers on loopback, which the default destination policy refuses
+    (tests/server/test_destinations.py is about that policy)."""
+    return dataclasses.replace(settings, allow_private_destinations=True)
 
 
 @pytest.fixture(scope="module")
