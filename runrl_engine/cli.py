@@ -81,7 +81,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from runrl_engine.netpolicy import parse_destination
     from server.cli import serve
+
+    for entry in args.allow_destination or ():
+        try:
+            parse_destination(entry)
+        except ValueError as exc:
+            raise UserError(str(exc), where=f"--allow-destination {entry}",
+                            fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots,
           trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,

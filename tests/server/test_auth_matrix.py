@@ -41,7 +41,7 @@ def test_another_users_resources_are_404(live):
     ids = {
         "file_id": alice.post("/files", json={"type": "prompt", "name": "p", "content": PROMPTS}).json()["data"]["id"],
         "key_id": alice.get("/keys").json()["data"][0]["id"],
-        "tool_id": alice.post("/tools", json={"name": "t", "mcp_url": "http://127.0.0.1:9/mcp"}).json()["data"]["id"],
+        "tool_id": alice.post("/tools", json={"name": "t", "mcp_url": "https://tools.example/mcp"}).json()["data"]["id"],
         "uuid": alice.post("/shared-configurations", json={"name": "c", "visibility": "private"}).json()["data"]["uuid"],
     }
     reward = alice.post("/files", json={"type": "reward_function", "name": "r", "content": REWARD}).json()["data"]

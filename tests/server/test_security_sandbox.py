@@ -256,3 +256,12 @@ def test_runrl_serve_throttles_by_the_real_address(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert codes[:30] == [401] * 30 and codes[30] == 429  # default auth_failures_per_minute=30, one address
+
+
+def test_runrl_serve_refuses_a_malformed_destination(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "runrl_engine.cli", "serve", "--data-dir", str(tmp_path),
+                           "--allow-destination", "127.0.0.1:notaport"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--allow-destination 127.0.0.1:notaport" in done.stderr

@@ -74,9 +74,9 @@ def test_search(live):
     bob = runrl.RunRLClient(api_key=live.key("bob"), base_url=live.url)
     p = alice.files.create_from_content(name="math prompts", content=PROMPTS, file_type="prompt")
     r = alice.files.create_from_content(name="math reward", content=REWARD, file_type="reward_function")
-    alice.tools.create(name="math tool", mcp_url="http://127.0.0.1:9/mcp", description="calculator")
-    bob.tools.create(name="bob math", mcp_url="http://127.0.0.1:9/mcp")
-    bob.tools.create(name="public math", mcp_url="http://127.0.0.1:9/mcp", is_public=True)
+    alice.tools.create(name="math tool", mcp_url="https://tools.example/mcp", description="calculator")
+    bob.tools.create(name="bob math", mcp_url="https://tools.example/mcp")
+    bob.tools.create(name="public math", mcp_url="https://tools.example/mcp", is_public=True)
     run = alice.runs.create(model="builtin:tiny", type="reward_function", prompt_file_id=p.id, reward_file_id=r.id,
                             completion_length=128, run_name="sleep=0,code=0").initial
     res = alice.search.query("math")
