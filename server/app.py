@@ -22,6 +22,7 @@ from starlette.routing import Mount
 
 from server.auth import AuthMiddleware, Authenticator
 from server.errors import EXCEPTION_HANDLERS
+from server.hygiene import HygieneMiddleware
 from server.queue import RunQueue
 from server.ratelimit import RateLimiter
 from server.deploy import DeploymentManager
@@ -102,7 +103,8 @@ def create_app(settings: Settings) -> Starlette:
     routes = [route for group in RESOURCE_ROUTES for route in group]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=routes)],
-        middleware=[Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter,
+        middleware=[Middleware(HygieneMiddleware, settings=settings),  # body caps; a 500 that keeps the connection
+                    Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter,
                                auth_failures_per_minute=settings.auth_failures_per_minute)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

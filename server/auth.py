@@ -89,7 +89,12 @@ def parse_expiry(value: Any) -> str | None:
         raise ApiError(422, "Invalid expires_at", details={"expires_at": "an ISO date such as 2026-12-31"}) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:  # year 1 with a +offset (or 9999 with a -offset) is outside datetime's range in UTC
+        utc = dt.astimezone(timezone.utc)
+    except OverflowError:
+        raise ApiError(422, "Invalid expires_at", details={"expires_at": "a date between years 1 and 9999 in UTC"}
+                       ) from None
+    return utc.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"  # 4-digit years (strftime gives "1-01-01")
 
 
 def create_key(store: Store, user_id: int, name: str, scopes: list[str],

@@ -1,4 +1,7 @@
-"""Route helpers shared by the resource modules: scope guard, paging, typed body fields.
+"""Route helpers shared by the resource modules: scope guard, paging, typed body fields, numeric path ids.
+
+Numbers from the URL are range-checked here: a path id is ASCII digits within SQLite's int64 (`parse_id`; anything
+else is "not found"), and integer query parameters are bounded to int64 (`page` so that its OFFSET fits too).
 
 Each resource module exposes `ROUTES`, a list of `api(...)` entries; `create_app` assembles them.
 """
@@ -13,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.auth import Principal
-from server.errors import ApiError
+from server.errors import INT64_MAX, ApiError
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 MAX_PER_PAGE = 100
@@ -39,6 +42,19 @@ def services(request: Request) -> Any:
     return request.app.state.services
 
 
+def parse_id(raw: str) -> int | None:
+    """A numeric id from a URL: ASCII digits (not `²` or `٣`, which `str.isdigit` accepts) within SQLite's int64,
+    else None, which the caller answers with a 404."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        return None
+    value = int(raw)
+    return value if value <= INT64_MAX else None
+
+
+def path_id(request: Request, name: str) -> int | None:
+    return parse_id(request.path_params[name])
+
+
 def int_param(request: Request, name: str, default: int | None, *, lo: int | None = None,
               hi: int | None = None) -> int | None:
     raw = request.query_params.get(name)
@@ -48,8 +64,9 @@ def int_param(request: Request, name: str, default: int | None, *, lo: int | Non
         value = int(raw)
     except ValueError:
         raise ApiError(422, f"Invalid query parameter {name}", details={name: "must be an integer"}) from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+    hi = INT64_MAX if hi is None else hi
+    if (lo is not None and value < lo) or value > hi:
+        bounds = f"between {lo} and {hi}" if lo is not None else f"at most {hi}"
         raise ApiError(422, f"Invalid query parameter {name}", details={name: f"must be {bounds}"})
     return value
 
@@ -66,7 +83,7 @@ def bool_param(request: Request, name: str, default: bool = False) -> bool:
 
 
 def paging(request: Request) -> tuple[int, int]:
-    page = int_param(request, "page", 1, lo=1)
+    page = int_param(request, "page", 1, lo=1, hi=INT64_MAX // MAX_PER_PAGE)  # its OFFSET fits in int64
     per_page = int_param(request, "per_page", 20, lo=1, hi=MAX_PER_PAGE)
     return page, per_page  # type: ignore[return-value]
 

@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, paged, paging, services
+from server.routes import api, paged, paging, path_id, services
 from server.store import now_iso
 
 LIVE = ("pending", "active")
@@ -76,9 +76,9 @@ async def create(request: Request, p: Principal) -> Response:
 
 
 def _owned(request: Request, p: Principal) -> dict[str, Any]:
-    raw = request.path_params["deployment_id"]
-    row = services(request).store.one("SELECT * FROM deployments WHERE id = ? AND user_id = ?",
-                                      (int(raw) if raw.isdigit() else -1, p.user_id))
+    dep_id = path_id(request, "deployment_id")
+    row = None if dep_id is None else services(request).store.one(
+        "SELECT * FROM deployments WHERE id = ? AND user_id = ?", (dep_id, p.user_id))
     if row is None:
         raise not_found("Deployment")
     return row

@@ -2,23 +2,28 @@
 update (rename / replace code), delete (soft; `force=true` purges; refused while an active run uses it).
 
 Bytes live at `files/<uuid>` under the data dir: a client-supplied name is only ever metadata, never a path.
-Uploads over the cap are rejected before anything is stored.
+Uploads over the cap are rejected before anything is stored (the request body itself is capped earlier, by
+server/hygiene.py). Writes are transactional with their bytes (`StagedFiles`): bytes go to a temporary file
+first and are renamed into place inside the database transaction that records them, so a request that fails
+leaves no row and no file, and a failed `PUT` leaves the old content.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from server.auth import Principal
-from server.errors import ApiError, not_found, ok, read_json
+from server.errors import ApiError, check_text, not_found, ok, read_json
 from server.routes import api, bool_param, field, int_param, paged, paging, services, sort_clause
 from server.store import now_iso
 
@@ -79,25 +84,69 @@ def _too_large(svc: Any) -> ApiError:
     return ApiError(422, f"File is too large: the limit is {mb:g} MB", details={"file": f"must be at most {mb:g} MB"})
 
 
-def write_bytes(svc: Any, file_id: str, data: bytes) -> str:
-    """Store bytes atomically under the file's uuid; returns the storage name."""
-    final = svc.settings.files_dir / file_id
-    tmp = final.with_suffix(".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, final)
-    return file_id
+class StagedFiles:
+    """File bytes waiting for the database write that records them. `add` writes a temporary file in the files
+    dir; `commit` (call it last inside `store.tx()`) renames each into place, so a commit failure rolls the rows
+    back; whatever was not committed is removed by `staged_files` when its block ends."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._pending: list[tuple[Path, Path, bool]] = []  # (temporary, final, final is new)
+
+    def add(self, storage: str, data: bytes) -> None:
+        final = self.directory / storage
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{storage}.", suffix=".part")
+        self._pending.append((Path(tmp), final, not final.exists()))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+    def commit(self) -> None:
+        moved: list[tuple[Path, bool]] = []
+        try:
+            for tmp, final, new in self._pending:
+                os.replace(tmp, final)
+                moved.append((final, new))
+        except BaseException:
+            for final, new in moved:
+                if new:
+                    final.unlink(missing_ok=True)
+            raise
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextmanager
+def staged_files(svc: Any) -> Iterator[StagedFiles]:
+    stage = StagedFiles(svc.settings.files_dir)
+    try:
+        yield stage
+    finally:
+        stage.discard()
+
+
+def new_file_row(stage: StagedFiles, user_id: int, name: str, ftype: str, data: bytes,
+                 original_filename: str | None, mime: str | None = None) -> dict[str, Any]:
+    """The row of a new file whose bytes are staged; insert it inside the transaction that commits `stage`."""
+    file_id = str(uuid.uuid4())
+    stage.add(file_id, data)
+    now = now_iso()
+    return {"id": file_id, "user_id": user_id, "name": name, "original_filename": original_filename, "type": ftype,
+            "file_size": len(data), "mime_type": mime or MIME[ftype], "storage": file_id, "created_at": now,
+            "updated_at": now}
 
 
 def insert_file(svc: Any, user_id: int, name: str, ftype: str, data: bytes, original_filename: str | None,
                 mime: str | None = None) -> dict[str, Any]:
-    file_id = str(uuid.uuid4())
-    storage = write_bytes(svc, file_id, data)
-    now = now_iso()
-    svc.store.insert("files", {"id": file_id, "user_id": user_id, "name": name,
-                               "original_filename": original_filename, "type": ftype, "file_size": len(data),
-                               "mime_type": mime or MIME[ftype], "storage": storage, "created_at": now,
-                               "updated_at": now})
-    return svc.store.file(file_id)
+    with staged_files(svc) as stage:
+        row = new_file_row(stage, user_id, name, ftype, data, original_filename, mime)
+        with svc.store.tx():
+            svc.store.insert("files", row)
+            stage.commit()
+    return svc.store.file(row["id"])
 
 
 def file_path(svc: Any, row: dict[str, Any]) -> Path:
@@ -116,14 +165,16 @@ def owned_file(request: Request, p: Principal, file_id: str | None = None) -> di
 async def create(request: Request, p: Principal) -> Response:
     svc = services(request)
     ctype = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > svc.settings.max_upload_bytes + 1024 * 1024:
-        raise _too_large(svc)
     if ctype.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=1, max_fields=20)
+        except ApiError:  # the body cap (server/hygiene.py)
+            raise
         except Exception as exc:  # malformed multipart
             raise ApiError(400, f"Malformed multipart body: {exc}") from None
+        for key, value in form.multi_items():  # a multipart charset such as unicode_escape can make surrogates
+            check_text(key, "body")
+            check_text(value if isinstance(value, str) else value.filename or "", key)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "Validation failed", details={"file": "is required (multipart field `file`)"})
@@ -232,12 +283,16 @@ async def update(request: Request, p: Principal) -> Response:
         data = field(body, "content", str, required=True).encode("utf-8")
         if len(data) > svc.settings.max_upload_bytes:
             raise _too_large(svc)
-        write_bytes(svc, row["id"], data)
         values["file_size"] = len(data)
     if not values:
         raise ApiError(422, "Nothing to update", details={"body": "send `name` and/or `content`"})
     values["updated_at"] = now_iso()
-    svc.store.update("files", "id", row["id"], values)
+    with staged_files(svc) as stage:
+        if "file_size" in values:
+            stage.add(row["storage"], data)
+        with svc.store.tx():
+            svc.store.update("files", "id", row["id"], values)
+            stage.commit()
     return ok(file_object(svc.store.file(row["id"]), request), message="File updated")
 
 

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from server import auth
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, field, services
+from server.routes import api, field, parse_id, services
 
 WARNING = "Store this token safely. You will not be able to see it again."
 
@@ -32,8 +32,9 @@ def key_object(row: dict[str, Any], svc: Any) -> dict[str, Any]:
 
 
 def _own_key(svc: Any, key_id: str, p: Principal) -> dict[str, Any]:
-    row = svc.store.one("SELECT * FROM api_keys WHERE id = ? AND user_id = ?",
-                        (int(key_id) if key_id.isdigit() else -1, p.user_id))
+    numeric = parse_id(key_id)
+    row = None if numeric is None else svc.store.one("SELECT * FROM api_keys WHERE id = ? AND user_id = ?",
+                                                     (numeric, p.user_id))
     if row is None:
         raise not_found("API key")
     return row

@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from server.auth import Principal
 from server.errors import not_found, ok
 from server.queue import TERMINAL, RunStatus
-from server.routes import api, int_param, services
+from server.routes import api, int_param, path_id, services
 from server.worker import redact
 
 SSE_POLL_S = 0.5
@@ -26,8 +26,8 @@ MAX_LOG_LIMIT = 5000
 
 
 def owned_run(request: Request, p: Principal) -> dict[str, Any]:
-    raw = request.path_params["run_id"]
-    row = services(request).store.run(int(raw), p.user_id) if raw.isdigit() else None
+    run_id = path_id(request, "run_id")
+    row = None if run_id is None else services(request).store.run(run_id, p.user_id)
     if row is None:
         raise not_found("Run")
     return row

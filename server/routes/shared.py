@@ -4,6 +4,7 @@ Visibility: `public` (listed by browse, readable by every key), `unlisted` (read
 uuid, not listed), `private` (owner only; anyone else gets 404). A recipe may reference the caller's own files,
 or files of another user that a public/unlisted recipe shares; those are copied into the caller's account
 when saved. `copy` clones a readable recipe and its files into the caller's account and returns the new ids.
+Saving and copying are one transaction with the file copies they make: a failed request leaves no copy behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from starlette.responses import Response
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
 from server.routes import api, field, paged, paging, services
-from server.routes.files import file_path, file_ref, insert_file, preview_of, read_text
+from server.routes.files import (StagedFiles, file_path, file_ref, new_file_row, preview_of, read_text,
+                                 staged_files)
 from server.store import now_iso
 
 VISIBILITIES = ("public", "unlisted", "private")
@@ -62,13 +64,14 @@ def _owned(request: Request, p: Principal) -> dict[str, Any]:
     return row
 
 
-def _copy_file(svc: Any, row: dict[str, Any], user_id: int) -> str:
+def _copy_row(svc: Any, stage: StagedFiles, row: dict[str, Any], user_id: int) -> dict[str, Any]:
+    """The row of a copy of file `row` for `user_id`, its bytes staged; insert it in the transaction."""
     data = file_path(svc, row).read_bytes()
-    return insert_file(svc, user_id, row["name"], row["type"], data, row["original_filename"], row["mime_type"])["id"]
+    return new_file_row(stage, user_id, row["name"], row["type"], data, row["original_filename"], row["mime_type"])
 
 
-def _resolve_file(svc: Any, p: Principal, key: str, types: tuple[str, ...], file_id: Any) -> str | None:
-    """The caller's own file id, or a copy of a file another user shares through a readable recipe."""
+def _resolve_file(svc: Any, p: Principal, key: str, types: tuple[str, ...], file_id: Any) -> dict[str, Any] | None:
+    """The caller's own file, or a file another user shares through a readable recipe (to be copied)."""
     if file_id in (None, ""):
         return None
     if not isinstance(file_id, str):
@@ -80,7 +83,7 @@ def _resolve_file(svc: Any, p: Principal, key: str, types: tuple[str, ...], file
         raise ApiError(422, "Validation failed", details={key: f"file {file_id} not found"})
     if row["type"] not in types:
         raise ApiError(422, "Validation failed", details={key: f"file has type {row['type']!r}; expected {types[0]}"})
-    return file_id if row["user_id"] == p.user_id else _copy_file(svc, row, p.user_id)
+    return row
 
 
 def _visibility(value: Any) -> str:
@@ -97,10 +100,20 @@ async def create(request: Request, p: Principal) -> Response:
               "description": field(body, "description", str),
               "visibility": _visibility(body.get("visibility", "private")),
               "configuration": field(body, "configuration", dict, default={})}
-    for key, _, types in FILE_KEYS:
-        values[key] = _resolve_file(svc, p, key, types, body.get(key))
+    resolved = {key: _resolve_file(svc, p, key, types, body.get(key)) for key, _, types in FILE_KEYS}
     values["created_at"] = values["updated_at"] = now_iso()
-    svc.store.insert("shared_configs", values)
+    with staged_files(svc) as stage:  # every check is done: copy the other users' files, then one transaction
+        copies = []
+        for key, f in resolved.items():
+            if f is not None and f["user_id"] != p.user_id:
+                copies.append(_copy_row(svc, stage, f, p.user_id))
+                f = copies[-1]
+            values[key] = f["id"] if f else None
+        with svc.store.tx():
+            for copied in copies:
+                svc.store.insert("files", copied)
+            svc.store.insert("shared_configs", values)
+            stage.commit()
     row = svc.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (values["uuid"],))
     return ok(config_object(svc, row, p, _base(request)), message="Configuration saved", status=201)
 
@@ -158,12 +171,20 @@ async def copy(request: Request, p: Principal) -> Response:
     row = readable(request, p)
     new = {"uuid": str(uuidlib.uuid4()), "user_id": p.user_id, "name": row["name"],
            "description": row["description"], "visibility": "private", "configuration": row["configuration"]}
-    for key, _, _ in FILE_KEYS:
-        f = svc.store.file(row[key]) if row[key] else None
-        new[key] = _copy_file(svc, f, p.user_id) if f else None
     new["created_at"] = new["updated_at"] = now_iso()
-    svc.store.insert("shared_configs", new)
-    svc.store.execute("UPDATE shared_configs SET copies = copies + 1 WHERE uuid = ?", (row["uuid"],))
+    with staged_files(svc) as stage:
+        copies = []
+        for key, _, _ in FILE_KEYS:
+            f = svc.store.file(row[key]) if row[key] else None
+            if f:
+                copies.append(_copy_row(svc, stage, f, p.user_id))
+            new[key] = copies[-1]["id"] if f else None
+        with svc.store.tx():
+            for copied in copies:
+                svc.store.insert("files", copied)
+            svc.store.insert("shared_configs", new)
+            svc.store.execute("UPDATE shared_configs SET copies = copies + 1 WHERE uuid = ?", (row["uuid"],))
+            stage.commit()
     return ok({"uuid": new["uuid"], "source_uuid": row["uuid"], "configuration": new["configuration"],
                "prompt_file_id": new["prompt_file_id"], "reward_file_id": new["reward_file_id"],
                "sft_file_id": new["sft_file_id"]}, message="Configuration copied", status=201)

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from runrl_engine.netpolicy import DestinationDenied, DestinationPolicy, url_host_port
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, bool_param, field, paged, paging, services, sort_clause
+from server.routes import api, bool_param, field, paged, paging, path_id, services, sort_clause
 from server.store import now_iso
 
 SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
@@ -72,9 +72,9 @@ async def check_destination(request: Request, url: str) -> str:
 
 
 def visible_tool(request: Request, p: Principal) -> dict[str, Any]:
-    raw = request.path_params["tool_id"]
-    row = services(request).store.one("SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)",
-                                      (int(raw) if raw.isdigit() else -1, p.user_id))
+    tool_id = path_id(request, "tool_id")
+    row = None if tool_id is None else services(request).store.one(
+        "SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)", (tool_id, p.user_id))
     if row is None:
         raise not_found("Tool")
     return row
