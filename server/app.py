@@ -84,10 +84,13 @@ def create_app(settings: Settings) -> Starlette:
             last_sweep = time.monotonic()
             while True:
                 await asyncio.sleep(USAGE_FLUSH_S)
-                services.limiter.flush(services.store)
-                if time.monotonic() - last_sweep > settings.lease_s:
-                    last_sweep = time.monotonic()
-                    await asyncio.to_thread(services.queue.recover, settings.runs_dir)
+                try:  # a busy database ("database is locked") must not end housekeeping for good
+                    services.limiter.flush(services.store)
+                    if time.monotonic() - last_sweep > settings.lease_s:
+                        last_sweep = time.monotonic()
+                        await asyncio.to_thread(services.queue.recover, settings.runs_dir)
+                except Exception:
+                    log.exception("housekeeping failed; retrying in %s s", USAGE_FLUSH_S)
 
         flusher = asyncio.create_task(housekeeping())
         try:

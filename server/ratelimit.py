@@ -77,8 +77,16 @@ class RateLimiter:
     def flush(self, store: Store) -> None:
         with self._lock:
             pending, self._unflushed = self._unflushed, {}
-        if pending:
+        if not pending:
+            return
+        try:
             store.add_key_usage(pending)
+        except Exception:  # keep the counts for the next flush (e.g. "database is locked")
+            with self._lock:
+                for key_id, (n, last) in pending.items():
+                    m, newer = self._unflushed.get(key_id, (0, last))
+                    self._unflushed[key_id] = (n + m, max(last, newer))
+            raise
 
 
 FAILURE_WINDOW_S = 60.0
