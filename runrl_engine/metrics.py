@@ -3,20 +3,66 @@
 Only the main process writes (`RunOutputs(enabled=False)` on other ranks is a no-op). Every record is one
 complete JSON line, flushed as written, so a reader (the API's log/metric endpoints) never sees half a
 record. Secrets (the run's `hf_token`, tokens in the environment) are redacted from every log line.
-W&B runs offline unless `WANDB_API_KEY` is set, so it never blocks on the network.
+
+W&B (`report_to: [wandb]`) runs offline unless `WANDB_API_KEY` is set, so it never blocks on the network; the
+numbers of each metrics record are logged at its step, and the logged completions as a `completions` table per
+step (as TRL does). logs.txt says where the run went: its URL, or the offline directory and the `wandb sync`
+command that uploads it; `WANDB_FILE` in the run directory records the same (mode, url, dir) for the API's
+`wandb_url`. Not covered: resuming the same W&B run after `--resume` (a resumed run starts a new W&B run).
+
+Known-harmless library warnings that would otherwise print at every checkpoint are dropped
+(`quiet_known_warnings`); nothing else is filtered.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from runrl_engine.sandbox.isolation import env_secret_values, redact
+
+WANDB_FILE = "wandb.json"  # in the run directory: {"mode", "url", "dir", "id", "project", "sync"}; see recorded_wandb_url
+# (logger, text) of the messages quiet_known_warnings drops
+_KNOWN_HARMLESS = (
+    # accelerate's save_state on a model whose output head is tied to its input embeddings (the tiny and SmolLM2
+    # models): the alias is dropped from the file and restored on load, so a resumed run is exact (tests)
+    ("accelerate.utils.other", "Removed shared tensor"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    """Drop the `_KNOWN_HARMLESS` messages (e.g. `[RANK 0] Removed shared tensor {'lm_head.weight'} while saving`
+    at every checkpoint), and only those: every other record of those loggers still passes. Idempotent."""
+    for name, text in _KNOWN_HARMLESS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
+
+
+def recorded_wandb_url(run_dir: Path) -> str | None:
+    """The W&B URL a run recorded in `WANDB_FILE` (None: no W&B, offline, or not written yet)."""
+    try:
+        url = json.loads((run_dir / WANDB_FILE).read_text(encoding="utf-8")).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url if isinstance(url, str) and url.startswith(("https://", "http://")) else None
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -69,6 +115,8 @@ class RunOutputs:
         self.secrets = [s for s in secrets if s] + env_secret_values()
         self._bar = None
         self._wandb = None
+        self._wandb_offline_dir: Path | None = None
+        quiet_known_warnings()  # every process saves checkpoints
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +129,24 @@ class RunOutputs:
 
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
         if "wandb" in report_to:
-            self._wandb = _start_wandb(out_dir, wandb_project, run_name, config or {})
+            self._wandb, mode = _start_wandb(out_dir, wandb_project, run_name, config or {})
+            self._announce_wandb(mode, wandb_project)
+
+    def _announce_wandb(self, mode: str, project: str) -> None:
+        """Say in logs.txt where the W&B run went, and record it in WANDB_FILE (read by the API's wandb_url)."""
+        run = self._wandb
+        run_dir = Path(run.dir).resolve().parent  # run.dir is the run's files/ directory
+        url = None if mode == "offline" else run.url  # an offline run's .url only prints a warning
+        record = {"mode": mode, "url": url, "dir": str(run_dir), "id": run.id, "project": project,
+                  "sync": f"wandb sync {shlex.quote(str(run_dir))}" if mode == "offline" else None}
+        tmp = self.out_dir / (WANDB_FILE + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        tmp.replace(self.out_dir / WANDB_FILE)
+        if mode == "offline":
+            self._wandb_offline_dir = run_dir
+            self.log(f"W&B: offline run (WANDB_API_KEY is not set); upload it with `{record['sync']}`")
+        else:
+            self.log(f"W&B: {url}")
 
     # ---- streams ---------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -109,6 +174,17 @@ class RunOutputs:
         if not self.enabled or not records:
             return
         self._completions.write("".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in records))
+        if self._wandb is not None:
+            import wandb
+
+            rows = [[r.get("step"), redact(_prompt_text(r.get("prompt")), self.secrets),
+                     redact(str(r.get("completion", "")), self.secrets), r.get("reward"), r.get("finished")]
+                    for r in records]
+            table = wandb.Table(columns=["step", "prompt", "completion", "reward", "finished"], data=rows)
+            if isinstance(records[0].get("step"), int):
+                self._wandb.log({"completions": table}, step=records[0]["step"])
+            else:
+                self._wandb.log({"completions": table})
 
     def progress(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -132,6 +208,9 @@ class RunOutputs:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+            if self._wandb_offline_dir is not None:
+                where = shlex.quote(str(self._wandb_offline_dir))
+                self.log(f"W&B offline run saved in {where}; upload it with `wandb sync {where}`")
         for f in (self._log, self._metrics, self._completions):
             f.close()
         self.enabled = False
@@ -146,5 +225,14 @@ def _start_wandb(out_dir: Path, project: str, name: str, config: dict[str, Any])
         raise ConfigError("report_to includes 'wandb' but the wandb package is not installed", where="report_to",
                           fix="pip install 'runrl-engine[wandb]' (or wandb), or remove wandb from report_to") from None
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project=project, name=name, config=config, dir=str(out_dir), mode=mode,
-                      settings=wandb.Settings(silent=True))
+    run = wandb.init(project=project, name=name, config=config, dir=str(out_dir), mode=mode,
+                     settings=wandb.Settings(silent=True))
+    return run, mode
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt's message list as `role: content` lines, for the W&B table."""
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m)
+                         for m in prompt)
+    return "" if prompt is None else str(prompt)
