@@ -146,6 +146,17 @@ class RunConfig:
     reward_memory_mb: int = _f(4096, "Memory limit (RLIMIT_DATA: heap and anonymous mappings) of each sandbox worker, MiB.", ge=64)
     reward_allow_network: bool = _f(True, "Let reward code reach the network (LLM judges); false isolates it "
                                           "where the host supports it.")
+    reward_network: Literal["host", "filtered"] = _f(
+        "host", "With reward_allow_network: `host` shares the host's network (loopback, private addresses and "
+                "cloud metadata included); `filtered` gives user code only an HTTP(S) proxy that connects to "
+                "public addresses and to `reward_allowed_destinations` (bubblewrap only: refused without it). "
+                "`runrl serve` forces `filtered`. The pip build keeps the host network.")
+    reward_allow_private_destinations: bool = _f(
+        False, "With reward_network: filtered, let user code reach loopback, private, link-local and other "
+               "non-public addresses too. `runrl serve` forces its `allow_private_destinations`.")
+    reward_allowed_destinations: list[str] = _f(
+        [], "With reward_network: filtered, non-public destinations user code may still reach: `host:port`, "
+            "`host`, an IP or a CIDR. `runrl serve` forces its `allowed_destinations`.")
     sandbox_isolation: Literal["auto", "bwrap", "subprocess"] = _f(
         "auto", "How user code (rewards, environments, pip builds) is isolated: `auto` uses bubblewrap when a "
                 "trial sandbox starts here, else a plain subprocess (with a warning); `bwrap` refuses to run "
@@ -258,14 +269,19 @@ class RunConfig:
             raise ConfigError("kl_in_reward puts the KL penalty into per-token rewards, which only GAE uses",
                               where=f"{source}: kl_in_reward",
                               fix="set `algorithm: ppo`, or keep the KL as a loss term (kl_in_reward: false)")
-        for entry in self.tool_allowed_destinations:
+        if self.reward_allow_network and self.reward_network == "filtered" and self.sandbox_isolation == "subprocess":
+            raise ConfigError("reward_network: filtered needs a bubblewrap sandbox, and sandbox_isolation is "
+                              "subprocess", where=f"{source}: reward_network",
+                              fix="use sandbox_isolation: auto or bwrap, or reward_network: host")
+        for key in ("tool_allowed_destinations", "reward_allowed_destinations"):
             from runrl_engine.netpolicy import parse_destination
 
-            try:
-                parse_destination(entry)
-            except ValueError as exc:
-                raise ConfigError(str(exc), where=f"{source}: tool_allowed_destinations",
-                                  fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
+            for entry in getattr(self, key):
+                try:
+                    parse_destination(entry)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), where=f"{source}: {key}",
+                                      fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
         rollouts = self.prompts_per_step * self.num_generations
         if self.num_minibatches > rollouts:
             raise ConfigError(f"num_minibatches={self.num_minibatches} is more than the {rollouts} rollouts of a step "

@@ -52,6 +52,7 @@ from runrl_engine.rollout.backends import rollout_backend_for, rollout_phase
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, run_episodes
 from runrl_engine.rollout.hf import SamplingParams
 from runrl_engine.sandbox import EnvSandbox, RewardSandbox, detect_isolation, inspect_user_code, install_requirements
+from runrl_engine.sandbox.egress import EgressUnavailable
 from runrl_engine.tools.template import add_tool_prompt
 from runrl_engine.value import PolicyWithValue, load_critic
 
@@ -166,7 +167,10 @@ class Trainer:
 
         # Isolation fails closed before anything costly: with `sandbox_isolation: bwrap` and no working
         # bubblewrap, no user code runs (not even pip) and the run stops with IsolationUnavailable.
-        detect_isolation(cfg.sandbox_isolation)
+        isolation = detect_isolation(cfg.sandbox_isolation)
+        egress = self._egress_policy()
+        if egress is not None and isolation.mode != "bwrap":
+            raise EgressUnavailable(isolation.reason)  # a filtered network cannot be enforced without bubblewrap
         req_dir = self._install_requirements()
         # param dtype: fp32 master weights for full fine-tuning (bf16 autocast on GPU); LoRA keeps the frozen
         # base in the compute dtype and peft keeps the adapter in fp32.
@@ -242,7 +246,7 @@ class Trainer:
                                    timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                    requirements_dir=req_dir, allow_network=cfg.reward_allow_network,
                                    secrets=self.outputs.secrets, log=self.log, isolation=cfg.sandbox_isolation,
-                                   work_dir=output_dir / "sandbox" / f"rank{self.rank}")
+                                   work_dir=output_dir / "sandbox" / f"rank{self.rank}", egress=egress)
         self.start_step, self.failed_reward_steps = 0, 0
         if resume:
             self._resume()
@@ -276,6 +280,18 @@ class Trainer:
                             where=path, fix="raise max_prompt_length or shorten the prompts")
         self.skipped_prompts += len(encoded) - len(kept)
         return kept
+
+    def _egress_policy(self) -> Any:
+        """The destination policy of user code's network (`reward_network: filtered`), or None (none, or the host's)."""
+        cfg = self.cfg
+        if not (cfg.reward_allow_network and cfg.reward_network == "filtered"):
+            return None
+        from runrl_engine.netpolicy import DestinationPolicy
+
+        return DestinationPolicy(
+            allow_private=cfg.reward_allow_private_destinations, allowed=tuple(cfg.reward_allowed_destinations),
+            hint="allowed by reward_allow_private_destinations or reward_allowed_destinations (under `runrl serve`: "
+                 "the server's allow_private_destinations / allowed_destinations settings)")
 
     def _install_requirements(self) -> Path | None:
         if not self.cfg.package_requirements:

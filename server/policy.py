@@ -6,9 +6,14 @@ policy applies it to runs already queued). A request can never set these keys it
 
 - `sandbox_isolation`: `bwrap` while `Settings.require_isolation` holds (the default): without a working
   bubblewrap the run fails at once with a clear error and no user code (not even a pip build) runs.
-- `reward_allow_network`: forced false unless `Settings.allow_user_network`. When the operator allows it, the
-  sandbox shares the host's network namespace: loopback and private addresses are reachable from user code,
-  which is why every server this service starts (the API, deployments) requires a credential.
+- `reward_allow_network`: forced false unless `Settings.allow_user_network`.
+- `reward_network`: always `filtered`, with `reward_allow_private_destinations` / `reward_allowed_destinations`
+  from `Settings.allow_private_destinations` / `allowed_destinations` (the same outbound policy as MCP tools).
+  So when the operator allows network, user code never shares the host's network namespace: it reaches out
+  only through the sandbox's egress proxy (runrl_engine/sandbox/egress.py), to public addresses and the
+  listed exceptions; loopback, private ranges and cloud metadata are refused. That needs bubblewrap: with
+  `--allow-unisolated` on a host without it, a run that asks for network fails to start (EgressUnavailable).
+  Every server this service starts (the API, deployments) requires a credential all the same.
 
 `check_run_request(settings, body)` gives the field errors for what a request asked but the policy refuses.
 Not covered here: destinations of MCP tools (runrl_engine/netpolicy.py), the sandbox itself (runrl_engine/sandbox).
@@ -22,7 +27,8 @@ from runrl_engine.errors import UserError
 from runrl_engine.sandbox.requirements import check_requirements
 from server.settings import Settings
 
-POLICY_KEYS = frozenset({"sandbox_isolation"})  # never from a request body
+POLICY_KEYS = frozenset({"sandbox_isolation", "reward_network", "reward_allow_private_destinations",
+                         "reward_allowed_destinations"})  # never from a request body
 
 
 def forced_config(settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +37,8 @@ def forced_config(settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
     out["sandbox_isolation"] = "bwrap" if settings.require_isolation else "auto"
     if not settings.allow_user_network:
         out["reward_allow_network"] = False
+    out.update(reward_network="filtered", reward_allow_private_destinations=settings.allow_private_destinations,
+               reward_allowed_destinations=list(settings.allowed_destinations))
     return out
 
 

@@ -21,9 +21,16 @@ own run (reward code can always return garbage). The mode is chosen at runtime (
 - `allow_network=False` (the default here; the run config decides for training, and `runrl serve` forces it
   unless the operator passes --allow-user-network): a private network namespace with only its own loopback,
   so neither the internet nor services on the host's 127.0.0.1 nor cloud metadata endpoints are reachable.
-  `allow_network=True` shares the host network: loopback, private ranges and metadata endpoints are then
-  reachable, and no destination filter applies (which is why everything the server starts that listens
-  demands a credential);
+  `allow_network=True` with an `egress` policy (`reward_network: filtered`; `runrl serve` always sets it):
+  the same private namespace, and the only way out is an HTTP proxy in the trainer (`egress.py`) reached
+  through a Unix socket bound into the sandbox, set in HTTP(S)_PROXY/ALL_PROXY. It serves CONNECT tunnels
+  and plain-HTTP requests and connects only to addresses the policy allows (`netpolicy.py`: public ones,
+  plus explicit exceptions; loopback, private ranges, link-local/metadata denied), checking every address a
+  name resolves to and connecting to the checked address; refusals are 403 with the reason. Raw sockets,
+  UDP and DNS have no route. Not filtered: what an allowed tunnel carries. `allow_network=True` with no
+  policy (`reward_network: host`, the `runrl train` default) shares the host network: loopback, private
+  ranges and metadata endpoints are then reachable, unfiltered (which is why everything the server starts
+  that listens demands a credential). The pip build of `package_requirements` always has the host network;
 - a user namespace with uid 65534 and no capabilities, and no nested user namespaces (hosts without
   unprivileged user namespaces: as root with all capabilities dropped);
 - `/dev/shm` is a private 64 MiB tmpfs (`isolation.SHM_MB`), gone with the sandbox.
@@ -59,7 +66,8 @@ be signalled or traced. A process that leaves the worker's session survives the 
 RLIMIT_DATA does not count (shared mappings, memfd; and in fallback mode the host's /dev/shm); total disk
 use of the private directory (only the size of each file is capped); the number of processes unless the
 worker runs as `nobody` in fallback mode (RLIMIT_NPROC counts per uid, and never applies to root); CPU
-contention with the trainer (no CPU cgroup); with network allowed, which destinations are reached.
+contention with the trainer (no CPU cgroup); with network allowed and no egress policy, which destinations
+are reached (a filtered network needs bubblewrap: `EgressUnavailable` refuses to start without it).
 
 Rewards: only finite numbers within ±1e15 (`pool.MAX_ABS_REWARD`, checked in the worker and again in the
 parent, since user code can write to the protocol pipe) are used; anything else scores 0 as an error.

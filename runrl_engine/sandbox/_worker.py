@@ -16,7 +16,9 @@ and `input()` reads /dev/null. Every request is `{"op": ..., ...}`:
 - `retire` is sent unasked when the CPU-time budget is nearly spent; the worker then exits cleanly.
 
 This file does not enforce isolation: the parent picks the launcher (bubblewrap or a plain subprocess) and
-the environment; here we only set the resource limits on ourselves before any user code runs.
+the environment; here we only set the resource limits on ourselves before any user code runs. With `egress`
+in the config (a filtered network), we also start a forwarder from 127.0.0.1:<port> in the sandbox's own
+network namespace to the parent's egress proxy (`egress.py`, which applies the destination policy).
 """
 
 from __future__ import annotations
@@ -475,6 +477,129 @@ def _score(chan: _Channel, runner: RewardRunner, msg: dict[str, Any], near_limit
     return True
 
 
+# ------------------------------------------------------------------------------------------------ egress
+
+
+def _start_egress_forwarder(socket_path: str, port: int) -> None:
+    """Listen on 127.0.0.1:`port` (this sandbox's own loopback) and relay every connection to the parent's egress
+    proxy on the Unix socket `socket_path`. The proxy enforces the destination policy; this only carries bytes.
+    One thread with a selector (thread stacks count against RLIMIT_DATA), at most 64 connections."""
+    import socket
+    import threading
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))  # before user code loads: its first request finds the port listening
+    listener.listen(64)
+    listener.setblocking(False)
+    old = threading.stack_size(256 << 10)
+    try:
+        threading.Thread(target=_forward, args=(listener, socket_path), name="runrl-egress-forwarder",
+                         daemon=True).start()
+    finally:
+        threading.stack_size(old)
+
+
+class _Leg:
+    """One socket of a relayed pair: `out` holds bytes waiting to be written to it."""
+
+    __slots__ = ("sock", "peer", "out", "reading", "shut", "events")
+
+    def __init__(self, sock: Any):
+        self.sock, self.peer, self.out = sock, None, bytearray()
+        self.reading, self.shut, self.events = True, False, 0
+
+
+def _forward(listener: Any, socket_path: str) -> None:
+    import selectors
+    import socket
+
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, None)
+    pairs = 0
+
+    def drop(leg: _Leg) -> None:
+        nonlocal pairs
+        for one in (leg, leg.peer):
+            if one.events:
+                sel.unregister(one.sock)
+                one.events = 0
+            one.sock.close()
+        pairs -= 1
+
+    def update(leg: _Leg) -> bool:
+        """Half-close and re-register both legs; False when the pair is finished (then dropped)."""
+        for one in (leg, leg.peer):
+            if not one.peer.reading and not one.out and not one.shut:
+                one.shut = True
+                try:
+                    one.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    drop(leg)
+                    return False
+        if leg.shut and leg.peer.shut:
+            drop(leg)
+            return False
+        for one in (leg, leg.peer):
+            events = (selectors.EVENT_READ if one.reading and len(one.peer.out) < (1 << 18) else 0) | \
+                     (selectors.EVENT_WRITE if one.out else 0)
+            if events != one.events:
+                if not events:
+                    sel.unregister(one.sock)
+                elif one.events:
+                    sel.modify(one.sock, events, one)
+                else:
+                    sel.register(one.sock, events, one)
+                one.events = events
+        return True
+
+    while True:
+        for key, events in sel.select():
+            leg = key.data
+            if leg is None:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    continue
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    if pairs >= 64:
+                        raise OSError("too many connections")
+                    upstream.connect(socket_path)  # a local socket: connects at once or fails
+                except OSError:
+                    client.close()
+                    upstream.close()
+                    continue
+                client.setblocking(False)
+                upstream.setblocking(False)
+                a, b = _Leg(client), _Leg(upstream)
+                a.peer, b.peer = b, a
+                pairs += 1
+                update(a)
+                continue
+            if leg.events == 0:  # dropped earlier in this round
+                continue
+            try:
+                if events & selectors.EVENT_WRITE:
+                    try:
+                        del leg.out[:leg.sock.send(leg.out)]
+                    except BlockingIOError:
+                        pass
+                if events & selectors.EVENT_READ:
+                    try:
+                        data = leg.sock.recv(1 << 16)
+                    except BlockingIOError:
+                        data = None
+                    if data:
+                        leg.peer.out += data
+                    elif data is not None:
+                        leg.reading = False
+            except OSError:
+                drop(leg)
+                continue
+            update(leg)
+
+
 def _run_pip(args: list[str]) -> None:
     import runpy
 
@@ -499,6 +624,9 @@ def main() -> None:
     if config.get("die_with_parent"):
         _die_with_parent()
     _apply_limits(config.get("limits", {}))
+    egress = config.get("egress")
+    if egress:
+        _start_egress_forwarder(egress["socket"], int(egress["port"]))
     if config.get("role") == "pip":
         _run_pip(sys.argv[2:])
         return

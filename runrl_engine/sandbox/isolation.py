@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from runrl_engine.errors import UserError
+from runrl_engine.sandbox.egress import EGRESS_PORT, EGRESS_SOCKET_INSIDE, EgressUnavailable, proxy_env
 
 WORKER_SCRIPT = Path(__file__).resolve().with_name("_worker.py")
 SANDBOX_DIR_INSIDE = "/sandbox"  # where the private directory appears inside bubblewrap
@@ -321,6 +322,9 @@ class Launcher:
     allow_network: bool = False
     requirements_dir: Path | None = None
     limits: dict | None = None  # {"data_mb", "cpu_s", "fsize_mb", "nproc"}, applied by the worker to itself
+    # A filtered network (bubblewrap only): the egress proxy's Unix socket on the host. The sandbox then gets
+    # no network of its own and reaches out only through it (not the pip sandbox, which keeps the host's).
+    egress_socket: Path | None = None
 
     def spawn(self, private_dir: Path, *, role: str = "reward", extra_args: Sequence[str] = (),
               extra_ro: Sequence[str] = (), extra_rw: Sequence[str] = (), pipe_stdin: bool = True) -> subprocess.Popen:
@@ -331,21 +335,29 @@ class Launcher:
             # RLIMIT_NPROC counts every process of the uid; only a dedicated uid makes it a worker limit.
             limits.pop("nproc", None)
         # Without bubblewrap's --die-with-parent, the worker asks the kernel to kill it when we die.
-        config = json.dumps({"role": role, "limits": limits, "die_with_parent": iso.mode != "bwrap"})
+        egress = self.egress_socket is not None and self.allow_network and role != "pip"
+        if egress and iso.mode != "bwrap":
+            raise EgressUnavailable(iso.reason or "plain subprocess mode")
+        config = json.dumps({"role": role, "limits": limits, "die_with_parent": iso.mode != "bwrap",
+                             **({"egress": {"socket": EGRESS_SOCKET_INSIDE, "port": EGRESS_PORT}} if egress else {})})
         req = [str(self.requirements_dir)] if self.requirements_dir else []
         (private_dir / "tmp").mkdir(exist_ok=True)
         if iso.mode == "bwrap":
             assert iso.bwrap is not None
-            network = self.allow_network or role == "pip"
+            network = (self.allow_network and not egress) or role == "pip"
             private = ["--bind", str(private_dir), SANDBOX_DIR_INSIDE, "--bind", str(private_dir / "tmp"), "/tmp"]
             cmd = _bwrap_command(iso.bwrap, iso.bwrap_flags, allow_network=network, private=private,
                                  ro_paths=[str(WORKER_SCRIPT), *req, *extra_ro], rw_paths=extra_rw)
+            if egress:
+                cmd += ["--ro-bind", str(self.egress_socket), EGRESS_SOCKET_INSIDE]
             cmd += ["--chdir", SANDBOX_DIR_INSIDE, "--"]
             home, cwd = SANDBOX_DIR_INSIDE, None
         else:
             cmd, home, cwd = [], str(private_dir), str(private_dir)
         cmd += [sys.executable, "-s", str(WORKER_SCRIPT), config, *extra_args]
         env = worker_env(home, req, for_pip=role == "pip")
+        if egress:
+            env.update(proxy_env(EGRESS_PORT))
         kwargs: dict = {}
         unprivileged = iso.mode == "subprocess" and iso.run_as is not None
         if unprivileged:

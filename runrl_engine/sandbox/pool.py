@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from runrl_engine.errors import UserCodeError
+from runrl_engine.netpolicy import DestinationPolicy
+from runrl_engine.sandbox.egress import EgressProxy, EgressUnavailable
 from runrl_engine.sandbox.isolation import (Isolation, Launcher, detect_isolation, env_secret_values, host_pid, redact,
                                             release_memory_cgroup)
 from runrl_engine.sandbox.static import UserCodeInfo, inspect_user_code
@@ -92,8 +94,8 @@ class _Worker:
         return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def _kill_all(procs: dict[int, subprocess.Popen], root: Path | None) -> None:
-    """Finalizer: no worker outlives its pool, even when close() was never called."""
+def _kill_all(procs: dict[int, subprocess.Popen], root: Path | None, egress: EgressProxy | None = None) -> None:
+    """Finalizer: no worker (nor the egress proxy) outlives its pool, even when close() was never called."""
     for proc in list(procs.values()):
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # each worker leads its own process group
@@ -102,6 +104,8 @@ def _kill_all(procs: dict[int, subprocess.Popen], root: Path | None) -> None:
             pass
         _release_cgroup(proc)
     procs.clear()
+    if egress is not None:
+        egress.close()
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -146,7 +150,8 @@ class WorkerPool:
                  requirements_dir: Path | None = None, allow_network: bool = False, secrets: Sequence[str] = (),
                  log: Callable[[str], None] | None = None, work_dir: Path | None = None,
                  isolation: str = "auto", load_timeout_s: float = 120.0, cpu_limit_s: float = 3600.0,
-                 file_size_mb: int = 1024, display_name: str | None = None):
+                 file_size_mb: int = 1024, display_name: str | None = None,
+                 egress: DestinationPolicy | None = None):
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError("num_workers must be >= 1 and timeout_s > 0")
         code_path = Path(code_path)
@@ -162,25 +167,41 @@ class WorkerPool:
         self.mode = self.isolation.mode
         if requirements_dir is not None and not Path(requirements_dir).is_dir():
             raise FileNotFoundError(f"requirements_dir {requirements_dir} does not exist")
+        filtered = egress is not None and allow_network
+        if filtered and self.mode != "bwrap":
+            raise EgressUnavailable(self.isolation.reason or "plain subprocess mode")
         limits = {"data_mb": memory_mb, "cpu_s": cpu_limit_s, "fsize_mb": file_size_mb, "nproc": 256}
-        self._launcher = Launcher(self.isolation, allow_network=allow_network,
-                                  requirements_dir=Path(requirements_dir).resolve() if requirements_dir else None,
-                                  limits=limits)
         if work_dir is not None:
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         self._root = Path(tempfile.mkdtemp(prefix="runrl-sandbox-", dir=work_dir)).resolve()
         if self.isolation.run_as is not None:
             os.chmod(self._root, 0o711)  # the unprivileged worker must be able to reach its own directory
+        # Filtered network: user code's only way out is this proxy (see egress.py), closed with the pool.
+        self.egress: EgressProxy | None = None
+        if filtered:
+            assert egress is not None
+            try:
+                self.egress = EgressProxy(egress, self._root / "egress.sock", log=log)
+            except BaseException:
+                shutil.rmtree(self._root, ignore_errors=True)
+                raise
+        self._launcher = Launcher(self.isolation, allow_network=allow_network,
+                                  requirements_dir=Path(requirements_dir).resolve() if requirements_dir else None,
+                                  limits=limits, egress_socket=self.egress.path if self.egress else None)
         self._sel = selectors.DefaultSelector()
         self._workers: list[_Worker | None] = [None] * num_workers
         self._procs: dict[int, subprocess.Popen] = {}
-        self._finalizer = weakref.finalize(self, _kill_all, self._procs, self._root)
+        self._finalizer = weakref.finalize(self, _kill_all, self._procs, self._root, self.egress)
         self._closed = False
         self.contract: str | None = None
         self.entry: str | None = None
         self._load_error: str | None = None
         self._init_state()
         net = "" if self.mode == "bwrap" or allow_network else " (allow_network=False cannot be enforced here)"
+        if self.egress is not None:
+            net = (f"; network only through its egress proxy: public addresses"
+                   f"{', and private ones' if egress and egress.allow_private else ''}"
+                   f"{', and ' + ', '.join(egress.allowed) if egress and egress.allowed else ''}")
         self._log(f"user code sandbox: {self.isolation.describe(allow_network)}{net}; {num_workers} worker(s)")
         started = time.monotonic()
         try:
@@ -481,6 +502,9 @@ class WorkerPool:
             text = text[:1000] + "\n...\n" + text[-(_ERROR_TEXT_MAX - 1000):]
         if not self.allow_network and self.mode == "bwrap" and any(s in text for s in _NETWORK_SIGNS):
             text += "\nhint: network access is disabled for this code (allow_network=False)"
+        elif self.egress is not None and any(s in text for s in _NETWORK_SIGNS):
+            text += ("\nhint: this code reaches the network only through the HTTP(S) proxy in $HTTPS_PROXY "
+                     "(reward_network: filtered); direct connections have no route")
         return text
 
     def _idle_workers(self) -> list[_Worker]:

@@ -40,9 +40,11 @@ class RewardSandbox(WorkerPool):
     """Runs `reward_fn(completion, **row)` (or the older forms) from `code_path` in `num_workers` processes.
 
     `memory_mb` caps each worker's data segment (RLIMIT_DATA), `timeout_s` each call; `allow_network=False`
-    (the default) cuts the network where bubblewrap is usable. `secrets` are redacted from error texts, as are
-    this process's secret-looking environment values. `isolation`: "auto" | "bwrap" | "subprocess".
-    Use as a context manager or call `close()`.
+    (the default) cuts the network where bubblewrap is usable; with `allow_network=True`, `egress` (a
+    `netpolicy.DestinationPolicy`) filters it: user code then reaches only what the policy allows, through the
+    egress proxy (bubblewrap only; `EgressUnavailable` otherwise), and None shares the host's network.
+    `secrets` are redacted from error texts, as are this process's secret-looking environment values.
+    `isolation`: "auto" | "bwrap" | "subprocess". Use as a context manager or call `close()`.
     """
 
     kind = "function"
