@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -175,10 +176,21 @@ def create_memory_cgroup(limit_mb: int, owner: int | None = None) -> Path | None
     return path
 
 
-def release_memory_cgroup(path: Path | None) -> None:
-    """Remove a worker's cgroup (it must be empty; a busy one is left for the next sweep)."""
+def release_memory_cgroup(path: Path | None, *, kill: bool = False) -> None:
+    """Remove a worker's cgroup. With `kill`, first SIGKILL every process still in it (one that left the
+    worker's session or process group too); otherwise a busy cgroup is left for the next sweep."""
     if path is None:
         return
+    if kill:
+        try:
+            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     try:
         path.rmdir()
     except OSError:

@@ -119,8 +119,8 @@ def _release_cgroup(proc: subprocess.Popen) -> None:
         proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
         pass
-    for _ in range(20):
-        release_memory_cgroup(cgroup)
+    for _ in range(100):  # whatever is still inside (a process that left the session) is killed too
+        release_memory_cgroup(cgroup, kill=True)
         if not cgroup.exists():
             return
         time.sleep(0.01)
