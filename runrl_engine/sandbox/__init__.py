@@ -61,7 +61,8 @@ default for `runrl train` on your own machine) falls back to a plain subprocess 
 (anything it can write: as the trainer's own uid, that is everything the trainer can write), the network
 (`allow_network=False` cannot be enforced; a warning is logged), and, when the worker runs as the trainer's
 own uid, the trainer's process: its `/proc/<pid>/environ` (secrets it was started with) is readable and it can
-be signalled or traced. A process that leaves the worker's session survives the kill.
+be signalled or traced. A process that leaves the worker's session survives the kill, unless the worker
+has a memory cgroup (then everything in it is killed when the worker goes).
 **Not isolated in either mode**: the kernel (no seccomp filter); without a memory cgroup, memory that
 RLIMIT_DATA does not count (shared mappings, memfd; and in fallback mode the host's /dev/shm); total disk
 use of the private directory (only the size of each file is capped); the number of processes unless the
