@@ -139,14 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run user code even where bubblewrap cannot start (then it is NOT isolated: it can "
                              "read what the server's user can read); default: refuse such runs and validations")
     policy.add_argument("--allow-user-network", action="store_true",
-                        help="let runs set reward_allow_network: true (the sandbox then shares the host network, "
-                             "loopback included); default: user code has no network")
+                        help="let runs set reward_allow_network: true (user code then reaches the network only "
+                             "through an egress proxy that applies the destination policy below); default: user "
+                             "code has no network")
     policy.add_argument("--allow-url-requirements", action="store_true",
                         help="accept `name @ https://...` entries in package_requirements; default: index names only")
     policy.add_argument("--allow-private-destinations", action="store_true",
-                        help="let MCP tools (test-mcp, run tools) reach loopback, private and link-local addresses")
+                        help="let MCP tools (test-mcp, run tools), user code's network and pip builds reach "
+                             "loopback, private and link-local addresses")
     policy.add_argument("--allow-destination", action="append", metavar="HOST[:PORT]|CIDR",
-                        help="allow one non-public MCP destination, e.g. 127.0.0.1:8765 (repeatable)")
+                        help="allow one non-public destination (MCP tools, user code, pip's index), e.g. "
+                             "127.0.0.1:8765 or pypi.internal (repeatable)")
     policy.add_argument("--validation-workers", type=int, default=4, help="concurrent code validations (default 4)")
     policy.add_argument("--validation-per-user", type=int, default=2,
                         help="concurrent code validations per user (default 2)")

@@ -281,10 +281,11 @@ class Trainer:
         self.skipped_prompts += len(encoded) - len(kept)
         return kept
 
-    def _egress_policy(self) -> Any:
-        """The destination policy of user code's network (`reward_network: filtered`), or None (none, or the host's)."""
+    def _egress_policy(self, *, for_pip: bool = False) -> Any:
+        """The destination policy of user code's network (`reward_network: filtered`), or None (none, or the host's).
+        The pip build always has network (it must reach the index); under `filtered` it gets the same policy."""
         cfg = self.cfg
-        if not (cfg.reward_allow_network and cfg.reward_network == "filtered"):
+        if not ((cfg.reward_allow_network or for_pip) and cfg.reward_network == "filtered"):
             return None
         from runrl_engine.netpolicy import DestinationPolicy
 
@@ -300,7 +301,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.log(f"installing package_requirements: {' '.join(self.cfg.package_requirements)}")
             install_requirements(self.cfg.package_requirements, target, log=self.log,
-                                 isolation=self.cfg.sandbox_isolation)
+                                 isolation=self.cfg.sandbox_isolation, egress=self._egress_policy(for_pip=True))
         self.acc.wait_for_everyone()
         return target
 

@@ -347,7 +347,8 @@ class Launcher:
             # RLIMIT_NPROC counts every process of the uid; only a dedicated uid makes it a worker limit.
             limits.pop("nproc", None)
         # Without bubblewrap's --die-with-parent, the worker asks the kernel to kill it when we die.
-        egress = self.egress_socket is not None and self.allow_network and role != "pip"
+        wants_network = self.allow_network or role == "pip"  # pip must reach the package index
+        egress = self.egress_socket is not None and wants_network
         if egress and iso.mode != "bwrap":
             raise EgressUnavailable(iso.reason or "plain subprocess mode")
         config = json.dumps({"role": role, "limits": limits, "die_with_parent": iso.mode != "bwrap",
@@ -356,7 +357,7 @@ class Launcher:
         (private_dir / "tmp").mkdir(exist_ok=True)
         if iso.mode == "bwrap":
             assert iso.bwrap is not None
-            network = (self.allow_network and not egress) or role == "pip"
+            network = wants_network and not egress
             private = ["--bind", str(private_dir), SANDBOX_DIR_INSIDE, "--bind", str(private_dir / "tmp"), "/tmp"]
             cmd = _bwrap_command(iso.bwrap, iso.bwrap_flags, allow_network=network, private=private,
                                  ro_paths=[str(WORKER_SCRIPT), *req, *extra_ro], rw_paths=extra_rw)

@@ -92,10 +92,12 @@ def _already_satisfied(spec: str) -> str | None:
 def install_requirements(requirements: Sequence[str], target_dir: Path, log: Callable[[str], None] | None = None,
                          *, timeout_s: float = 900.0, extra_args: Sequence[str] = (), isolation: str = "auto",
                          memory_mb: int = 8192, secrets: Sequence[str] = (), allow_urls: bool = True,
-                         find_links: Sequence[Path] = ()) -> Path:
+                         find_links: Sequence[Path] = (), egress: Any = None) -> Path:
     """Install `requirements` into `target_dir` (replaced atomically); on failure raise `UserError` with pip's
     message. `extra_args` go to pip before the requirements (tests use `--no-index`); `find_links` are local
-    wheel directories (bound read-only into the sandbox)."""
+    wheel directories (bound read-only into the sandbox). `egress` (a `netpolicy.DestinationPolicy`, bubblewrap
+    only): pip's network goes through an egress proxy with that policy instead of the host's network (the
+    index must then be a public address or an allowed destination; an upstream HTTP proxy is not used)."""
     say = log or (lambda message: None)
     target_dir = Path(target_dir).resolve()
     reqs: list[str] = []
@@ -113,7 +115,8 @@ def install_requirements(requirements: Sequence[str], target_dir: Path, log: Cal
             links = [str(Path(d).resolve()) for d in find_links]
             extra = [*extra_args, *(arg for d in links for arg in ("--find-links", d))]
             _run_pip(reqs, staging, private, say, timeout_s=timeout_s, extra_args=extra, extra_ro=links,
-                     isolation=isolation, memory_mb=memory_mb, secrets=[*secrets, *env_secret_values()])
+                     isolation=isolation, memory_mb=memory_mb, secrets=[*secrets, *env_secret_values()],
+                     egress=egress)
         if target_dir.exists():
             shutil.rmtree(target_dir)
         os.replace(staging, target_dir)
@@ -126,8 +129,23 @@ def install_requirements(requirements: Sequence[str], target_dir: Path, log: Cal
 
 def _run_pip(reqs: list[str], target: Path, private: Path, say: Callable[[str], None], *, timeout_s: float,
              extra_args: Sequence[str], extra_ro: Sequence[str], isolation: str, memory_mb: int,
-             secrets: list[str]) -> None:
-    launcher = Launcher(detect_isolation(isolation), allow_network=True, limits={"data_mb": memory_mb})
+             secrets: list[str], egress: Any = None) -> None:
+    if egress is None:
+        _run_pip_with(None, reqs, target, private, say, timeout_s=timeout_s, extra_args=extra_args,
+                      extra_ro=extra_ro, isolation=isolation, memory_mb=memory_mb, secrets=secrets)
+        return
+    from runrl_engine.sandbox.egress import EgressProxy
+
+    with EgressProxy(egress, log=say) as proxy:  # its own private directory, outside the sandbox
+        _run_pip_with(proxy.path, reqs, target, private, say, timeout_s=timeout_s, extra_args=extra_args,
+                      extra_ro=extra_ro, isolation=isolation, memory_mb=memory_mb, secrets=secrets)
+
+
+def _run_pip_with(egress_socket: Path | None, reqs: list[str], target: Path, private: Path,
+                  say: Callable[[str], None], *, timeout_s: float, extra_args: Sequence[str], extra_ro: Sequence[str],
+                  isolation: str, memory_mb: int, secrets: list[str]) -> None:
+    launcher = Launcher(detect_isolation(isolation), allow_network=True, limits={"data_mb": memory_mb},
+                        egress_socket=egress_socket)
     cmd = ["install", "--target", str(target), "--no-input", "--no-cache-dir", "--disable-pip-version-check",
            "--no-warn-script-location", "--progress-bar", "off", *extra_args, "--", *reqs]
     say(f"pip {' '.join(cmd)}")

@@ -107,3 +107,44 @@ def test_shared_mappings_count_against_the_memory_cap(tmp_path):
     assert not [p for p in base.glob(f"runrl-sandbox-{os.getpid()}-*")]  # released with the worker
     ok, _ = _one(tmp_path, source.replace("1 << 30", "64 << 20"), memory_mb=256)  # within the cap: fine
     assert ok.error is None and ok.reward == 1.0
+
+
+# ---- the pip build's network under a destination policy ---------------------------------------------------
+
+def test_pip_build_network_goes_through_the_egress_policy(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from runrl_engine.errors import UserError
+    from runrl_engine.netpolicy import DestinationPolicy
+    from runrl_engine.sandbox.isolation import detect_isolation
+    from runrl_engine.sandbox.requirements import install_requirements
+    from tests.engine.test_user_code import _tiny_wheel
+
+    if detect_isolation().mode != "bwrap":
+        pytest.skip("a filtered network needs bubblewrap")
+    index = tmp_path / "index"
+    (index / "simple" / "runrl-tinypkg").mkdir(parents=True)
+    wheel = _tiny_wheel(index / "simple" / "runrl-tinypkg")
+    (index / "simple" / "runrl-tinypkg" / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>')
+    hits: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            hits.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(index)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    args = ["--index-url", f"http://127.0.0.1:{port}/simple/"]
+    try:
+        with pytest.raises(UserError) as refused:  # loopback is not a public address
+            install_requirements(["runrl-tinypkg"], tmp_path / "env", extra_args=args, timeout_s=120,
+                                 egress=DestinationPolicy())
+        assert "No matching distribution" in refused.value.message and not hits  # the index saw nothing
+        target = install_requirements(["runrl-tinypkg"], tmp_path / "env", extra_args=args, timeout_s=120,
+                                      egress=DestinationPolicy(allowed=(f"127.0.0.1:{port}",)))
+        assert (target / "runrl_tinypkg" / "__init__.py").exists() and hits
+    finally:
+        server.shutdown()
