@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -40,15 +41,35 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run", where="--output",
                         fix="pass --resume to continue it, or choose another --output directory")
+    notes: list[str] = []
+    if args.resume and (out / "config.yaml").is_file():
+        # the run's own config (its first --set overrides included) is what continues; the YAML given now only
+        # brings the secrets config.yaml holds redacted, and this invocation's --set are the changes
+        from runrl_engine.config import resume_config
+
+        cfg, notes = resume_config(out / "config.yaml", cfg, args.set or [], source=args.config)
+    if args.resume:  # refusals and "nothing to do" answered before torch is imported (the trainer checks again)
+        from runrl_engine import checkpoint
+
+        point = checkpoint.resume_point(out, cfg)
+        if point is not None and point.complete:
+            main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun set RANK
+            last = checkpoint.announce_complete(point, main=main)
+            if main:
+                _print_summary(out, out / "final", point.step, last)
+            return 0
     from runrl_engine.trainer import Trainer
 
-    result = Trainer(cfg, out, resume=args.resume).run()
+    result = Trainer(cfg, out, resume=args.resume, notes=notes).run()
     if result.final_dir is not None:  # main process
-        last = result.metrics
-        summary = {"output_dir": str(result.output_dir.resolve()), "final_dir": str(result.final_dir.resolve()), "steps": result.steps,
-                   "reward_mean": last.get("reward_mean"), "eval_reward_mean": last.get("eval_reward_mean")}
-        print(json.dumps(summary))
+        _print_summary(result.output_dir, result.final_dir, result.steps, result.metrics)
     return 0
+
+
+def _print_summary(out: Path, final: Path, steps: int, last: dict) -> None:
+    summary = {"output_dir": str(out.resolve()), "final_dir": str(final.resolve()), "steps": steps,
+               "reward_mean": last.get("reward_mean"), "eval_reward_mean": last.get("eval_reward_mean")}
+    print(json.dumps(summary))
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -117,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint, with its stored config (and its "
+                        "--set overrides); --set given now changes max_steps and other keys that may change")
     p.add_argument("--secrets-stdin", action="store_true",
                    help='read secret keys (e.g. {"hf_token": "..."}) as one JSON object from stdin, so they are '
                         'never written to a file or a command line')

@@ -178,8 +178,9 @@ class RunConfig:
                                               "`temperature`.", ge=0, le=10)
     eval_num_generations: int | None = _f(None, "Completions per held-out prompt; unset = `num_generations`.",
                                           ge=1, le=1024)
-    save_every: int = _f(50, "Write a resumable checkpoint every N steps (0 = only at the end).", ge=0)
-    keep_checkpoints: int = _f(2, "How many step checkpoints to keep.", ge=1)
+    save_every: int = _f(50, "Write a resumable checkpoint every N steps and at the last step (0 = only at the "
+                             "last step).", ge=0)
+    keep_checkpoints: int = _f(2, "How many step checkpoints to keep (the newest; the last step's among them).", ge=1)
     merge_lora: bool = _f(True, "Merge the LoRA adapter into the base weights in `final/`.")
     report_to: list[Literal["wandb"]] = _f([], "Experiment trackers (`wandb`; offline unless WANDB_API_KEY is set).")
     wandb_project: str = _f("runrl-engine", "W&B project name.")
@@ -441,3 +442,78 @@ def _range_text(meta: Any) -> str:
     hi = f"<= {le:g}" if le is not None else None
     parts = [p for p in (lo, hi) if p]
     return f"allowed range: {' and '.join(parts)}" if parts else ""
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+
+# Keys a resumed run may change (everything else is refused: the checkpoint's weights, optimizer state and data
+# order were made under it). Grouped by why a change is safe mid-run.
+RESUMABLE_KEYS = frozenset({
+    # the run's length: more steps continue from the last one, fewer than are done leave nothing to do
+    "max_steps", "epochs",
+    # evaluation, which never feeds the update
+    "eval_every", "eval_at_start", "eval_temperature", "eval_num_generations",
+    # checkpoints, outputs and trackers
+    "save_every", "keep_checkpoints", "merge_lora", "hf_name", "hf_token", "report_to", "wandb_project",
+    "run_name", "log_completions",
+    # how the same computation runs on this machine (memory, threads, kernels, the rollout engine)
+    "micro_batch_size", "num_threads", "gradient_checkpointing", "attn_implementation", "share_prompt_forward",
+    "padding_free", "rollout_backend", "vllm_gpu_memory_utilization",
+    # how user code and tools are run and bounded (not what they compute)
+    "reward_workers", "reward_timeout_s", "reward_memory_mb", "reward_allow_network", "reward_network",
+    "reward_allow_private_destinations", "reward_allowed_destinations", "sandbox_isolation",
+    "max_failed_reward_steps", "tool_timeout_s", "tool_allow_private_destinations", "tool_allowed_destinations",
+})
+
+
+def _stored_config(path: Path) -> dict[str, Any]:
+    """A run directory's `config.yaml` (the resolved config, secrets redacted) as a validated dict without
+    its secret keys."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the run's stored config ({type(exc).__name__})", where=str(path),
+                          fix="restore it, or start a new run with another --output directory") from None
+    secret = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
+    data = {k: v for k, v in (data or {}).items() if k not in secret}
+    return RunConfig.from_dict(data, source=str(path)).to_dict()
+
+
+def resume_changes(stored: Path, cfg: RunConfig, *, where: str) -> list[tuple[str, Any, Any]]:
+    """(key, the run's value, `cfg`'s value) for each key `cfg` changes against the run's `stored` config.yaml;
+    ConfigError naming the keys when one is not in `RESUMABLE_KEYS`. Secrets are never compared."""
+    old, new = _stored_config(stored), cfg.to_dict()
+    changes = [(k, old[k], new[k]) for k in old if k in new and old[k] != new[k] and k != "hf_token"]
+    refused = [(k, a, b) for k, a, b in changes if k not in RESUMABLE_KEYS]
+    if refused:
+        what = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in refused)
+        raise ConfigError(f"{what}: cannot change when a run resumes (its checkpoint was trained under the run's "
+                          "value)", where=where,
+                          fix=f"resume without changing {', '.join(k for k, _, _ in refused)} (keys that may change: "
+                              "max_steps, epochs, eval and save cadence, outputs and trackers, micro_batch_size and "
+                              "other speed/memory keys, sandbox limits; see README 'Resuming a run'), or start a new "
+                              "run with another --output directory")
+    return changes
+
+
+def resume_config(stored: Path, given: RunConfig, overrides: Sequence[str], *,
+                  source: str) -> tuple[RunConfig, list[str]]:
+    """The config `runrl train --resume` continues with: the run's own resolved `stored` config.yaml (its first
+    `--set` overrides included), then this invocation's `overrides`; secrets come from `given` (this
+    invocation's YAML, `--set` and `--secrets-stdin`), as config.yaml holds them redacted and nothing stores
+    them. Also returns log lines naming the keys where the YAML `source` now differs from the run and is
+    therefore not used."""
+    base_dir = Path(source).resolve().parent
+    data = apply_overrides(_stored_config(stored), overrides)
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("secret"):
+            data[f.name] = getattr(given, f.name)
+    cfg = RunConfig.from_dict(data, source=f"{stored} with --set", base_dir=base_dir)
+    ours, yours = cfg.to_dict(redact=True), given.to_dict(redact=True)
+    ignored = [f"{k} ({yours[k]!r} there, {ours[k]!r} in the run)" for k in ours if ours[k] != yours[k]]
+    notes = []
+    if ignored:
+        notes.append(f"--resume continues with the run's config.yaml; {source} differs and is not used for: "
+                     f"{', '.join(ignored)} (change a key with --set KEY=VALUE; README 'Resuming a run' lists "
+                     "those that may change)")
+    return cfg, notes

@@ -100,7 +100,9 @@ def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int, salt
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, output_dir: Path, *, resume: bool = False):
+    def __init__(self, cfg: RunConfig, output_dir: Path, *, resume: bool = False, notes: Sequence[str] = ()):
+        """`resume`: continue from the last checkpoint in `output_dir` (see `checkpoint.resume_point`); `notes`:
+        lines for logs.txt once it is open (the CLI's word on how the resumed config was made)."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -127,6 +129,11 @@ class Trainer:
             raise ConfigError(f"num_minibatches={cfg.num_minibatches} is more than the {local_rollouts} rollouts each "
                               f"of {self.world} processes has per step", where="num_minibatches",
                               fix=f"use at most {local_rollouts}, or more prompts_per_step")
+        # --resume decides first: a change that cannot happen mid-run is refused, and a complete run is left as it
+        # is (run() says so), before any input is read or anything written, started or loaded
+        self.resume_point = ckpt.resume_point(output_dir, cfg) if resume else None
+        if self.resume_point is not None and self.resume_point.complete:
+            return
 
         # user inputs first: fail on a bad file before spending time on the model
         self.env_mode = cfg.type == "environment"
@@ -144,7 +151,9 @@ class Trainer:
         self.schedule = PromptSchedule(len(self.train_rows), cfg.prompts_per_step, cfg.seed)
         steps_per_epoch = math.ceil(len(self.train_rows) / cfg.prompts_per_step)
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
+        self.steps_per_epoch, self.inputs = steps_per_epoch, ckpt.input_fingerprints(cfg)
+        if resume and self.acc.is_main_process:  # what a crash logged after the checkpoint is logged again
+            ckpt.trim_streams(output_dir, self.resume_point.step if self.resume_point else 0)
         self.outputs = RunOutputs(output_dir, enabled=self.acc.is_main_process, secrets=cfg.secrets(),
                                   total_steps=self.total_steps, config=cfg.to_dict(redact=True),
                                   report_to=cfg.report_to, wandb_project=cfg.wandb_project,
@@ -152,6 +161,8 @@ class Trainer:
         if self.acc.is_main_process:
             (output_dir / "config.yaml").write_text(cfg.to_yaml(redact=True))
         self.log = self.outputs.log
+        for note in notes:
+            self.log(note)
         self.log(f"{len(self.train_rows)} training prompts, {len(self.eval_rows)} held out; {self.total_steps} steps "
                  f"x {cfg.prompts_per_step} prompts x {cfg.num_generations} completions on {self.world} "
                  f"process(es), device {device}")
@@ -177,7 +188,7 @@ class Trainer:
         param_dtype = self.compute_dtype if cfg.lora_enabled else torch.float32
         policy = load_policy(cfg, device, param_dtype)
         self.ref_model = load_reference(cfg, device, param_dtype) if cfg.beta > 0 and not cfg.lora_enabled else None
-        if cfg.sft_file and not (resume and ckpt.latest_checkpoint(output_dir)):
+        if cfg.sft_file and self.resume_point is None:
             from runrl_engine.sft import run_sft
 
             # SFT records carry their own counter (`sft_step`) so `step` stays the RL step everywhere
@@ -353,14 +364,31 @@ class Trainer:
         return {i for i in ids if i is not None}
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
+        point = self.resume_point
+        if point is None:
             self.log("--resume: no checkpoint found, starting from step 0")
             return
-        state = ckpt.load_checkpoint(self.acc, path)
+        state = ckpt.load_checkpoint(self.acc, point.path)
         self.start_step = int(state["step"])
         self.failed_reward_steps = int(state.get("failed_reward_steps", 0))
-        self.log(f"resumed from {path} at step {self.start_step}")
+        self.log(f"resumed from {point.path} at step {self.start_step} of {self.total_steps}")
+        if point.changes:
+            self.log("resumed with changes: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in point.changes))
+        run_length = int(state.get("total_steps", self.total_steps))
+        if run_length != self.total_steps and (self.cfg.lr_scheduler != "constant" or self.cfg.warmup_ratio > 0):
+            self.log(f"the learning-rate schedule ({self.cfg.lr_scheduler}, warmup_ratio {self.cfg.warmup_ratio:g}) "
+                     f"spans the run's length: steps 1-{self.start_step} followed the {run_length}-step schedule, the "
+                     f"rest follow the {self.total_steps}-step one, so the result differs from an uninterrupted "
+                     f"{self.total_steps}-step run")
+        if self.start_step >= self.total_steps:
+            self.log(f"step {self.start_step} is done and final/ is missing: writing it from {point.path}")
+
+    def _already_complete(self) -> TrainResult:
+        """`--resume` of a run that has trained all its steps and written final/: say so, touch nothing."""
+        point, main = self.resume_point, self.acc.is_main_process
+        record = ckpt.announce_complete(point, main=main)
+        return TrainResult(output_dir=self.out, final_dir=self.out / "final" if main else None, steps=point.step,
+                           metrics=record)
 
     @contextlib.contextmanager
     def _timer(self, times: dict[str, float], name: str) -> Iterator[None]:
@@ -383,6 +411,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        if self.resume_point is not None and self.resume_point.complete:
+            return self._already_complete()
         history: list[dict[str, Any]] = []
         record: dict[str, Any] = {}
         try:
@@ -427,16 +457,21 @@ class Trainer:
                 self.outputs.progress(step, record)
                 history.append(record)
                 self._check_reward_failures(episodes)
-                if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
-                    ckpt.save_checkpoint(self.acc, self.out, step, {"step": step, "failed_reward_steps":
-                                         self.failed_reward_steps, "total_steps": self.total_steps},
-                                         self.cfg.keep_checkpoints)
-            final = self._finish()
+                # the last step always: a finished run can be extended exactly (`save_every: 0` = only then)
+                if step == self.total_steps or (self.cfg.save_every and step % self.cfg.save_every == 0):
+                    ckpt.save_checkpoint(self.acc, self.out, step, {
+                        "step": step, "failed_reward_steps": self.failed_reward_steps, "total_steps": self.total_steps,
+                        "steps_per_epoch": self.steps_per_epoch, "inputs": self.inputs}, self.cfg.keep_checkpoints)
+            final = self._finish(trained=self.total_steps > self.start_step)
         finally:
             self.close()
-        return TrainResult(output_dir=self.out, final_dir=final, steps=self.total_steps, metrics=record, history=history)
+        done = max(self.start_step, self.total_steps)  # the loop reached total_steps, or had nothing to do
+        return TrainResult(output_dir=self.out, final_dir=final, steps=done,
+                           metrics=record or ckpt.last_step_record(self.out, done), history=history)
 
     def close(self) -> None:
+        if self.resume_point is not None and self.resume_point.complete:
+            return  # nothing was started
         self.sandbox.close()
         self.rollout_backend.close()
         if self.tools is not None:
@@ -800,10 +835,14 @@ class Trainer:
                                   where=self.cfg.reward_file, fix="fix the code (run `runrl validate "
                                   f"{'env' if self.env_mode else 'reward'} FILE --prompts PROMPTS` to try it on a few rows)")
 
-    def _finish(self) -> Path | None:
+    def _finish(self, *, trained: bool) -> Path | None:
+        """Write final/ (and push it) when this run trained, or when a resumed run's final/ is missing; never
+        rewrite one that nothing changed."""
         self.acc.wait_for_everyone()
         final = None
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and not trained and (self.out / "final").is_dir():
+            final = self.out / "final"
+        elif self.acc.is_main_process:
             final = ckpt.export_final(self._policy(), self.tokenizer, self.out,
                                       merge_lora=self.cfg.merge_lora)
             self.log(f"final model written to {final}")
