@@ -165,7 +165,7 @@ def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], devi
         "rollout_backend": backend, "max_prompt_length": 512,
     })
     trainer = Trainer(cfg, work / "run")
-    trainer._finish = lambda: None  # no final export: not part of a training step
+    trainer._finish = lambda **_: None  # no final export: not part of a training step
     ends: list[float] = []
     emit = trainer.outputs.metrics
 
