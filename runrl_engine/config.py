@@ -227,9 +227,11 @@ class RunConfig:
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config", base_dir: Path | None = None) -> "RunConfig":
-        """Build and validate. `source` names where the values came from in error messages; relative file
-        paths resolve against `base_dir` when given."""
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", base_dir: Path | None = None,
+                  origins: dict[str, str] | None = None) -> "RunConfig":
+        """Build and validate. `source` names where the values came from in error messages, and `origins` where
+        single keys came from instead (`{"epochs": "--set epochs=3"}`); relative file paths resolve against
+        `base_dir` when given."""
         if not isinstance(data, dict):
             raise ConfigError(f"expected a mapping of keys to values, got {type(data).__name__}", where=source,
                               fix="write the config as `key: value` lines")
@@ -237,9 +239,10 @@ class RunConfig:
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, raw in data.items():
+            origin = (origins or {}).get(key)
             if key not in known:
-                raise ConfigError(f"unknown key {key!r}", where=source, fix=_suggest(str(key), known))
-            values[key] = _coerce(key, raw, hints[key], known[key].metadata, source)
+                raise ConfigError(f"unknown key {key!r}", where=origin or source, fix=_suggest(str(key), known))
+            values[key] = _coerce(key, raw, hints[key], known[key].metadata, source, origin)
             if known[key].metadata.get("path") and base_dir is not None and values[key]:
                 p = Path(values[key]).expanduser()
                 values[key] = str(p if p.is_absolute() else (base_dir / p))
@@ -333,6 +336,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), secrets: dict[s
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping of keys to values", where=str(path), fix="write `key: value` lines")
     data = apply_overrides(data, overrides)
+    # a mistake in an override is reported against it, not against the YAML file it replaces a value of
+    origins = {item.partition("=")[0].strip(): f"--set {item}" for item in overrides}
     if secrets:
         secret_keys = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
         wrong = sorted(k for k in secrets if k not in secret_keys)
@@ -340,7 +345,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), secrets: dict[s
             raise ConfigError(f"{wrong} are not secret keys", where="--secrets-stdin",
                               fix=f"pass only {sorted(secret_keys)} this way; other keys belong in the YAML")
         data.update(secrets)
-    return RunConfig.from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    return RunConfig.from_dict(data, source=str(path), base_dir=path.resolve().parent, origins=origins)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -387,15 +392,16 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str) -> Any:
-    where = f"{source}: {key}"
+def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str, at: str | None = None) -> Any:
+    """`value` as type `tp`; a mistake is reported at `at` (e.g. `--set epochs=x`), else at `source: key`."""
+    where = at or f"{source}: {key}"
     origin = get_origin(tp)
     args = get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], meta, source)
+        return _coerce(key, value, inner[0], meta, source, at)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{value!r} is not allowed", where=where,
@@ -408,7 +414,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str) -> Any:
             value = []
         if not isinstance(value, list):
             raise ConfigError(f"expected {_describe(tp)}, got {value!r}", where=where, fix="write a YAML list")
-        return [_coerce(key, v, args[0], {}, source) for v in value]
+        return [_coerce(key, v, args[0], {}, source, at) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from runrl_engine.config import REDACTED, RunConfig
 from runrl_engine.errors import ConfigError
+from runrl_engine.metrics import recorded_wandb_url
 from server.auth import Principal
 from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
@@ -86,7 +87,8 @@ def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "parameters": row["parameters"], "uses_tools": bool(row["tool_ids"]), "progress": progress,
             "current_step": step, "total_steps": row["total_steps"],
             "created_at": row["created_at"], "updated_at": row["updated_at"], "started_at": row["started_at"],
-            "completed_at": row["completed_at"], "error_message": row["error_message"], "wandb_url": None,
+            "completed_at": row["completed_at"], "error_message": row["error_message"],
+            "wandb_url": recorded_wandb_url(svc.settings.runs_dir / str(row["id"])),  # what the trainer recorded
             "hf_name": row["hf_name"], "prompt_file": ref(row["prompt_file_id"]),
             "reward_file": ref(row["reward_file_id"]), "sft_file": ref(row["sft_file_id"]),
             "tools": [tools.get(t) or {"id": t, "name": None, "mcp_url": None, "description": None}
