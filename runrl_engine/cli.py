@@ -226,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
           allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
           allow_private_destinations=args.allow_private_destinations,
           allowed_destinations=tuple(args.allow_destination or ()), validation_workers=args.validation_workers,
-          validation_per_user=args.validation_per_user)
+          validation_per_user=args.validation_per_user, hosted_ranges=args.hosted_ranges)
     return 0
 
 
@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrent code validations per user (default 2)")
     policy.add_argument("--trusted-proxy", action="append", metavar="IP",
                         help="a reverse proxy whose X-Forwarded-For is believed (repeatable; default none)")
+    p.add_argument("--hosted-ranges", action="store_true",
+                   help="keep RunRL's hosted ranges for a run's completion_length (128-8192), epochs (1-100) and "
+                        "learning_rate_multiplier (0.1-10); default: accept what the engine accepts "
+                        "(e.g. completion_length 1-32768)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("keys", help="manage API keys")

@@ -1,9 +1,10 @@
 """RunRL's response envelope, and the one place that maps exceptions to it.
 
 Success: `{"success": true, "data": ..., "message"?}`. Failure: `{"success": false, "error": code, "message",
-"details"?}` with the codes of spec §1.6. Handlers never put a traceback in a body: an unexpected exception is
-logged here and answered with a plain 500 `internal_error`. The renderer never raises on output: a lone surrogate
-already in the store is written as its JSON escape.
+"details"?}` with the codes of spec §1.6; a 4xx `message` carries the first reason of `details` (`Validation
+failed: completion_length: ...`), the full list staying in `details`. Handlers never put a traceback in a body:
+an unexpected exception is logged here and answered with a plain 500 `internal_error`. The renderer never
+raises on output: a lone surrogate already in the store is written as its JSON escape.
 
 `read_json` (`parse_json`) is where every JSON body is checked before a route sees it: strict UTF-8 (else a 400),
 at most `max_json_depth` levels of nesting (a 422, however deep the body; Python's parser stops at its
@@ -79,10 +80,27 @@ def ok(data: Any = None, *, message: str | None = None, status: int = 200) -> Re
     return EnvelopeJSON(body, status_code=status)
 
 
+def with_first_reason(status: int, message: str, details: Any) -> str:
+    """The `message` of a 4xx whose `details` map fields to reasons, with the first reason appended:
+    `Validation failed: completion_length: must be a number between 1 and 32768 (and 2 more in details)` (the
+    SDK's exception shows only `message`). Kept as is when it already says why: it holds that reason (or is
+    its start), or it is already `summary: reason`; and when the first detail is not a text reason
+    (`retry_after: 5`, a list of run ids)."""
+    if not 400 <= status < 500 or not isinstance(details, dict) or not details:
+        return message
+    field, reason = next(iter(details.items()))
+    if not isinstance(reason, str) or not reason or reason in message or reason.startswith(message) \
+            or ": " in message:
+        return message
+    more = len(details) - 1
+    return f"{message}: {field}: {reason}" + (f" (and {more} more in details)" if more else "")
+
+
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None, **top_level: Any) -> Response:
-    """The failure envelope; `top_level` adds compatibility fields next to `error` (e.g. `retry_after`)."""
-    body: dict[str, Any] = {"success": False, "error": code, "message": message}
+    """The failure envelope; `top_level` adds compatibility fields next to `error` (e.g. `retry_after`). Every
+    failure goes through here, so every 4xx `message` carries its first reason (`with_first_reason`)."""
+    body: dict[str, Any] = {"success": False, "error": code, "message": with_first_reason(status, message, details)}
     if details is not None:
         body["details"] = details
     body.update(top_level)
@@ -255,7 +273,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 async def user_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, UserError)
     details = {"where": exc.where, "fix": exc.fix}
-    return error_response(422, "validation_error", exc.message, details)
+    return error_response(422, "validation_error", f"{exc.where}: {exc.message}" if exc.where else exc.message,
+                          details)
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:

@@ -61,6 +61,11 @@ class Settings:
     # Failed authentications per client address per minute before 429s.
     auth_failures_per_minute: int = 30
 
+    # Create-run ranges: by default a self-hosted server accepts what the engine accepts (RunConfig's bounds,
+    # e.g. completion_length 1..32768); True keeps RunRL's hosted ranges for completion_length (128..8192),
+    # epochs (1..100) and learning_rate_multiplier (0.1..10) (`runrl serve --hosted-ranges`).
+    hosted_ranges: bool = False
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "runrl.db"

@@ -4,9 +4,11 @@
 The create body is RunRL's (spec §2.1): file ids become paths of the caller's own files, `tool_ids` become
 MCP URLs, and the rest maps onto `RunConfig` keys, which also lets engine keys such as `max_steps` or
 `num_generations` through. The whole config is validated by `RunConfig.from_dict` before the run is queued,
-so a bad value is a 422 naming the field, not a failed run. Unknown keys are ignored and echoed in
-`parameters`; `hf_token` is kept out of `parameters` and of the stored config (it lives only in the run's
-private secrets column and in the short-lived `run.yaml` the worker hands to `runrl train`).
+so a bad value is a 422 naming the field, not a failed run. `completion_length`, `epochs` and
+`learning_rate_multiplier` take the engine's bounds, or RunRL's hosted ranges when the operator sets
+`hosted_ranges`; `parameters` echoes RunRL's defaults (`API_DEFAULTS`) either way. Unknown keys are ignored
+and echoed in `parameters`; `hf_token` is kept out of `parameters` and of the stored config (it lives only in
+the run's private secrets column and in the short-lived `run.yaml` the worker hands to `runrl train`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from server.store import now_iso
 
 RUN_TYPES = ("reward_function", "environment")
 CACHEABLE = {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}
-# API ranges (spec §2.1, §6); the engine's own ranges are checked by RunConfig afterwards.
+# RunRL's hosted ranges (spec §2.1, §6), kept when the operator sets `hosted_ranges`; otherwise these keys take
+# the engine's own bounds (ENGINE_RANGES, from RunConfig), so the API accepts what `runrl train` accepts.
 API_RANGES = {"completion_length": (128, 8192), "epochs": (1, 100), "learning_rate_multiplier": (0.1, 10.0)}
+ENGINE_RANGES = {f.name: (f.metadata["ge"], f.metadata["le"]) for f in dataclasses.fields(RunConfig)
+                 if f.name in API_RANGES}
 API_DEFAULTS = {"completion_length": 1024, "epochs": 1, "learning_rate_multiplier": 1.0, "use_lora": False,
                 "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.0}
 API_ONLY = {"prompt_file_id", "reward_file_id", "sft_file_id", "tool_ids"}
@@ -128,7 +133,7 @@ def _file_for(svc: Any, p: Principal, body: dict[str, Any], name: str, types: tu
     return None
 
 
-def _check_api_fields(body: dict[str, Any], errors: dict[str, str]) -> None:
+def _check_api_fields(body: dict[str, Any], errors: dict[str, str], hosted_ranges: bool = False) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         errors["model"] = "is required (a model id such as Qwen/Qwen3-4B, or builtin:tiny)"
@@ -139,7 +144,7 @@ def _check_api_fields(body: dict[str, Any], errors: dict[str, str]) -> None:
                            "builtin:smollm2-135m-instruct); server paths and .gguf files are not accepted")
     if body.get("type") not in RUN_TYPES:
         errors["type"] = f"is required: one of {list(RUN_TYPES)}"
-    for key, (lo, hi) in API_RANGES.items():
+    for key, (lo, hi) in (API_RANGES if hosted_ranges else ENGINE_RANGES).items():
         value = body.get(key)
         if value is None:
             continue
@@ -184,7 +189,7 @@ async def create(request: Request, p: Principal) -> Response:
     svc = services(request)
     body = await read_json(request)
     errors: dict[str, str] = {}
-    _check_api_fields(body, errors)
+    _check_api_fields(body, errors, svc.settings.hosted_ranges)
     errors.update(check_run_request(svc.settings, body))
     prompt = _file_for(svc, p, body, "prompt_file_id", ("prompt",), errors, True)
     reward = _file_for(svc, p, body, "reward_file_id", ("reward_function", "environment"), errors, True)
@@ -206,7 +211,7 @@ async def create(request: Request, p: Principal) -> Response:
         cfg = RunConfig.from_dict(config, source="run")
     except ConfigError as exc:
         key = (exc.where or "").split(": ", 1)[-1] or "body"
-        raise ApiError(422, f"Invalid run configuration: {exc.message}",
+        raise ApiError(422, "Invalid run configuration",  # the envelope adds "<key>: <reason>"
                        details={key: exc.message + (f" ({exc.fix})" if exc.fix else "")}) from None
     secrets = {k: config.pop(k) for k in list(config) if k in SECRET_KEYS}
     parameters = {**API_DEFAULTS, **{k: v for k, v in body.items() if k not in API_ONLY}}

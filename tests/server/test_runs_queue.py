@@ -215,7 +215,7 @@ def test_create_validation_and_ownership(live):
         bp, br = upload(b)
         cases = [
             ({}, {"model", "type", "prompt_file_id", "reward_file_id"}),
-            (body(p, r, completion_length=64), {"completion_length"}),
+            (body(p, r, completion_length=0), {"completion_length"}),  # the engine's bounds (1..32768)
             (body(p, r, epochs=0), {"epochs"}),
             (body(p, r, learning_rate_multiplier=11), {"learning_rate_multiplier"}),
             (body(p, r, type="judge"), {"type"}),
