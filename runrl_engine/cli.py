@@ -1,8 +1,10 @@
-"""`runrl`: train, validate, serve, keys.
+"""`runrl`: train, launch (several processes), validate, serve, keys, runs (a client of a running server).
 
 User mistakes (`UserError`) print one message naming the file/line/key and the fix, and exit with status 2;
-no traceback. Engine bugs keep their traceback. `serve` and `keys` live in the `server` package and are
-imported only when used, so `runrl train` never pays for the web stack.
+no traceback, and under a multi-process launcher once, not once per process (`runrl launch` also keeps
+torch's failure report out; RUNRL_TRACEBACK=1 shows it). Engine bugs keep their traceback. An API error in
+`runrl runs` prints the server's message and exits with status 1. `serve`, `keys` and `runs` live in the `server`
+package and are imported only when used, so `runrl train` never pays for the web stack.
 """
 
 from __future__ import annotations
@@ -239,6 +241,55 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_list(args: argparse.Namespace) -> int:
+    from server.cli import KEY_COLUMNS, list_keys
+    from server.client import format_table, to_json
+
+    keys = list_keys(data_dir=args.data_dir, user=args.user)
+    print(to_json(keys) if args.json else (format_table(keys, KEY_COLUMNS) if keys else "no keys"))
+    return 0
+
+
+def _keys_update(args: argparse.Namespace) -> int:
+    from server.cli import revoke_key, update_key
+    from server.client import to_json
+
+    if args.keys_command == "revoke":
+        row = revoke_key(args.key, data_dir=args.data_dir)
+    else:
+        scopes = None if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
+        row = update_key(args.key, data_dir=args.data_dir, name=args.name, scopes=scopes, active=args.active,
+                         requests_per_hour=args.requests_per_hour, expires_at=args.expires_at)
+    print(to_json(row))
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from server import client
+
+    try:
+        base_url, key = client.resolve(args.base_url, args.api_key)
+    except client.MissingCredentials:
+        raise UserError("no API key", where="--api-key",
+                        fix="pass --api-key rl_... or set RUNRL_API_KEY (runrl keys create prints one)") from None
+    try:
+        with client.RunsClient(base_url, key) as api:
+            if args.runs_command == "list":
+                print(client.format_runs(api.list(status=args.status, page=args.page, per_page=args.per_page)))
+            elif args.runs_command == "show":
+                print(client.to_json(api.get(args.run_id)))
+            elif args.runs_command == "logs":
+                for line in (api.follow(args.run_id) if args.follow else api.all_logs(args.run_id)):
+                    print(line, flush=True)
+            else:
+                run, message = api.cancel(args.run_id)
+                print(f"{message or 'cancel'}: run {run['id']} is {run['status']}")
+    except client.ApiCallError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from runrl_engine import __version__
 
@@ -308,11 +359,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="manage API keys")
     ks = p.add_subparsers(dest="keys_command", required=True)
     kc = ks.add_parser("create", help="create an API key and print it")
-    kc.add_argument("--name", required=True)
+    kc.add_argument("--name", required=True, help="a name to tell the key by (runrl keys list shows it)")
     kc.add_argument("--scopes", default="read,write", help="comma-separated: read,write[,admin]")
     kc.add_argument("--user", default="admin", help="user the key belongs to (created on first use)")
-    kc.add_argument("--data-dir", default=str(Path.home() / ".runrl"))
+    kc.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
     kc.set_defaults(func=_keys)
+    kl = ks.add_parser("list", help="list API keys (masked), with their scopes, quota, expiry and last use")
+    kl.add_argument("--user", help="only this user's keys (default: every user's)")
+    kl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    kl.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
+    kl.set_defaults(func=_keys_list)
+    ku = ks.add_parser("update", help="change a key's name, scopes, active flag, quota or expiry")
+    ku.add_argument("key", help="the key's id, token or prefix (runrl keys list)")
+    ku.add_argument("--name", help="new name")
+    ku.add_argument("--scopes", help="comma-separated: read,write[,admin]")
+    active = ku.add_mutually_exclusive_group()
+    active.add_argument("--activate", dest="active", action="store_const", const=True, help="reactivate the key")
+    active.add_argument("--deactivate", dest="active", action="store_const", const=False,
+                        help="deactivate the key (as revoke)")
+    ku.add_argument("--requests-per-hour", type=int, metavar="N", help="hourly request quota (1-10000000)")
+    ku.add_argument("--expires-at", metavar="DATE|never", help="ISO date or datetime (UTC unless it says), or never")
+    ku.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
+    ku.set_defaults(func=_keys_update)
+    kr = ks.add_parser("revoke", help="deactivate a key (a running server refuses it within 5 s)")
+    kr.add_argument("key", help="the key's id, token or prefix (runrl keys list)")
+    kr.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
+    kr.set_defaults(func=_keys_update)
+
+    p = sub.add_parser("runs", help="list, show, follow or cancel the runs of a running server")
+    rs = p.add_subparsers(dest="runs_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-url", help="the API's base URL (default: $RUNRL_BASE_URL, else "
+                                           "http://127.0.0.1:8000/api/v1)")
+    common.add_argument("--api-key", help="an API key (default: $RUNRL_API_KEY)")
+    rl = rs.add_parser("list", parents=[common], help="the newest runs, as a table")
+    rl.add_argument("--status", help="only these statuses, comma-separated (e.g. RUNNING,PENDING)")
+    rl.add_argument("--page", type=int, default=1, help="page number (default 1)")
+    rl.add_argument("--per-page", type=int, default=20, help="runs per page (default 20)")
+    for name, text in (("show", "one run, as JSON"), ("logs", "a run's log lines"), ("cancel", "cancel a run")):
+        rp = rs.add_parser(name, parents=[common], help=text)
+        rp.add_argument("run_id", type=int, help="the run's id")
+        if name == "logs":
+            rp.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.set_defaults(func=_runs)
     return parser
 
 
