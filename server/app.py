@@ -26,16 +26,17 @@ from server.hygiene import HygieneMiddleware
 from server.queue import RunQueue
 from server.ratelimit import RateLimiter
 from server.deploy import DeploymentManager
-from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation
+from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation, webhooks
 from server.routes.validation import ValidationPool
 from server.settings import Settings
 from server.store import ResponseCache, Store
+from server.webhooks import Dispatcher
 from server.worker import Worker
 
 log = logging.getLogger("runrl.server")
 API_PREFIX = "/api/v1"
 RESOURCE_ROUTES = [health.ROUTES, keys.ROUTES, files.ROUTES, validation.ROUTES, runs.ROUTES, tools.ROUTES,
-                   shared.ROUTES, search.ROUTES, deployments.ROUTES]
+                   shared.ROUTES, search.ROUTES, deployments.ROUTES, webhooks.ROUTES]
 USAGE_FLUSH_S = 5.0
 
 
@@ -51,6 +52,7 @@ class Services:
     worker: Worker
     deployments: DeploymentManager
     validation: ValidationPool
+    webhooks: Dispatcher
     cache: ResponseCache = field(default_factory=ResponseCache)
 
 
@@ -64,7 +66,8 @@ def build_services(settings: Settings) -> Services:
                     deployments=DeploymentManager(store, settings.runs_dir, settings.deploy_command,
                                                   settings.data_dir / "deployments"),
                     validation=ValidationPool(settings.validation_workers, settings.validation_per_user,
-                                              settings.data_dir / "validate"))
+                                              settings.data_dir / "validate"),
+                    webhooks=Dispatcher(store, settings))
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -72,6 +75,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.webhooks.start(services)  # first: recovery's and the worker's status changes are events
         failed = services.queue.recover(settings.runs_dir)
         if failed:
             log.warning("runs failed after restart: %s", failed)
@@ -99,6 +103,7 @@ def create_app(settings: Settings) -> Starlette:
             flusher.cancel()
             await asyncio.to_thread(services.worker.stop)
             services.deployments.shutdown()
+            await services.webhooks.stop()  # pending deliveries are dropped (each recorded), not persisted
             services.validation.shutdown()
             services.limiter.flush(services.store)
             services.store.close()

@@ -100,6 +100,7 @@ class DeploymentManager:
             self._tokens[deployment_id] = token
         self.store.update("deployments", "id", deployment_id, {"status": "pending", "pid": proc.pid, "port": port,
                                                                 "error_message": None, "updated_at": now_iso()})
+        self.store.notify("deployment", deployment_id, "pending")  # webhooks (never raises)
         watcher = threading.Thread(target=self._watch, args=(deployment_id, proc, port, log_path, token),
                                    daemon=True)
         watcher.start()
@@ -137,7 +138,8 @@ class DeploymentManager:
         sql = "UPDATE deployments SET status = ?, updated_at = ?" + "".join(f", {k} = ?" for k in values)
         sql += " WHERE id = ? AND status IN (?, ?)"
         allowed = (only_from, only_from) if only_from else ("pending", "active")
-        self.store.execute(sql, [status, now_iso(), *values.values(), deployment_id, *allowed])
+        if self.store.execute(sql, [status, now_iso(), *values.values(), deployment_id, *allowed]):
+            self.store.notify("deployment", deployment_id, status)  # webhooks (never raises)
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
@@ -150,6 +152,7 @@ class DeploymentManager:
         """Mark deleted (before killing, so the watcher does not record a failure) and stop the process."""
         self.store.execute("UPDATE deployments SET status = 'deleted', deleted_at = ?, updated_at = ? WHERE id = ?",
                            (now_iso(), now_iso(), deployment_id))
+        self.store.notify("deployment", deployment_id, "deleted")  # webhooks (never raises)
         with self._lock:
             proc = self._procs.pop(deployment_id, None)
             self._tokens.pop(deployment_id, None)

@@ -81,6 +81,7 @@ class RunQueue:
                 return False
             db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
                        (run_id, to.value, message, now))
+        self.store.notify("run", run_id, to.value)  # webhooks (never raises)
         return True
 
     def claim(self) -> dict[str, Any] | None:
@@ -99,6 +100,7 @@ class RunQueue:
                        (self.worker_id, time.time() + self.lease_s, now, run_id))
             db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
                        (run_id, "SETTING_UP", "Claimed by a worker; preparing the run directory", now))
+        self.store.notify("run", run_id, "SETTING_UP")  # webhooks (never raises)
         return self.store.run(run_id)
 
     def heartbeat(self, run_id: int, **values: Any) -> None:

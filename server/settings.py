@@ -66,6 +66,19 @@ class Settings:
     # epochs (1..100) and learning_rate_multiplier (0.1..10) (`runrl serve --hosted-ranges`).
     hosted_ranges: bool = False
 
+    # ---- webhooks (issue 15; server/webhooks.py) ------------------------------------------------------------
+    # A delivery is tried up to `webhook_attempts` times in all, each attempt bounded by `webhook_timeout_s`
+    # (connect, send and answer together), waiting `webhook_backoff_s` * 1, 2, 4, ... between attempts (the
+    # defaults: 5 attempts, 10 s each, waits of 1, 2, 4 and 8 s). At most `webhook_concurrency` attempts are in
+    # flight at once; beyond `webhook_max_pending` deliveries pending at once, new ones are dropped (recorded).
+    # Target URLs follow allow_private_destinations / allowed_destinations above.
+    webhook_attempts: int = 5
+    webhook_timeout_s: float = 10.0
+    webhook_backoff_s: float = 1.0
+    webhook_concurrency: int = 16
+    webhook_max_pending: int = 10_000
+    max_webhooks_per_user: int = 20
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "runrl.db"

@@ -1,4 +1,5 @@
-"""SQLite (WAL) repository: users, API keys, files, runs + history, tools, shared configurations, deployments.
+"""SQLite (WAL) repository: users, API keys, files, runs + history, tools, shared configurations, deployments,
+webhooks and their delivery attempts.
 
 One connection per `Store`, serialised by a lock: every statement is short, the server is one process, and
 the job queue (queue.py) relies on `UPDATE ... WHERE status = ?` being atomic under that lock. File bytes and
@@ -11,12 +12,13 @@ Every query that reads a user's resource takes the `user_id`, so ownership is en
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -59,9 +61,18 @@ CREATE TABLE IF NOT EXISTS deployments (
     id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, run_id INTEGER NOT NULL,
     base_model TEXT NOT NULL, status TEXT NOT NULL, api_url TEXT NOT NULL DEFAULT '', error_message TEXT,
     pid INTEGER, port INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, deleted_at TEXT);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, url TEXT NOT NULL, events TEXT NOT NULL,
+    secret TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS webhooks_user ON webhooks(user_id, id);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_id INTEGER NOT NULL, delivery_id TEXT NOT NULL,
+    event TEXT NOT NULL, attempt INTEGER NOT NULL, status_code INTEGER, success INTEGER NOT NULL, error TEXT,
+    duration_ms INTEGER NOT NULL, retrying INTEGER NOT NULL DEFAULT 0, delivered_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS deliveries_webhook ON webhook_deliveries(webhook_id, id);
 """
 
-JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration"}
+JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration", "events"}
 
 
 def now_iso() -> str:
@@ -116,6 +127,17 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._writes = 0
+        # Status-change listeners (webhooks): called as listener(kind, id, status) by `notify`
+        self.listeners: list[Callable[[str, int, str], None]] = []
+
+    def notify(self, kind: str, obj_id: int, status: str) -> None:
+        """A run ("run") or deployment ("deployment") now has `status`: tell the listeners. Never raises (a
+        listener's error is logged), so queue.py and deploy.py call it right after writing a status."""
+        for listener in list(self.listeners):
+            try:
+                listener(kind, obj_id, status)
+            except Exception:
+                logging.getLogger("runrl.server").exception("status listener failed for %s %s", kind, obj_id)
 
     def generation(self) -> tuple[int, int]:
         """Changes whenever the database may have changed: our own writes, or commits by other connections
