@@ -191,7 +191,7 @@ def _broken_rule(body: Any, raw: bytes, max_depth: int) -> str | None:
     """Which rule `body` breaks, if any, with C-speed checks (no per-value Python work for typical bodies)."""
     huge = _maybe_huge(raw)
     if huge or raw.count(b"[") + raw.count(b"{") > max_depth:
-        level, depth = [body], 1  # level by level: the containers `depth` deep
+        level, depth = [[body]], 0  # level by level: the containers `depth` deep (the body itself may be a scalar)
         while level:
             children: list[Any] = []
             for item in level:
