@@ -199,11 +199,13 @@ class Dispatcher:
             self._record(delivery, 1, Attempt(None, False, DROPPED, 0, False))
 
     def _record(self, d: Delivery, attempt: int, result: Attempt, retrying: bool = False) -> None:
-        try:
-            self.store.insert("webhook_deliveries", {
-                "webhook_id": d.webhook_id, "delivery_id": d.delivery_id, "event": d.event, "attempt": attempt,
-                "status_code": result.status_code, "success": int(result.success), "error": result.error,
-                "duration_ms": result.duration_ms, "retrying": int(retrying), "delivered_at": now_iso()})
+        values = (d.webhook_id, d.delivery_id, d.event, attempt, result.status_code, int(result.success),
+                  result.error, result.duration_ms, int(retrying), now_iso(), d.webhook_id)
+        try:  # not for a webhook deleted meanwhile (its deliveries went with it)
+            self.store.execute(
+                "INSERT INTO webhook_deliveries (webhook_id, delivery_id, event, attempt, status_code, success, "
+                "error, duration_ms, retrying, delivered_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)", values)
         except Exception:  # a closed or busy database must not end the delivery task with a traceback
             log.exception("could not record webhook delivery %s attempt %s", d.delivery_id, attempt)
 
@@ -226,10 +228,9 @@ class Dispatcher:
             for attempt in range(1, attempts + 1):
                 if attempt > 1:
                     await asyncio.sleep(self.settings.webhook_backoff_s * 2 ** (attempt - 2))
-                hook = self.store.one("SELECT url, secret FROM webhooks WHERE id = ?", (d.webhook_id,))
-                if hook is None:
-                    return  # deleted meanwhile (its deliveries went with it)
-                result = await self._attempt(hook["url"], hook["secret"], d)
+                result = await self._attempt(d)
+                if result is None:
+                    return  # the webhook was deleted meanwhile (its deliveries went with it)
                 last = result.success or not result.retryable or attempt == attempts
                 self._record(d, attempt, result, retrying=not last)
                 if last:
@@ -238,11 +239,17 @@ class Dispatcher:
             self._record(d, attempt, Attempt(None, False, DROPPED, 0, False))
             raise
 
-    async def _attempt(self, url: str, secret: str, d: Delivery) -> Attempt:
+    async def _attempt(self, d: Delivery) -> Attempt | None:
+        """One POST; None when the webhook no longer exists (read once the slots are held, so a delivery that
+        waited behind a hanging receiver is not sent after its webhook was deleted)."""
         timeout = self.settings.webhook_timeout_s
         hook_slots = self._per_hook.setdefault(d.webhook_id, asyncio.Semaphore(PER_WEBHOOK))
         assert self._slots is not None
         async with hook_slots, self._slots:  # waiting on a busy webhook holds no global slot
+            hook = self.store.one("SELECT url, secret FROM webhooks WHERE id = ?", (d.webhook_id,))
+            if hook is None:
+                return None
+            url, secret = hook["url"], hook["secret"]
             headers = {"Content-Type": "application/json", "User-Agent": "RunRL-Webhooks/1",
                        SIGNATURE_HEADER: signature_header(secret, int(time.time()), d.body),
                        EVENT_HEADER: d.event, DELIVERY_HEADER: d.delivery_id}

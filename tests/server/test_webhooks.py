@@ -314,6 +314,21 @@ def test_shutdown_drops_pending_deliveries_and_records_them(make_live, hook_sett
     assert len(rows) == 1 and rows[0]["error"] == DROPPED and not rows[0]["success"], rows
 
 
+def test_deleting_a_webhook_ends_its_pending_deliveries(make_live, hook_settings, receiver):
+    live = make_live(replace(hook_settings, webhook_timeout_s=30.0))
+    store = live.app.state.services.store
+    with live.client(live.key("alice")) as c:
+        hook = register(c, receiver.url("/hang"), ["run.status_changed"])
+        run_id = start_run(c, upload(c))
+        wait_status(c, run_id, {"COMPLETED"})
+        wait_for(lambda: receiver.hanging >= 2, what="two attempts in flight")
+        assert c.delete(f"/webhooks/{hook['id']}").status_code == 200
+        receiver.release.set()
+        time.sleep(0.5)  # the attempts in flight finish; nothing is recorded or retried for a deleted webhook
+        assert store.scalar("SELECT COUNT(*) FROM webhook_deliveries WHERE webhook_id = ?", (hook["id"],)) == 0
+        assert len(receiver.got("/hang")) == 2  # the third change (COMPLETED) was never sent
+
+
 def test_a_broken_listener_never_breaks_the_queue(make_live, hook_settings, receiver):
     live = make_live(hook_settings)
     store = live.app.state.services.store
