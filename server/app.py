@@ -1,6 +1,7 @@
 """`create_app(settings)`: the RunRL REST service assembled from data.
 
-Routes come from one list per resource module (`server/routes/*`), all mounted under `/api/v1`; middleware
+Routes come from one list per resource module (`server/routes/*`), all mounted under `/api/v1` (the web dashboard,
+server/dashboard, is served at `/` and `/static/`, outside it); middleware
 is a list (auth + quota); exception handlers map everything to the envelope (server/errors.py); the lifespan
 opens the store, recovers runs left behind by a previous process, starts the worker slots, and keeps house
 (key usage counters flushed, runs with expired leases failed). Importing this module does not import torch.
@@ -20,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
 
+from server import dashboard
 from server.auth import AuthMiddleware, Authenticator
 from server.errors import EXCEPTION_HANDLERS
 from server.hygiene import HygieneMiddleware
@@ -110,7 +112,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [route for group in RESOURCE_ROUTES for route in group]
     app = Starlette(
-        routes=[Mount(API_PREFIX, routes=routes)],
+        routes=[Mount(API_PREFIX, routes=routes), *dashboard.routes()],  # the dashboard: `/`, `/static/...`
         middleware=[Middleware(HygieneMiddleware, settings=settings),  # body caps; a 500 that keeps the connection
                     Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter,
                                auth_failures_per_minute=settings.auth_failures_per_minute)],
