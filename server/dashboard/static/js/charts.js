@@ -27,6 +27,13 @@ export function perStep(history) {
   return [...byStep.keys()].sort((a, b) => a - b).map(s => byStep.get(s));
 }
 
+// A flat series (KL of 0 at every step) gets a small band around its value, not uPlot's default 0..100.
+function yRange(u, min, max) {
+  if (min === null || max === null) return [0, 1];
+  if (min === max) { const pad = Math.abs(min) * 0.1 || 1; return [min - pad, max + pad]; }
+  return window.uPlot.rangeNum(min, max, 0.1, true);
+}
+
 function num(v) { return typeof v === "number" && isFinite(v) ? v : null; }
 
 export class ChartGrid {
@@ -87,7 +94,7 @@ export class ChartGrid {
     c.width = this.width(c);
     c.uplot = new window.uPlot({
       width: c.width, height: 170, series, bands,
-      scales: { x: { time: false } },
+      scales: { x: { time: false }, y: { range: yRange } },
       axes: [{ label: "step", size: 36, incrs: STEP_INCRS }, { size: 56 }],
       legend: { show: true, live: true },
       cursor: { drag: { x: true, y: false } },

@@ -11,6 +11,7 @@ const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
 const ACTIVE = new Set(["PENDING", "SETTING_UP", "RUNNING"]);
 const REFRESH_MS = 3000;
 const MAX_LOG_LINES = 5000;
+const SHOWN = 8;  // completions shown per step before "Show all"
 
 function text(content) {
   if (content === null || content === undefined) return "";
@@ -46,7 +47,10 @@ function sample(s, i) {
   }
   if (s.step_rewards) card.append(h("div", { class: "label" }, "Step rewards"), h("code", {}, JSON.stringify(s.step_rewards)));
   if (s.error) card.append(h("div", { class: "label" }, "Error"), h("pre", { class: "error-text" }, text(s.error)));
-  if (s.info && Object.keys(s.info).length) card.append(h("div", { class: "label" }, "Info"), json(s.info));
+  if (s.info && Object.keys(s.info).length) {
+    const flat = JSON.stringify(s.info);
+    card.append(h("div", { class: "label" }, "Info"), flat.length <= 100 ? h("code", { class: "info" }, flat) : json(s.info));
+  }
   return card;
 }
 
@@ -160,7 +164,15 @@ export async function render(view, { params }) {
   async function showStep(step) {
     const data = await api("GET", `/runs/${id}/completions`, { query: { step, limit: 64 } });
     const list = (data.steps[0] && data.steps[0].samples) || [];
-    fill(samples, ...list.map(sample));
+    const rewards = list.map(x => x.reward).filter(r => typeof r === "number");
+    const mean = rewards.length ? rewards.reduce((a, b) => a + b, 0) / rewards.length : null;
+    fill(samples, h("p", { class: "muted summary" }, `${list.length} samples logged at step ${step}`,
+      mean === null ? "" : `, mean reward ${fmtNum(mean)}`), ...list.slice(0, SHOWN).map(sample));
+    if (list.length > SHOWN) {
+      samples.append(h("button", { class: "secondary more", onclick: ev => {
+        ev.currentTarget.replaceWith(...list.slice(SHOWN).map((x, i) => sample(x, i + SHOWN)));
+      } }, `Show all ${list.length}`));
+    }
     samples.dataset.step = String(step);
   }
   stepSelect.addEventListener("change", () => showStep(stepSelect.value).catch(err => fill(samples, errorBox(err))));
