@@ -36,7 +36,8 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
 
 
 class SecurityHeaders:
-    """Adds SECURITY_HEADERS to every response of the wrapped app (the static files)."""
+    """Adds SECURITY_HEADERS and `Cache-Control: no-cache` to every response of the wrapped app (the static files:
+    a browser revalidates them by ETag, so an upgraded server never runs with a cached older script)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -46,6 +47,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                headers.append((b"cache-control", b"no-cache"))
                 message = {**message, "headers": headers}
             await send(message)
 

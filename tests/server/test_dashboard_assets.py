@@ -57,6 +57,7 @@ def test_served_without_a_key_with_csp_and_nothing_else_of_the_package(live):
                 r = c.get("/" + asset)
                 assert r.status_code == 200, asset
                 assert r.headers["content-security-policy"] == csp, asset
+                assert r.headers["cache-control"] == "no-cache" and r.headers["etag"], asset  # revalidated
         assert c.get("/static/js/main.js").headers["content-type"].startswith("text/javascript")
         for path in ("/static/../__init__.py", "/static/__init__.py", "/static/%2e%2e/__init__.py", "/index.html"):
             r = c.get(path)
