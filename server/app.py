@@ -30,6 +30,7 @@ from server.ratelimit import RateLimiter
 from server.deploy import DeploymentManager
 from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation, webhooks
 from server.routes.validation import ValidationPool
+from server import openapi
 from server.settings import Settings
 from server.store import ResponseCache, Store
 from server.webhooks import Dispatcher
@@ -112,7 +113,9 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [route for group in RESOURCE_ROUTES for route in group]
     app = Starlette(
-        routes=[Mount(API_PREFIX, routes=routes), *dashboard.routes()],  # the dashboard: `/`, `/static/...`
+        # GET /api/v1/openapi.json (public, built from these routes; before the Mount, which would take its path);
+        # the dashboard: `/`, `/static/...`
+        routes=[openapi.route(API_PREFIX), Mount(API_PREFIX, routes=routes), *dashboard.routes()],
         middleware=[Middleware(HygieneMiddleware, settings=settings),  # body caps; a 500 that keeps the connection
                     Middleware(AuthMiddleware, authenticator=services.auth, limiter=services.limiter,
                                auth_failures_per_minute=settings.auth_failures_per_minute)],

@@ -3,7 +3,10 @@
 Numbers from the URL are range-checked here: a path id is ASCII digits within SQLite's int64 (`parse_id`; anything
 else is "not found"), and integer query parameters are bounded to int64 (`page` so that its OFFSET fits too).
 
-Each resource module exposes `ROUTES`, a list of `api(...)` entries; `create_app` assembles them.
+Each resource module exposes `ROUTES`, a list of `api(...)` entries; `create_app` assembles them. Each entry
+also declares what the OpenAPI document says of it (summary, query parameters, body, the `data` it returns,
+extra error statuses; server/openapi.py builds the document from the mounted routes). `PAGING` and `sorting()`
+declare the parameters `paging()` and `sort_clause()` read.
 """
 
 from __future__ import annotations
@@ -17,13 +20,21 @@ from starlette.routing import Route
 
 from server.auth import Principal
 from server.errors import INT64_MAX, ApiError
+from server.openapi import JSON, Body, Operation, Param, enum, query_int
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 MAX_PER_PAGE = 100
 
 
-def api(path: str, handler: Handler, methods: list[str], scope: str) -> Route:
-    """A route whose handler runs only for an authenticated key holding `scope` (`any`: any valid key)."""
+def api(path: str, handler: Handler, methods: list[str], scope: str, *, summary: str = "",
+        query: list[Param] | tuple[Param, ...] = (), body: Body | None = None, returns: JSON | None = None,
+        status: int = 200, errors: tuple[int, ...] = (), media: JSON | None = None, description: str = "") -> Route:
+    """A route whose handler runs only for an authenticated key holding `scope` (`any`: any valid key).
+
+    The keywords describe the route for the OpenAPI document (server/openapi.py `Operation`): `query` the query
+    parameters the handler reads, `body` its request body, `returns` the schema of `data` in the success
+    envelope (answered with `status`), `errors` the error statuses beyond those every route of its kind can
+    answer, `media` a success response that is not the envelope (media type -> schema)."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
@@ -35,6 +46,9 @@ def api(path: str, handler: Handler, methods: list[str], scope: str) -> Route:
         return await handler(request, principal)
 
     endpoint.required_scope = scope  # type: ignore[attr-defined]  (read by the auth-matrix test)
+    endpoint.operation = Operation(  # type: ignore[attr-defined]  (read by server/openapi.py)
+        scope=scope, summary=summary, query=tuple(query), body=body, returns=returns, status=status,
+        errors=tuple(errors), media=media, description=description)
     return Route(path, endpoint, methods=methods)
 
 
@@ -86,6 +100,15 @@ def paging(request: Request) -> tuple[int, int]:
     page = int_param(request, "page", 1, lo=1, hi=INT64_MAX // MAX_PER_PAGE)  # its OFFSET fits in int64
     per_page = int_param(request, "per_page", 20, lo=1, hi=MAX_PER_PAGE)
     return page, per_page  # type: ignore[return-value]
+
+
+PAGING = (query_int("page", 1, 1, INT64_MAX // MAX_PER_PAGE), query_int("per_page", 20, 1, MAX_PER_PAGE))
+
+
+def sorting(allowed: dict[str, str], default: str) -> tuple[Param, Param]:
+    """The `sort`/`direction` parameters `sort_clause(request, allowed, default)` reads."""
+    return (Param("sort", enum(sorted(allowed), default=default)),
+            Param("direction", enum(["asc", "desc"], default="desc")))
 
 
 def sort_clause(request: Request, allowed: dict[str, str], default: str) -> str:

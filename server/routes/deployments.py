@@ -14,7 +14,8 @@ from starlette.responses import Response, StreamingResponse
 
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, paged, paging, path_id, services
+from server.openapi import Body, array, integer, obj, page_of, query_str, ref, string
+from server.routes import PAGING, api, paged, paging, path_id, services
 from server.store import now_iso
 
 LIVE = ("pending", "active")
@@ -153,12 +154,25 @@ async def models(request: Request, p: Principal) -> Response:
     return await _proxy(request, p, "GET", "/v1/models")
 
 
+RUN_ID = Body(obj({"run_id": integer(1)}, ["run_id"]))
+CHAT = obj({"messages": array(obj({"role": string(), "content": {}})), "model": string(), "stream": {}},
+           ["messages"], description="An OpenAI chat-completions request, passed to the model server as is")
+PROXIED = dict(errors=(503,), description="The model server's answer is passed through: its status, its "
+                                          "media type (JSON, or text/event-stream when streaming) and its body.",
+               media={"application/json": obj(), "text/event-stream": string()})
 ROUTES = [
-    api("/deployments", list_deployments, ["GET"], "write"),
-    api("/deployments", create, ["POST"], "write"),
-    api("/deployments/check", check, ["POST"], "write"),
-    api("/deployments/{deployment_id}", retrieve, ["GET"], "write"),
-    api("/deployments/{deployment_id}", delete, ["DELETE"], "write"),
-    api("/deployments/{deployment_id}/v1/chat/completions", chat_completions, ["POST"], "write"),
-    api("/deployments/{deployment_id}/v1/models", models, ["GET"], "write"),
+    api("/deployments", list_deployments, ["GET"], "write", summary="Your deployments",
+        returns=page_of(ref("Deployment")), query=[*PAGING, query_str("status", "pending, active or failed")]),
+    api("/deployments", create, ["POST"], "write", summary="Deploy a completed run", body=RUN_ID,
+        returns=ref("Deployment"), status=201, errors=(404,)),
+    api("/deployments/check", check, ["POST"], "write", summary="Whether a run can be deployed", body=RUN_ID,
+        returns=ref("DeploymentCheck"), errors=(404,)),
+    api("/deployments/{deployment_id}", retrieve, ["GET"], "write", summary="A deployment",
+        returns=ref("Deployment")),
+    api("/deployments/{deployment_id}", delete, ["DELETE"], "write", summary="Stop and delete a deployment",
+        returns=ref("Deployment")),
+    api("/deployments/{deployment_id}/v1/chat/completions", chat_completions, ["POST"], "write",
+        summary="OpenAI-compatible chat completions", body=Body(CHAT), **PROXIED),
+    api("/deployments/{deployment_id}/v1/models", models, ["GET"], "write", summary="The served model",
+        **{**PROXIED, "errors": (422, 503)}),
 ]

@@ -24,7 +24,8 @@ from starlette.responses import FileResponse, Response
 
 from server.auth import Principal
 from server.errors import ApiError, check_text, not_found, ok, read_json
-from server.routes import api, bool_param, field, int_param, paged, paging, services, sort_clause
+from server.openapi import Body, Param, enum, nullable, obj, page_of, query_bool, query_int, query_str, ref, string
+from server.routes import PAGING, api, bool_param, field, int_param, paged, paging, services, sort_clause, sorting
 from server.store import now_iso
 
 FILE_TYPES = ("prompt", "reward_function", "environment", "sft")
@@ -312,13 +313,26 @@ async def delete(request: Request, p: Principal) -> Response:
     return ok({"id": row["id"], "deleted": True, "purged": force}, message="File deleted")
 
 
+NAME = string(minLength=1, maxLength=MAX_NAME)
+UPLOAD = Body(json=obj({"type": enum(FILE_TYPES), "name": NAME, "content": string(),
+                        "original_filename": nullable(string())}, ["type", "name", "content"]),
+              multipart=obj({"file": string(format="binary"), "type": enum(FILE_TYPES), "name": NAME},
+                            ["file", "type"]))
+BYTES = {m: string(format="binary") for m in (*sorted(set(MIME.values())), "application/octet-stream")}
 ROUTES = [
-    api("/files", list_files, ["GET"], "read"),
-    api("/files", create, ["POST"], "write"),
-    api("/files/{file_id}", retrieve, ["GET"], "read"),
-    api("/files/{file_id}", update, ["PUT"], "write"),
-    api("/files/{file_id}", delete, ["DELETE"], "write"),
-    api("/files/{file_id}/preview", preview, ["GET"], "read"),
-    api("/files/{file_id}/content", content, ["GET"], "read"),
-    api("/files/{file_id}/download", download, ["GET"], "read"),
+    api("/files", list_files, ["GET"], "read", summary="List your files", returns=page_of(ref("File")),
+        query=[*PAGING, *sorting(SORTS, "created_at"), Param("type", enum(FILE_TYPES)),
+               query_str("search", "in the name or original filename")]),
+    api("/files", create, ["POST"], "write", summary="Upload a file (multipart) or create one from JSON content",
+        body=UPLOAD, returns=ref("File"), status=201),
+    api("/files/{file_id}", retrieve, ["GET"], "read", summary="A file's metadata", returns=ref("File")),
+    api("/files/{file_id}", update, ["PUT"], "write", summary="Rename a file or replace a code file's content",
+        body=Body(obj({"name": NAME, "content": string()})), returns=ref("File")),
+    api("/files/{file_id}", delete, ["DELETE"], "write", summary="Delete a file (soft; force=true purges)",
+        query=[query_bool("force", description="purge the row and the bytes")], returns=ref("FileDeleted")),
+    api("/files/{file_id}/preview", preview, ["GET"], "read", summary="The first lines", returns=ref("FilePreview"),
+        query=[query_int("lines", 20, 1, 1000)]),
+    api("/files/{file_id}/content", content, ["GET"], "read", summary="The text content",
+        returns=ref("FileContent"), errors=(422,)),
+    api("/files/{file_id}/download", download, ["GET"], "read", summary="The file's bytes", media=BYTES),
 ]

@@ -11,6 +11,7 @@ from starlette.responses import Response
 import runrl_engine
 from server.auth import Principal
 from server.errors import ok
+from server.openapi import ref
 from server.routes import api, services
 
 
@@ -24,4 +25,4 @@ async def health(request: Request, p: Principal) -> Response:
                "slots": svc.settings.slots})
 
 
-ROUTES = [api("/health", health, ["GET"], "any")]
+ROUTES = [api("/health", health, ["GET"], "any", summary="Liveness and queue counts", returns=ref("Health"))]

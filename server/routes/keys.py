@@ -17,6 +17,7 @@ from starlette.responses import Response
 from server import auth
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
+from server.openapi import Body, array, boolean, enum, integer, nullable, obj, ref, string
 from server.routes import api, field, parse_id, services
 
 WARNING = "Store this token safely. You will not be able to see it again."
@@ -152,10 +153,15 @@ async def usage(request: Request, p: Principal) -> Response:
                "last_used_at": row["last_used_at"], "active": bool(row["active"])})
 
 
+KEY_FIELDS = {"name": string(minLength=1), "scopes": array(enum(auth.SCOPES), minItems=1),
+              "requests_per_hour": integer(1, 10_000_000),
+              "expires_at": nullable(string(description="ISO date or datetime; null: never"))}
 ROUTES = [
-    api("/keys", create, ["POST"], "write"),
-    api("/keys", list_keys, ["GET"], "read"),
-    api("/keys/{key_id}", update, ["PUT"], "write"),
-    api("/keys/{key_id}", delete, ["DELETE"], "write"),
-    api("/keys/{key_id}/usage", usage, ["GET"], "read"),
+    api("/keys", create, ["POST"], "write", summary="Create an API key (its token is shown once)",
+        body=Body(obj(KEY_FIELDS, ["name"])), returns=ref("ApiKeyCreated"), status=201),
+    api("/keys", list_keys, ["GET"], "read", summary="List your API keys", returns=array(ref("ApiKey"))),
+    api("/keys/{key_id}", update, ["PUT"], "write", summary="Rename, toggle, rescope or re-limit a key",
+        body=Body(obj({**KEY_FIELDS, "active": boolean()})), returns=ref("ApiKey")),
+    api("/keys/{key_id}", delete, ["DELETE"], "write", summary="Delete a key", returns=ref("Deleted")),
+    api("/keys/{key_id}/usage", usage, ["GET"], "read", summary="A key's usage", returns=ref("ApiKeyUsage")),
 ]

@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from server.auth import Principal
 from server.errors import not_found, ok
+from server.openapi import query_int, ref, string
 from server.queue import TERMINAL, RunStatus
 from server.routes import api, int_param, path_id, services
 from server.worker import redact
@@ -157,10 +158,15 @@ async def completions(request: Request, p: Principal) -> Response:
                "total_samples": sum(len(s["samples"]) for s in steps)})
 
 
+SSE = {"text/event-stream": string(description="`data: <log line>` events, then `event: end` with the status")}
 OUTPUT_ROUTES = [
-    api("/runs/{run_id}/logs", logs, ["GET"], "read"),
-    api("/runs/{run_id}/logs/stream", stream_logs, ["GET"], "read"),
-    api("/runs/{run_id}/stream-logs", stream_logs, ["GET"], "read"),
-    api("/runs/{run_id}/metrics", metrics, ["GET"], "read"),
-    api("/runs/{run_id}/completions", completions, ["GET"], "read"),
+    api("/runs/{run_id}/logs", logs, ["GET"], "read", summary="A page of the run's log lines", returns=ref("RunLogs"),
+        query=[query_int("last_line", 0, 0), query_int("limit", 100, 1, MAX_LOG_LIMIT)]),
+    *(api(path, stream_logs, ["GET"], "read", summary="Live log lines (Server-Sent Events) until the run ends",
+          media=SSE) for path in ("/runs/{run_id}/logs/stream", "/runs/{run_id}/stream-logs")),
+    api("/runs/{run_id}/metrics", metrics, ["GET"], "read", summary="metrics.jsonl as a history",
+        returns=ref("RunMetrics")),
+    api("/runs/{run_id}/completions", completions, ["GET"], "read", summary="Sampled completions by step",
+        returns=ref("RunCompletions"), query=[query_int("step", None, 0, description="only this step"),
+                                              query_int("limit", 64, 1, 10_000, "samples per step")]),
 ]

@@ -28,8 +28,9 @@ from runrl_engine.metrics import recorded_wandb_url
 from server.auth import Principal
 from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
+from server.openapi import Body, Param, array, boolean, enum, integer, number, obj, page_of, query_str, ref, string
 from server.queue import ACTIVE, RunStatus
-from server.routes import api, paged, paging, services
+from server.routes import PAGING, api, paged, paging, services
 from server.routes.files import file_path, file_ref
 from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
 from server.store import now_iso
@@ -290,11 +291,33 @@ async def cancel(request: Request, p: Principal) -> Response:
     return ok(run_object(svc, svc.store.run(row["id"])), message="Cancellation requested")
 
 
+CREATE_BODY = obj({
+    "model": string(pattern=r"^(builtin:.+|[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?)$",
+                    description="A Hugging Face model id (org/name) or builtin:NAME; not a path or a .gguf file"),
+    "type": enum(RUN_TYPES),
+    "prompt_file_id": string(), "reward_file_id": string(description="A reward_function or environment file"),
+    "sft_file_id": string(), "tool_ids": array(integer()),
+    "completion_length": integer(*ENGINE_RANGES["completion_length"]),
+    "epochs": integer(*ENGINE_RANGES["epochs"]),
+    "learning_rate_multiplier": number(minimum=ENGINE_RANGES["learning_rate_multiplier"][0],
+                                       maximum=ENGINE_RANGES["learning_rate_multiplier"][1]),
+    "package_requirements": array(string()), "hf_token": string(), "hf_name": string(), "use_lora": boolean(),
+    "lora_rank": integer(0), "lora_alpha": integer(0), "lora_dropout": number(minimum=0, maximum=1)},
+    ["model", "type", "prompt_file_id", "reward_file_id"],
+    description="RunRL's create-run body (spec §2.1); any other `runrl train` config key (max_steps, "
+                "num_generations, ...) is accepted too. With `runrl serve --hosted-ranges`, completion_length, "
+                "epochs and learning_rate_multiplier take RunRL's hosted ranges (128..8192, 1..100, 0.1..10).")
 ROUTES = [
-    api("/runs", list_runs, ["GET"], "read"),
-    api("/runs", create, ["POST"], "write"),
-    api("/runs/{run_id}", retrieve, ["GET"], "read"),
-    api("/runs/{run_id}/history", history, ["GET"], "read"),
-    api("/runs/{run_id}/cancel", cancel, ["POST"], "write"),
+    api("/runs", list_runs, ["GET"], "read", summary="List your runs, newest first", returns=page_of(ref("Run")),
+        query=[*PAGING, query_str("status", "comma-separated statuses, e.g. RUNNING,PENDING"),
+               query_str("created_after", "ISO time"), query_str("created_before", "ISO time"),
+               Param("type", enum(RUN_TYPES)), query_str("model"),
+               Param("direction", enum(["asc", "desc"], default="desc"), "by id")]),
+    api("/runs", create, ["POST"], "write", summary="Queue a run", body=Body(CREATE_BODY), returns=ref("Run"),
+        status=201),
+    api("/runs/{run_id}", retrieve, ["GET"], "read", summary="A run", returns=ref("Run")),
+    api("/runs/{run_id}/history", history, ["GET"], "read", summary="A run's status timeline",
+        returns=ref("RunHistory")),
+    api("/runs/{run_id}/cancel", cancel, ["POST"], "write", summary="Cancel a run", returns=ref("Run")),
     *OUTPUT_ROUTES,
 ]

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from server.auth import Principal
 from server.errors import ApiError, ok
+from server.openapi import Param, query_int, ref, string
 from server.routes import api, int_param, services
 from server.routes.files import file_object
 from server.routes.runs import RUN_COLUMNS, run_objects
@@ -34,4 +35,6 @@ async def search(request: Request, p: Principal) -> Response:
                "files": [file_object(f, request) for f in files], "tools": [tool_object(t) for t in tools]})
 
 
-ROUTES = [api("/search", search, ["GET"], "read")]
+ROUTES = [api("/search", search, ["GET"], "read", summary="Your runs and files, and the tools you see, matching q",
+              returns=ref("SearchResults"), query=[Param("q", string(minLength=1), "the text", required=True),
+                                                   query_int("limit", 10, 1, 100, "per list")])]

@@ -17,7 +17,8 @@ from starlette.responses import Response
 
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, field, paged, paging, services
+from server.openapi import Body, array, enum, nullable, obj, page_of, query_str, ref, string
+from server.routes import PAGING, api, field, paged, paging, services
 from server.routes.files import (StagedFiles, file_path, file_ref, new_file_row, preview_of, read_text,
                                  staged_files)
 from server.store import now_iso
@@ -229,14 +230,28 @@ async def delete(request: Request, p: Principal) -> Response:
     return ok({"uuid": row["uuid"], "deleted": True}, message="Configuration deleted")
 
 
+FIELDS = {"name": string(minLength=1), "description": nullable(string()), "visibility": enum(VISIBILITIES),
+          "configuration": obj(description="The run recipe (model, type, completion_length, ...)")}
+FILE_IDS = {key: nullable(string(description=f"Your {short} file, or one a readable configuration shares "
+                                             "(copied into your account)")) for key, short, _ in FILE_KEYS}
+ONE = ref("SharedConfiguration")
 ROUTES = [
-    api("/shared-configurations", list_own, ["GET"], "read"),
-    api("/shared-configurations", create, ["POST"], "write"),
-    api("/shared-configurations/browse", browse, ["GET"], "read"),
-    api("/shared-configurations/{uuid}", retrieve, ["GET"], "read"),
-    api("/shared-configurations/{uuid}", update, ["PUT"], "write"),
-    api("/shared-configurations/{uuid}", delete, ["DELETE"], "write"),
-    api("/shared-configurations/{uuid}/data", data, ["GET"], "read"),
-    api("/shared-configurations/{uuid}/copy", copy, ["POST"], "write"),
-    api("/shared-configurations/{uuid}/like", like, ["POST"], "write"),
+    api("/shared-configurations", list_own, ["GET"], "read", summary="Your configurations", returns=array(ONE)),
+    api("/shared-configurations", create, ["POST"], "write", summary="Save a run recipe", returns=ONE, status=201,
+        body=Body(obj({**FIELDS, **FILE_IDS}, ["name"]))),
+    api("/shared-configurations/browse", browse, ["GET"], "read", summary="Public configurations",
+        returns=page_of(ONE), query=[*PAGING, query_str("model"), query_str("reward_mode"),
+                                     query_str("type", "alias of reward_mode"), query_str("search"),
+                                     query_str("q", "alias of search")]),
+    api("/shared-configurations/{uuid}", retrieve, ["GET"], "read", summary="A configuration", returns=ONE),
+    api("/shared-configurations/{uuid}", update, ["PUT"], "write", summary="Change your configuration",
+        body=Body(obj(FIELDS)), returns=ONE),
+    api("/shared-configurations/{uuid}", delete, ["DELETE"], "write", summary="Delete your configuration",
+        returns=ref("SharedConfigurationDeleted")),
+    api("/shared-configurations/{uuid}/data", data, ["GET"], "read", summary="Prompt preview and reward code",
+        returns=ref("SharedConfigurationData"), errors=(422,)),
+    api("/shared-configurations/{uuid}/copy", copy, ["POST"], "write", summary="Copy into your account",
+        returns=ref("SharedConfigurationCopy"), status=201),
+    api("/shared-configurations/{uuid}/like", like, ["POST"], "write", summary="Toggle your like",
+        returns=ref("SharedConfigurationLike")),
 ]

@@ -24,7 +24,8 @@ from starlette.responses import Response
 from runrl_engine.netpolicy import DestinationDenied, DestinationPolicy, url_host_port
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.routes import api, bool_param, field, paged, paging, path_id, services, sort_clause
+from server.openapi import Body, boolean, nullable, obj, page_of, query_bool, query_str, ref, string
+from server.routes import PAGING, api, bool_param, field, paged, paging, path_id, services, sort_clause, sorting
 from server.store import now_iso
 
 SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
@@ -176,11 +177,20 @@ async def test_mcp(request: Request, p: Principal) -> Response:
     return ok(await handshake_async(url, policy=destination_policy(request)))
 
 
+URL = string(description="An http(s) MCP endpoint, e.g. https://host/mcp (SSE when the path ends in /sse)")
+TOOL_FIELDS = {"name": string(minLength=1, maxLength=255), "mcp_url": URL, "description": nullable(string()),
+               "is_public": boolean()}
 ROUTES = [
-    api("/tools", list_tools, ["GET"], "read"),
-    api("/tools", create, ["POST"], "write"),
-    api("/tools/test-mcp", test_mcp, ["POST"], "write"),
-    api("/tools/{tool_id}", retrieve, ["GET"], "read"),
-    api("/tools/{tool_id}", update, ["PUT"], "write"),
-    api("/tools/{tool_id}", delete, ["DELETE"], "write"),
+    api("/tools", list_tools, ["GET"], "read", summary="Public tools and your own", returns=page_of(ref("Tool")),
+        query=[*PAGING, *sorting(SORTS, "created_at"), query_bool("owned_only"), query_bool("public_only"),
+               query_bool("verified"), query_str("search", "in the name or description")]),
+    api("/tools", create, ["POST"], "write", summary="Register an MCP tool", body=Body(obj(TOOL_FIELDS,
+        ["name", "mcp_url"])), returns=ref("Tool"), status=201),
+    api("/tools/test-mcp", test_mcp, ["POST"], "write", summary="An MCP handshake with a URL (initialize + "
+        "tools/list)", body=Body(obj({"mcp_url": URL}, ["mcp_url"])), returns=ref("McpHandshake")),
+    api("/tools/{tool_id}", retrieve, ["GET"], "read", summary="A tool", returns=ref("Tool")),
+    api("/tools/{tool_id}", update, ["PUT"], "write", summary="Change your tool", body=Body(obj(TOOL_FIELDS)),
+        returns=ref("Tool")),
+    api("/tools/{tool_id}", delete, ["DELETE"], "write", summary="Remove your tool (or any, with admin)",
+        returns=ref("Deleted")),
 ]

@@ -32,6 +32,7 @@ from runrl_engine.sandbox import validate_user_code
 from runrl_engine.sandbox.isolation import IsolationUnavailable, detect_isolation
 from server.auth import Principal
 from server.errors import ApiError, ok, read_json
+from server.openapi import Body, enum, obj, ref, string
 from server.routes import api, field, services
 from server.routes.files import file_path, owned_file
 
@@ -142,8 +143,21 @@ async def sft_file(request: Request, p: Principal) -> Response:
 
 # Docs paths (`/validation/...`) and SDK paths (`/validate/...`), each family also accepting the other's
 # file-endpoint spelling.
+CODE_BODY = Body(obj({"functionCode": string(description="The Python source"),
+                      "function_code": string(description="Alias of functionCode"),
+                      "code": string(description="Alias of functionCode"), "mode": enum(MODES, default="function"),
+                      "prompt_file_id": string(description="A prompt file whose first rows the code is run on")},
+                     ["functionCode"]))
+SPECS = {  # handler -> what the OpenAPI document says of it
+    reward_function: dict(summary="Run reward or environment code in the sandbox on sample rows",
+                          body=CODE_BODY, errors=(404, 429, 503)),
+    prompt_file: dict(summary="Check a prompt file", errors=(404,), body=Body(obj(
+        {"prompt_file_id": string(), "file_id": string(description="Alias of prompt_file_id")}))),
+    sft_file: dict(summary="Check an SFT file", errors=(404,), body=Body(obj(
+        {"sft_file_id": string(), "file_id": string(description="Alias of sft_file_id")}))),
+}
 ROUTES = [
-    api(f"/{family}/{name}", handler, ["POST"], "read")
+    api(f"/{family}/{name}", handler, ["POST"], "read", returns=ref("ValidationReport"), **SPECS[handler])
     for family in ("validation", "validate")
     for name, handler in (("reward-function", reward_function), ("prompt", prompt_file), ("prompt-file", prompt_file),
                           ("sft", sft_file), ("sft-file", sft_file))

@@ -21,7 +21,8 @@ from starlette.responses import Response
 from runrl_engine.netpolicy import DestinationDenied, url_host_port
 from server.auth import Principal
 from server.errors import ApiError, check_text, not_found, ok, read_json
-from server.routes import api, field, paged, paging, path_id, services
+from server.openapi import Body, array, enum, obj, page_of, ref, string
+from server.routes import PAGING, api, field, paged, paging, path_id, services
 from server.routes.tools import destination_policy
 from server.store import now_iso
 from server.webhooks import EVENTS
@@ -137,10 +138,18 @@ async def deliveries(request: Request, p: Principal) -> Response:
     return ok(paged([delivery_object(r) for r in rows], page, per_page, total))
 
 
+CREATE_BODY = obj({"url": string(maxLength=MAX_URL, description="An http(s) URL"),
+                   "events": array(enum(EVENTS), minItems=1),
+                   "secret": string(minLength=SECRET_LENGTH[0], maxLength=SECRET_LENGTH[1],
+                                    description="Leave it out and the server generates one")}, ["url", "events"])
 ROUTES = [
-    api("/webhooks", list_webhooks, ["GET"], "read"),
-    api("/webhooks", create, ["POST"], "write"),
-    api("/webhooks/{webhook_id}", retrieve, ["GET"], "read"),
-    api("/webhooks/{webhook_id}", delete, ["DELETE"], "write"),
-    api("/webhooks/{webhook_id}/deliveries", deliveries, ["GET"], "read"),
+    api("/webhooks", list_webhooks, ["GET"], "read", summary="Your webhooks", query=PAGING,
+        returns=page_of(ref("Webhook"))),
+    api("/webhooks", create, ["POST"], "write", summary="Register a webhook (its secret is shown once)",
+        body=Body(CREATE_BODY), returns=ref("WebhookCreated"), status=201),
+    api("/webhooks/{webhook_id}", retrieve, ["GET"], "read", summary="A webhook", returns=ref("Webhook")),
+    api("/webhooks/{webhook_id}", delete, ["DELETE"], "write", summary="Delete a webhook and its deliveries",
+        returns=ref("Deleted")),
+    api("/webhooks/{webhook_id}/deliveries", deliveries, ["GET"], "read", summary="Delivery attempts, newest first",
+        query=PAGING, returns=page_of(ref("WebhookDelivery"))),
 ]
