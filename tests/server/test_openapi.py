@@ -5,19 +5,19 @@
   every route carries a declaration; the query parameters each handler reads (`int_param`, `bool_param`,
   `query_params.get`, `paging`, `sort_clause`, with `int_param`'s literal default and bounds) are exactly the
   declared ones, and the body fields it reads by literal name (`field(body, ...)`, `body.get`, `body[...]`,
-  `... in body`, in the handler and the helpers of its module it calls) are declared. Reads through a variable
-  name are not seen.
+  `... in body`, in the handler and the helpers of its module it calls; a loop variable over a literal tuple
+  counts as its values) are declared. Reads through any other variable are not seen.
 - Schemathesis (its CLI, as CI would run it) against a real server on loopback, with a read+write key and
   fixture objects (prompt, reward, environment and SFT files, a finished run, a tool, a public shared
-  configuration, a webhook, a second key) whose ids tests/server/schemathesis_hooks.py feeds into generated cases. Checks:
-  no 5xx, status codes, content types and bodies as documented (the envelope included). Bounded: at most
-  `FUZZ_EXAMPLES` cases per operation and phase, a 10 s request timeout, and `FUZZ_SECONDS` for the whole run
-  (environment RUNRL_FUZZ_SECONDS; RUNRL_FUZZ_SEED replays a seed; RUNRL_FUZZ_REPORT=DIR saves every request
-  and response as a HAR file). Runs go to the stand-in trainer
-  (conftest.STAND_IN), so POST /runs finishes in a second; POST /deployments only ever meets runs without a
-  final model (the stand-in writes none), so it never starts a model server. Excluded: the two SSE log streams
-  (they answer until the run ends). No outbound traffic: the hooks point every URL the server would contact
-  at `fuzz.invalid`.
+  configuration, a webhook, a second key) whose ids tests/server/schemathesis_hooks.py feeds into generated
+  cases. Checks: no 5xx; status codes, content types and bodies as documented (the envelope included).
+  Bounded: at most `FUZZ_EXAMPLES` generated cases per operation in each pass, a 10 s request timeout, and
+  `FUZZ_SECONDS` for the whole run (Schemathesis repeats its fuzzing and stateful passes until they are spent;
+  environment RUNRL_FUZZ_SECONDS sets it, RUNRL_FUZZ_SEED replays a seed, RUNRL_FUZZ_REPORT=DIR saves every
+  request and response as a HAR file). Runs go to the stand-in trainer (conftest.STAND_IN), so POST /runs
+  finishes in a second; POST /deployments only ever meets runs without a final model (the stand-in writes
+  none), so it never starts a model server. Excluded: the two SSE log streams (they answer until the run
+  ends). No outbound traffic: the hooks point every URL the server would contact at `fuzz.invalid`.
 """
 
 from __future__ import annotations
