@@ -28,7 +28,7 @@ from server.hygiene import HygieneMiddleware
 from server.queue import RunQueue
 from server.ratelimit import RateLimiter
 from server.deploy import DeploymentManager
-from server.routes import deployments, files, health, keys, runs, search, shared, tools, validation, webhooks
+from server.routes import deployments, files, health, keys, run_model, runs, search, shared, tools, validation, webhooks
 from server.routes.validation import ValidationPool
 from server import openapi
 from server.settings import Settings
@@ -39,7 +39,7 @@ from server.worker import Worker
 log = logging.getLogger("runrl.server")
 API_PREFIX = "/api/v1"
 RESOURCE_ROUTES = [health.ROUTES, keys.ROUTES, files.ROUTES, validation.ROUTES, runs.ROUTES, tools.ROUTES,
-                   shared.ROUTES, search.ROUTES, deployments.ROUTES, webhooks.ROUTES]
+                   shared.ROUTES, search.ROUTES, deployments.ROUTES, webhooks.ROUTES, run_model.ROUTES]
 USAGE_FLUSH_S = 5.0
 
 

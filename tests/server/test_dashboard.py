@@ -3,7 +3,7 @@ against a real server (conftest's `live`, whose stand-in trainer writes logs, me
 
 Covered: signing in with a key; a finished run's charts with one point per step (read from the chart's data,
 not the page's existence); a live run's log lines and chart points arriving while it runs; cancelling a run;
-deploying a completed run and chatting with it over the streaming endpoint; uploading
+deploying a completed run and chatting with it over the streaming endpoint; downloading its model; uploading
 a file with validation feedback; the other pages rendering; user strings (a file name, a run name) shown as
 text, never as HTML; the Content-Security-Policy on the dashboard's responses; no script errors or CSP
 violations on any page. A screenshot of every page is saved under the test's tmp dir and copied to
@@ -15,8 +15,10 @@ Skips when Playwright or a chromium binary is missing (.ci/run installs both whe
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -236,15 +238,29 @@ def test_upload_with_validation_and_the_other_pages(live, page, tmp_path):
     page.click("#new-run button[type=submit]")
     page.wait_for_selector("#run-head")
     assert page.url.split("#/runs/")[1].isdigit()
+    with live.client(key) as c:  # the key is revoked while the page polls: the page goes back to sign-in
+        mine = next(k for k in c.get("/keys").json()["data"] if key.startswith(k["masked_key"][:11]))
+        assert c.delete(f"/keys/{mine['id']}").status_code == 200
+    page.goto(root(live) + "#/runs")
+    page.wait_for_selector("#signin", timeout=30_000)
+    assert page.evaluate("sessionStorage.length") == 0
 
 
 @pytest.mark.slow
-def test_deploy_and_chat(live, page, tmp_path, tiny_model_dir):
+def test_deploy_chat_and_download_model(live, page, tmp_path, tiny_model_dir):
     from tests.server.test_deploy_auth import _completed_run
 
     key = live.key("alice")
     run_id = _completed_run(live.app.state.services.store, live.settings.runs_dir, tiny_model_dir)
     sign_in(page, live, key, f"#/runs/{run_id}")
+    with page.expect_download() as info:
+        page.click("#download")
+    archive = Path(info.value.path())
+    with tarfile.open(fileobj=io.BytesIO(archive.read_bytes()), mode="r:gz") as tar:
+        names = tar.getnames()
+        assert "final/config.json" in names
+        assert json.loads(tar.extractfile("final/config.json").read()) == json.loads(
+            (tiny_model_dir / "config.json").read_text())
     page.click("#deploy")
     page.wait_for_selector("#deployment-head")
     page.wait_for_selector('#deployment-status[data-status="active"]', timeout=120_000)
