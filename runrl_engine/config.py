@@ -203,6 +203,11 @@ class RunConfig:
               "packed row, a block-causal attention mask) instead of rows padded to the longest completion, when a "
               "FLOP count says that computes less (sdpa and eager attention); SFT batches likewise.")
     num_threads: int | None = _f(None, "CPU threads for torch (unset = torch's default).", ge=1)
+    deterministic: bool = _f(
+        False, "Deterministic kernels where the device needs them (CUDA): `torch.use_deterministic_algorithms` (an "
+               "op without a deterministic kernel then raises), CUBLAS_WORKSPACE_CONFIG=:4096:8, deterministic "
+               "cuDNN and flash-attn backward. Not needed on CPU, where runs repeat exactly on the same machine "
+               "with the same `num_threads`.")
     rollout_backend: Literal["hf", "paged", "vllm"] = _f(
         "hf", "What generates rollouts: `hf` (our KV-cached loop, per-completion seeds), `paged` (transformers' "
               "continuous batching), `vllm` (colocated vLLM, needs `pip install vllm` and CUDA); `paged`/`vllm` "
@@ -463,8 +468,8 @@ RESUMABLE_KEYS = frozenset({
     "save_every", "keep_checkpoints", "merge_lora", "hf_name", "hf_token", "report_to", "wandb_project",
     "run_name", "log_completions",
     # how the same computation runs on this machine (memory, threads, kernels, the rollout engine)
-    "micro_batch_size", "num_threads", "gradient_checkpointing", "attn_implementation", "share_prompt_forward",
-    "padding_free", "rollout_backend", "vllm_gpu_memory_utilization",
+    "micro_batch_size", "num_threads", "deterministic", "gradient_checkpointing", "attn_implementation",
+    "share_prompt_forward", "padding_free", "rollout_backend", "vllm_gpu_memory_utilization",
     # how user code and tools are run and bounded (not what they compute)
     "reward_workers", "reward_timeout_s", "reward_memory_mb", "reward_allow_network", "reward_network",
     "reward_allow_private_destinations", "reward_allowed_destinations", "sandbox_isolation",

@@ -4,7 +4,8 @@ GRPO-style batches hold G completions of every prompt. A plain forward over `[pr
 each prompt G times, in the training forward, its backward, the reference pass and the old-log-prob pass. Here
 a micro-batch whose rows repeat a prompt runs in two calls of the same model: the distinct prompts (U rows) with
 a fresh KV cache, then the completions of all rows on that cache, its entries gathered per row (`prompt_groups`).
-The gather is differentiable, so gradients from every completion flow back into the one prompt forward. The
+The gather is differentiable, so gradients from every completion flow back into the one prompt forward, summed in
+a fixed order (`select_rows`: with tensor indexing, CPU threads summed them in arrival order). The
 result is the plain forward's, up to floating-point rounding (matmuls of other shapes); for the first completion
 token the prediction comes from the prompt call's last position.
 
@@ -66,6 +67,19 @@ def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config: An
                 logits_to_keep=keep, cache=None)
 
 
+def select_rows(cache: DynamicCache, rows: Tensor) -> None:
+    """`cache.batch_select_indices(rows)` (rows may repeat) with a backward that is the same from run to run.
+
+    transformers selects with tensor indexing, whose backward on CPU is `index_put_(accumulate=True)`: with more
+    than one thread and at least 32768 elements it adds floats with atomics in whatever order the threads arrive,
+    so the gradient of a prompt's keys and values, summed over its completions, changed in the last bits from run
+    to run (and a PPO run drifted to another result). `index_select`'s backward (`index_add_`) adds in index order
+    on CPU. On CUDA both are nondeterministic unless `torch.use_deterministic_algorithms` is on."""
+    for layer in cache.layers:
+        if layer.get_seq_length() > 0:  # as transformers' DynamicLayer.batch_select_indices
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+
+
 def _shared_prompt_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor, group: Tensor,
                            cache: DynamicCache) -> tuple[Tensor, ...]:
     P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
@@ -75,14 +89,14 @@ def _shared_prompt_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: 
     if cache.get_seq_length() != P:
         raise RuntimeError("the prompt forward did not fill the KV cache (gradient checkpointing drops it: "
                            "share prompts only when it is off)")
-    cache.batch_select_indices(group)  # each row reads its prompt's keys and values (gradients sum back)
+    select_rows(cache, group)  # each row reads its prompt's keys and values (gradients sum back)
     tail = call(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=positions[:, P:],
                 logits_to_keep=min(keep, C), cache=cache)
     if cache.get_seq_length() != P + C:
         raise RuntimeError("the completion forward did not extend the KV cache of its prompts")
     if keep <= C:
         return tail
-    return tuple(torch.cat([h[group], t], dim=1) for h, t in zip(head, tail))
+    return tuple(torch.cat([h.index_select(0, group), t], dim=1) for h, t in zip(head, tail))
 
 
 # Masked attention runs at about half the matmul rate here: SDPA's CPU flash kernel over a 1000-token packed row of
@@ -166,7 +180,7 @@ def _packed_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor,
     for h, t in zip(head, tail):
         padded = t.new_zeros(len(mb), C, *t.shape[2:]).index_put_((rows, cols), t[0])  # [b, C, ...]
         if keep > C:
-            padded = torch.cat([h[0][group].unsqueeze(1), padded], dim=1)
+            padded = torch.cat([h[0].index_select(0, group).unsqueeze(1), padded], dim=1)
         outputs.append(padded[:, padded.shape[1] - keep:])
     return tuple(outputs)
 

@@ -112,6 +112,7 @@ class Trainer:
         self.cfg = cfg
         self.out = output_dir
         device = resolve_device(cfg)
+        self._kernel_modes = deterministic_kernels() if cfg.deterministic else None  # before CUDA's first matmul
         self.compute_dtype = resolve_dtype(cfg, device)
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
         # one learning-rate step per optimizer step: accelerate would otherwise step a prepared scheduler once per
@@ -470,6 +471,9 @@ class Trainer:
                            metrics=record or ckpt.last_step_record(self.out, done), history=history)
 
     def close(self) -> None:
+        if self._kernel_modes is not None:  # torch's flags are process-wide: give a later train() the caller's
+            restore_kernel_modes(self._kernel_modes)
+            self._kernel_modes = None
         if self.resume_point is not None and self.resume_point.complete:
             return  # nothing was started
         self.sandbox.close()
@@ -850,6 +854,30 @@ class Trainer:
                 ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log)
         self.acc.wait_for_everyone()
         return final
+
+
+def deterministic_kernels() -> dict[str, Any]:
+    """`deterministic: true`: torch's deterministic kernels (an op without one raises RuntimeError, naming it;
+    `warn_only` would keep e.g. the memory-efficient SDPA backward's atomics), the cuBLAS workspace setting torch asks
+    for (read when cuBLAS makes its first handle: `runrl train` sets it in time; an in-process `train()` after CUDA
+    matmuls needs it in the environment first), deterministic cuDNN without benchmarking, and flash-attn's
+    deterministic backward (read by transformers per call). Returns the previous modes for
+    `restore_kernel_modes`. On CPU nothing here is needed (see README "Reproducibility")."""
+    previous = {"algorithms": torch.are_deterministic_algorithms_enabled(),
+                "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return previous
+
+
+def restore_kernel_modes(previous: dict[str, Any]) -> None:
+    torch.use_deterministic_algorithms(previous["algorithms"], warn_only=previous["warn_only"])
+    torch.backends.cudnn.deterministic = previous["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = previous["cudnn_benchmark"]
 
 
 def reward_positions(episodes: Sequence[Episode], loss_mask: torch.Tensor,
