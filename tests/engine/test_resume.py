@@ -21,19 +21,12 @@ from safetensors.torch import load_file
 
 from runrl_engine import train
 from runrl_engine.errors import ConfigError
+from tests.engine.test_trainer import cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 QS = ROOT / "configs" / "data" / "quickstart"
 # per-step numbers that measure the machine, not the run
 MACHINE_KEYS = ("step_time_s", "tokens_per_s", "peak_rss_mb", "peak_vram_mb")
-
-
-def cfg(**over):
-    base = dict(model="builtin:tiny", prompt_file=str(QS / "prompts.jsonl"), reward_file=str(QS / "reward.py"),
-                completion_length=8, max_steps=2, prompts_per_step=2, num_generations=4, micro_batch_size=8,
-                learning_rate=3e-3, eval_every=0, save_every=0, seed=0)
-    base.update(over)
-    return base
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
