@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_webhook ON webhook_deliveries(webhook_id, id);
 """
 
+# Columns added after a table was first released: (table, column, declaration). `Store()` adds each one a data
+# dir's database lacks (SQLite's ALTER TABLE ADD COLUMN), new databases included, so a server upgraded in place
+# keeps its data. Append here (not to CREATE TABLE above); never edit or reorder an entry.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+)
+
 JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration", "events"}
 
 
@@ -126,9 +132,16 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._add_columns()
         self._writes = 0
         # Status-change listeners (webhooks): called as listener(kind, id, status) by `notify`
         self.listeners: list[Callable[[str, int, str], None]] = []
+
+    def _add_columns(self) -> None:
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def notify(self, kind: str, obj_id: int, status: str) -> None:
         """A run ("run") or deployment ("deployment") now has `status`: tell the listeners. Never raises (a
