@@ -147,3 +147,39 @@ def test_cli_resume_remembers_the_set_overrides(tmp_path, tiny_model_dir):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     assert "num_generations" in refused.stderr and "--output" in refused.stderr
     assert snapshot(out) == before
+
+
+def test_a_killed_run_resumes_with_each_step_logged_once(tmp_path, tiny_model_dir):
+    """What `runrl serve` resumes after a kill -9 / OOM kill of the trainer. Killed after step 3's records but
+    before its checkpoint, mid-write of a record: `--resume` continues from step 2 and logs step 3 once. Killed
+    before any checkpoint: `--resume` starts at step 0 and drops every record of the lost attempt. Either way
+    metrics.jsonl and completions.jsonl are those of an uninterrupted run."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    train(cfg(max_steps=3), output_dir=straight)
+    out = tmp_path / "killed"
+    run = cfg(max_steps=3, save_every=2, keep_checkpoints=5)
+    train(run, output_dir=out)
+
+    def kill_after(*checkpoints: str) -> None:
+        shutil.rmtree(out / "final")
+        for name in checkpoints:
+            shutil.rmtree(out / "checkpoints" / name)
+        for name in ("metrics.jsonl", "completions.jsonl"):  # a torn record after step 3's
+            with open(out / name, "a") as fh:
+                fh.write('{"step": 4, "reward_me')
+
+    kill_after("step-3")
+    assert [json.loads(x)["step"] for x in (out / "completions.jsonl").read_text().splitlines()[:-1]].count(3)
+    resumed = train(run, output_dir=out, resume=True)
+    assert [h["step"] for h in resumed.history] == [3]
+    assert run_numbers(out) == run_numbers(straight)
+    assert (out / "completions.jsonl").read_text() == (straight / "completions.jsonl").read_text()
+
+    kill_after("step-2", "step-3")  # no checkpoint left
+    resumed = train(run, output_dir=out, resume=True)
+    assert [h["step"] for h in resumed.history] == [1, 2, 3]
+    assert run_numbers(out) == run_numbers(straight)
+    assert (out / "completions.jsonl").read_text() == (straight / "completions.jsonl").read_text()
+    assert "--resume: no checkpoint found, starting from step 0" in (out / "logs.txt").read_text()
