@@ -15,7 +15,9 @@ the checkpoint are logged once, by the resumed run.
 
 `final/` is a plain Hugging Face model directory (weights + tokenizer) loadable with
 `AutoModelForCausalLM.from_pretrained`; under LoRA it holds the merged model when `merge_lora` is true and
-the adapter otherwise.
+the adapter otherwise. With `hf_name`, `push_to_hub` uploads it and writes the outcome to `hf_push.json` in the
+run directory: the engine's side of the contract with `runrl serve`, which shows it on the run (the engine
+never imports the server).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from runrl_engine.config import RunConfig, resume_changes
 
 STATE_FILE = "trainer_state.json"
+PUSH_RECORD = "hf_push.json"  # the result of the push to the Hub (`push_to_hub`), for the server to show
+PUSH_STATUSES = ("pushed", "failed", "skipped")
 STREAMS = ("metrics.jsonl", "completions.jsonl")
 INPUT_FILES = ("prompt_file", "reward_file", "eval_prompt_file", "sft_file")  # whose contents a run depends on
 
@@ -203,20 +208,47 @@ def export_final(model: Any, tokenizer: Any, out_dir: Path, *, merge_lora: bool)
     return final
 
 
-def push_to_hub(final: Path, repo_id: str, token: str | None, log: Callable[[str], None]) -> str | None:
-    """Upload `final/` to `repo_id`; returns the repo URL, or None (with a logged reason) when it can't."""
-    if not token:
-        log(f"hf_name={repo_id!r} is set but there is no hf_token (or HF_TOKEN): the model stays in {final}")
-        return None
-    try:
-        from huggingface_hub import HfApi
+def push_to_hub(final: Path, repo_id: str, token: str | None, log: Callable[[str], None],
+                record: Path | None = None) -> dict[str, Any]:
+    """Upload `final/` to `repo_id` on the configured Hub (huggingface_hub's endpoint: `HF_ENDPOINT`, else
+    https://huggingface.co). Never raises: a push that cannot happen or fails is logged, and the local model is
+    what matters. Returns the result, also written to `record` when given (`PUSH_RECORD` in the run directory,
+    which `runrl serve` reads): `repo_id` (as the Hub created it), `status` (`pushed`, `failed`, or `skipped`
+    when there is no token), `url` (the repo URL `create_repo` answered: it follows the endpoint; None unless
+    pushed), `endpoint`, `error` (`ExceptionType: message`, the token redacted; None when pushed) and `at`."""
+    from huggingface_hub import constants
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(final), commit_message="runrl-engine final model")
-    except Exception as exc:  # network down, bad token, no permission: the local model is what matters
-        log(f"could not push to the Hugging Face Hub ({type(exc).__name__}: {exc}); the model stays in {final}")
+    result: dict[str, Any] = {"repo_id": repo_id, "status": "skipped", "url": None, "endpoint": constants.ENDPOINT,
+                              "error": None, "at": None}
+    if not token:
+        result["error"] = "no hf_token (or HF_TOKEN) to push with"
+        log(f"hf_name={repo_id!r} is set but there is no hf_token (or HF_TOKEN): the model stays in {final}")
+    else:
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            created = api.create_repo(repo_id, private=True, exist_ok=True)
+            repo = getattr(created, "repo_id", None) or repo_id  # `name` alone: the Hub adds the namespace
+            api.upload_folder(repo_id=repo, folder_path=str(final), commit_message="runrl-engine final model")
+            result.update(status="pushed", repo_id=repo, url=str(created))
+            log(f"pushed the final model to {created}")
+        except Exception as exc:  # network down, bad token, no permission: the local model is what matters
+            error = f"{type(exc).__name__}: {exc}".replace(token, "***")
+            result.update(status="failed", error=error)
+            log(f"could not push to the Hugging Face Hub at {constants.ENDPOINT} ({error}); the model stays in {final}")
+    result["at"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if record is not None:
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        tmp.replace(record)
+    return result
+
+
+def read_push_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's `PUSH_RECORD` (None: no push was tried, or the file is unreadable)."""
+    try:
+        record = json.loads((run_dir / PUSH_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    url = f"https://huggingface.co/{repo_id}"
-    log(f"pushed the final model to {url}")
-    return url
+    return record if isinstance(record, dict) and record.get("status") in PUSH_STATUSES else None

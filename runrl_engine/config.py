@@ -260,6 +260,15 @@ class RunConfig:
             if not getattr(self, name):
                 raise ConfigError(f"required key {name!r} is missing", where=source,
                                   fix=f"add `{name}: ...` ({_help(name)})")
+        if self.hf_name:  # the Hub's own repo-id rules, checked before training rather than at the push
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hf_name)
+            except HFValidationError as exc:
+                reason = str(exc).split(" Use `repo_type`")[0]
+                raise ConfigError(f"not a Hugging Face repo id: {reason}", where=f"{source}: hf_name",
+                                  fix="write `name` or `namespace/name`, e.g. alice/qwen3-4b-rl") from None
         ppo = self.algorithm == "ppo"
         if self.advantage_estimator is None:
             self.advantage_estimator = "gae" if ppo else "grpo"

@@ -850,8 +850,11 @@ class Trainer:
             final = ckpt.export_final(self._policy(), self.tokenizer, self.out,
                                       merge_lora=self.cfg.merge_lora)
             self.log(f"final model written to {final}")
-            if self.cfg.hf_name:
-                ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log)
+            if self.cfg.hf_name:  # the outcome goes to hf_push.json, which the server shows on the run
+                ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log,
+                                 record=self.out / ckpt.PUSH_RECORD)
+            else:  # a resume that dropped hf_name: no earlier push result describes this final/
+                (self.out / ckpt.PUSH_RECORD).unlink(missing_ok=True)
         self.acc.wait_for_everyone()
         return final
 

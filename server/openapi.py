@@ -236,13 +236,19 @@ COMPONENTS: dict[str, JSON] = {
         "model": string(), "parameters": obj(description="The creation parameters, RunRL's defaults filled in"),
         "uses_tools": boolean(), "progress": number(minimum=0, maximum=1), "current_step": NINT,
         "total_steps": NINT, "created_at": STAMP, "updated_at": STAMP, "started_at": NSTAMP,
-        "completed_at": NSTAMP, "error_message": NSTR, "wandb_url": NSTR, "hf_name": NSTR,
+        "completed_at": NSTAMP, "error_message": NSTR, "wandb_url": NSTR,
+        "hf_name": nullable(string(description="The Hub repo the model is on: the requested one while the run is "
+                                               "active, afterwards only if the push succeeded")),
+        "hf_push": nullable(obj({
+            "repo_id": string(), "status": enum(["pending", "pushed", "failed", "skipped"]), "url": NSTR,
+            "endpoint": NSTR, "error": NSTR, "at": NSTAMP}, ["repo_id", "status", "url", "endpoint", "error", "at"],
+            description="The push of final/ to the Hugging Face Hub (null without hf_name)")),
         "prompt_file": nullable(ref("FileRef")), "reward_file": nullable(ref("FileRef")),
         "sft_file": nullable(ref("FileRef")), "tools": array(TOOL_REF), "billing_start_time": NSTAMP,
         "billing_end_time": NSTAMP, "duration_seconds": NINT},
         ["id", "status", "type", "model", "parameters", "uses_tools", "progress", "current_step", "total_steps",
          "created_at", "updated_at", "started_at", "completed_at", "error_message", "wandb_url", "hf_name",
-         "prompt_file", "reward_file", "sft_file", "tools"]),
+         "hf_push", "prompt_file", "reward_file", "sft_file", "tools"]),
     "RunHistory": obj({"run_id": integer(), "history": array(obj(
         {"status": string(), "message": NSTR, "timestamp": STAMP}, ["status", "timestamp"]))},
         ["run_id", "history"]),

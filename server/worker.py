@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from server import hub_push
 from server.policy import forced_config
 from server.queue import RunQueue, RunStatus
 from server.settings import Settings
@@ -247,7 +248,8 @@ class Worker:
 
     def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str]) -> None:
         row = self.store.run(run_id)
-        for name in ("stderr.log", "process.log", "logs.txt"):  # whatever the trainer did, no secret stays
+        # whatever the trainer did, no secret stays (hf_push.json: the Hub push's result, server/hub_push.py)
+        for name in ("stderr.log", "process.log", "logs.txt", "hf_push.json"):
             path = run_dir / name
             if path.exists():
                 text = path.read_text(encoding="utf-8", errors="replace")
@@ -263,7 +265,8 @@ class Worker:
             self.queue.transition(run_id, S.FAILED, row["error_message"])
         elif code == 0:
             self._note(run_dir, "training finished")
-            self.queue.transition(run_id, S.COMPLETED, "Training completed")
+            pushed = hub_push.settle(self.store, run_id, run_dir)  # hf_name: a history entry; a failure's message
+            self.queue.transition(run_id, S.COMPLETED, "Training completed", **pushed)
         else:
             message = error_from_stderr(stderr, code)
             kind = "a configuration or data error" if code == 2 else f"exit code {code}"

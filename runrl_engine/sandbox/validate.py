@@ -1,8 +1,13 @@
 """`runrl validate reward|env` and the API's /validate/reward-function: check user code, then try it.
 
 `validate_user_code` runs the static checks, and when they pass loads the code in the sandbox and calls it on
-up to three sample prompt rows (or one empty row) with a dummy completion, reporting what each call returned.
-It never raises for mistakes in the user's code: they come back as `{"valid": false, "error", "errors"}`.
+up to three sample prompt rows with a dummy completion, reporting what each call returned. It never raises for
+mistakes in the user's code: they come back as `{"valid": false, "error", "errors"}`.
+
+Without sample rows the code is called once with an empty row, and what that call does is a warning, not a
+verdict: code that reads its row's fields (`kwargs["expected"]`, a required `answer` parameter) rightly fails
+without them. The report then says so (`details.exercised_on_rows: false` and a `note`), and `valid` stands for
+the static checks and the load alone.
 
 Not covered: prompt and SFT files (`runrl_engine.data`).
 """
@@ -20,6 +25,9 @@ from runrl_engine.sandbox.static import _normal_mode, inspect_user_code
 DUMMY_COMPLETION = "This is a sample completion used to check the reward function. <answer>42</answer>"
 DUMMY_ACTION = "This is a sample action used to check the environment."
 MAX_SAMPLES = 3
+NOT_EXERCISED = ("no sample rows were given, so the code was not exercised on your rows' fields: it passed the "
+                 "static checks and loaded, and a call with an empty row is reported under warnings only; give a "
+                 "prompt file (prompt_file_id, or --prompts) to run it on up to 3 of its rows")
 
 
 def validate_user_code(source: str, *, mode: str = "function", sample_rows: list[dict] | None = None,
@@ -40,6 +48,7 @@ def validate_user_code(source: str, *, mode: str = "function", sample_rows: list
     details.update(entry=info.entry, contract=info.contract, warnings=list(info.warnings), imports=list(info.imports))
     if info.env_init:
         details["env_init"] = info.env_init
+    exercised = bool(sample_rows)
     rows = [dict(r) for r in (sample_rows or [{}])[:MAX_SAMPLES]]
     detect_isolation(isolation)  # fails closed before the code is written anywhere
     if work_root is not None:
@@ -57,7 +66,12 @@ def validate_user_code(source: str, *, mode: str = "function", sample_rows: list
                 samples, errors = _try_environment(path, rows, options)
         except UserError as exc:  # the module failed to load (import error, exception at module level)
             return _report([exc.render()], {**details, "stage": "load"})
-    details.update(stage="run", samples=samples, samples_tested=len(samples))
+    details.update(stage="run", samples=samples, samples_tested=len(samples) if exercised else 0,
+                   exercised_on_rows=exercised)
+    if not exercised:  # an empty row lacks the user's fields: its call's errors are not the code's defects
+        details["note"] = NOT_EXERCISED
+        details["warnings"] = [*details["warnings"], *(f"with an empty row (no sample rows): {e}" for e in errors)]
+        return _report([], details)
     return _report(errors, details)
 
 

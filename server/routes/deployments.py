@@ -1,7 +1,9 @@
 """`/deployments`: check, create (pending -> active | failed), list, detail, delete (soft; stops the model
 server), and the inference proxy `POST /deployments/{id}/v1/chat/completions` (= `{api_url}/v1/chat/...`).
 Every deployment endpoint needs the `write` scope (spec §1.7). The proxy reaches the owner's model server on
-loopback with that deployment's secret (server/deploy.py); the caller's API key is not forwarded."""
+loopback with that deployment's secret (server/deploy.py); the caller's API key is not forwarded. A streamed
+answer (`text/event-stream`) is passed through with a `: keepalive` comment between events after
+`sse_keepalive_s` without a byte (a request waiting for the model server, server/sse.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from starlette.responses import Response, StreamingResponse
 
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
+from server.hub_push import hub_fields
 from server.openapi import Body, array, integer, obj, page_of, query_str, ref, string
 from server.routes import PAGING, api, paged, paging, path_id, services
+from server.sse import with_keepalives
 from server.store import now_iso
 
 LIVE = ("pending", "active")
@@ -31,7 +35,8 @@ def deployment_object(svc: Any, row: dict[str, Any], base: str) -> dict[str, Any
            "api_url": f"{base}/api/v1/deployments/{row['id']}" if row["status"] == "active" else "",
            "status": row["status"], "error_message": row["error_message"], "created_at": row["created_at"],
            "updated_at": row["updated_at"],
-           "run": {"id": run["id"], "status": run["status"], "model": run["model"], "hf_name": run["hf_name"]}
+           "run": {"id": run["id"], "status": run["status"], "model": run["model"],  # hf_name as on the Run
+                   "hf_name": hub_fields(svc.settings.runs_dir / str(run["id"]), run["status"], run["hf_name"])[0]}
            if run else None}
     return {**obj, "deployment": dict(obj)}  # SDK 0.2.0 read `data.deployment`; 0.2.1+ reads `data`
 
@@ -137,12 +142,16 @@ async def _proxy(request: Request, p: Principal, method: str, path: str) -> Resp
         async for chunk in upstream.aiter_raw():
             yield chunk
 
+    content_type = upstream.headers.get("content-type", "application/json")
+    stream = body()
+    if content_type.startswith("text/event-stream"):  # streamed chat: keepalives while the model is silent
+        stream = with_keepalives(stream, services(request).settings.sse_keepalive_s)
+
     async def close() -> None:
         await upstream.aclose()
         await client.aclose()
 
-    return StreamingResponse(body(), status_code=upstream.status_code,
-                             media_type=upstream.headers.get("content-type", "application/json"),
+    return StreamingResponse(stream, status_code=upstream.status_code, media_type=content_type,
                              background=BackgroundTask(close))
 
 

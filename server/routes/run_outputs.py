@@ -2,13 +2,15 @@
 (metrics.jsonl as a W&B-style history) and completions (completions.jsonl grouped by step).
 
 The log of a run is its `logs.txt` (the trainer's lines, plus `[server]` lines the worker appends after the
-process ends). Every line served is redacted with the run's secrets, whatever the trainer already did.
+process ends). Every line served is redacted with the run's secrets, whatever the trainer already did. The live
+stream sends a `: keepalive` comment after `sse_keepalive_s` without a line (server/sse.py), queued runs included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -20,6 +22,7 @@ from server.errors import not_found, ok
 from server.openapi import query_int, ref, string
 from server.queue import TERMINAL, RunStatus
 from server.routes import api, int_param, path_id, services
+from server.sse import KEEPALIVE
 from server.worker import redact
 
 SSE_POLL_S = 0.5
@@ -114,18 +117,24 @@ async def stream_logs(request: Request, p: Principal) -> Response:
     directory = run_dir(request, row)
     secrets = list(row["secrets"].values())
 
+    keepalive_s = services(request).settings.sse_keepalive_s
+
     async def events() -> AsyncIterator[str]:
-        sent = 0
+        sent, last_event = 0, time.monotonic()
         while True:
             status = store.scalar("SELECT status FROM runs WHERE id = ?", (row["id"],))
             lines = log_lines(directory, secrets)
             for line in lines[sent:]:
                 yield _sse(line)
+                last_event = time.monotonic()
             sent = len(lines)
             if RunStatus(status) in TERMINAL:
                 yield _sse(json.dumps({"status": status}), event="end")
                 return
-            await asyncio.sleep(SSE_POLL_S)
+            if time.monotonic() - last_event >= keepalive_s:  # queued or silent: keep the connection alive
+                yield KEEPALIVE
+                last_event = time.monotonic()
+            await asyncio.sleep(min(SSE_POLL_S, keepalive_s))
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -158,7 +167,8 @@ async def completions(request: Request, p: Principal) -> Response:
                "total_samples": sum(len(s["samples"]) for s in steps)})
 
 
-SSE = {"text/event-stream": string(description="`data: <log line>` events, then `event: end` with the status")}
+SSE = {"text/event-stream": string(description="`data: <log line>` events, then `event: end` with the status; "
+                                               "a `: keepalive` comment line after 15 s without an event")}
 OUTPUT_ROUTES = [
     api("/runs/{run_id}/logs", logs, ["GET"], "read", summary="A page of the run's log lines", returns=ref("RunLogs"),
         query=[query_int("last_line", 0, 0), query_int("limit", 100, 1, MAX_LOG_LIMIT)]),

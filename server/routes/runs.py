@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.requests import Request
@@ -26,11 +26,12 @@ from runrl_engine.config import REDACTED, RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.metrics import recorded_wandb_url
 from server.auth import Principal
+from server.hub_push import hub_fields
 from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
 from server.openapi import Body, Param, array, boolean, enum, integer, number, obj, page_of, query_str, ref, string
 from server.queue import ACTIVE, RunStatus
-from server.routes import PAGING, api, paged, paging, services
+from server.routes import PAGING, api, paged, paging, services, sort_clause, sorting
 from server.routes.files import file_path, file_ref
 from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
 from server.store import now_iso
@@ -84,6 +85,7 @@ def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         status = row["status"]
         step, progress = read_progress(svc.settings.runs_dir, row["id"], status, row["total_steps"])
+        hf_name, hf_push = hub_fields(svc.settings.runs_dir / str(row["id"]), status, row["hf_name"])
         duration = None
         if row["started_at"]:
             end = row["completed_at"] or now
@@ -95,7 +97,7 @@ def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "created_at": row["created_at"], "updated_at": row["updated_at"], "started_at": row["started_at"],
             "completed_at": row["completed_at"], "error_message": row["error_message"],
             "wandb_url": recorded_wandb_url(svc.settings.runs_dir / str(row["id"])),  # what the trainer recorded
-            "hf_name": row["hf_name"], "prompt_file": ref(row["prompt_file_id"]),
+            "hf_name": hf_name, "hf_push": hf_push, "prompt_file": ref(row["prompt_file_id"]),
             "reward_file": ref(row["reward_file_id"]), "sft_file": ref(row["sft_file_id"]),
             "tools": [tools.get(t) or {"id": t, "name": None, "mcp_url": None, "description": None}
                       for t in row["tool_ids"]],
@@ -234,6 +236,24 @@ async def create(request: Request, p: Principal) -> Response:
 
 # ---- read / cancel ----------------------------------------------------------------------------------------
 
+# `sort` values of GET /runs (RunRL: "same as files"; a run has no name or size, so its own times and fields).
+SORTS = {"created_at": "created_at", "updated_at": "updated_at", "started_at": "started_at",
+         "completed_at": "completed_at", "id": "id", "status": "status", "model": "model"}
+
+
+def _instant(param: str, value: str) -> str:
+    """A date (`2026-12-01`: its midnight, UTC) or an ISO 8601 time (`2026-12-01T10:00:00Z`, an offset such as
+    `+02:00`; none means UTC) as stored timestamps are written (`now_iso`: UTC, microseconds, `Z`), so comparing
+    the strings compares the instants; anything else is a 422 naming `param`."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+        when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # OverflowError: an offset past year 1 or 9999
+        raise ApiError(422, f"Invalid query parameter {param}", details={
+            param: "must be an ISO 8601 date or time, e.g. 2026-12-01 or 2026-12-01T10:00:00Z"}) from None
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")  # years zero-padded, unlike strftime
+
+
 async def list_runs(request: Request, p: Principal) -> Response:
     svc = services(request)
     # Pages whose runs can no longer change without a database write are served from a cache (the runs
@@ -256,14 +276,13 @@ async def list_runs(request: Request, p: Principal) -> Response:
         value = request.query_params.get(param)
         if value:
             sql += f" AND created_at {op} ?"
-            args.append(value)
+            args.append(_instant(param, value))
     for param in ("type", "model"):
         value = request.query_params.get(param)
         if value:
             sql += f" AND {param} = ?"
             args.append(value)
-    direction = "ASC" if (request.query_params.get("direction") or "desc").lower() == "asc" else "DESC"
-    rows, total = svc.store.page(sql, args, f"id {direction}", page, per_page)
+    rows, total = svc.store.page(sql, args, sort_clause(request, SORTS, "created_at"), page, per_page)
     response = ok(paged(run_objects(svc, rows), page, per_page, total))
     if all(r["status"] in CACHEABLE for r in rows):
         svc.cache.put(cache_key, generation, response.body)
@@ -310,9 +329,9 @@ CREATE_BODY = obj({
 ROUTES = [
     api("/runs", list_runs, ["GET"], "read", summary="List your runs, newest first", returns=page_of(ref("Run")),
         query=[*PAGING, query_str("status", "comma-separated statuses, e.g. RUNNING,PENDING"),
-               query_str("created_after", "ISO time"), query_str("created_before", "ISO time"),
-               Param("type", enum(RUN_TYPES)), query_str("model"),
-               Param("direction", enum(["asc", "desc"], default="desc"), "by id")]),
+               query_str("created_after", "ISO 8601 date or time (no offset: UTC); on or after"),
+               query_str("created_before", "ISO 8601 date or time (no offset: UTC); before"),
+               Param("type", enum(RUN_TYPES)), query_str("model"), *sorting(SORTS, "created_at")]),
     api("/runs", create, ["POST"], "write", summary="Queue a run", body=Body(CREATE_BODY), returns=ref("Run"),
         status=201),
     api("/runs/{run_id}", retrieve, ["GET"], "read", summary="A run", returns=ref("Run")),

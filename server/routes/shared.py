@@ -1,7 +1,9 @@
 """`/shared-configurations`: saved run recipes (configuration dict + prompt/reward/SFT file references).
 
-Visibility: `public` (listed by browse, readable by every key), `unlisted` (readable by anyone who has the
-uuid, not listed), `private` (owner only; anyone else gets 404). A recipe may reference the caller's own files,
+Visibility: `public` and `unlisted` (both listed by browse, which filters by `visibility`, `model` and
+`reward_mode`, and readable by every key; spec §1.7 "Discover public/unlisted configs" and §1.14's visibility
+filter, while §5 calls unlisted "reachable via link": this follows the endpoint's own description), `private`
+(owner only; anyone else gets 404). A recipe may reference the caller's own files,
 or files of another user that a public/unlisted recipe shares; those are copied into the caller's account
 when saved. `copy` clones a readable recipe and its files into the caller's account and returns the new ids.
 Saving and copying are one transaction with the file copies they make: a failed request leaves no copy behind.
@@ -17,13 +19,14 @@ from starlette.responses import Response
 
 from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
-from server.openapi import Body, array, enum, nullable, obj, page_of, query_str, ref, string
+from server.openapi import Body, Param, array, enum, nullable, obj, page_of, query_str, ref, string
 from server.routes import PAGING, api, field, paged, paging, services
 from server.routes.files import (StagedFiles, file_path, file_ref, new_file_row, preview_of, read_text,
                                  staged_files)
 from server.store import now_iso
 
 VISIBILITIES = ("public", "unlisted", "private")
+LISTED = ("public", "unlisted")  # what browse lists (spec §1.7: "Discover public/unlisted configs")
 FILE_KEYS = (("prompt_file_id", "prompt", ("prompt",)), ("reward_file_id", "reward", ("reward_function", "environment")),
              ("sft_file_id", "sft", ("sft",)))
 CODE_SNIPPET_LINES = 60
@@ -129,7 +132,14 @@ async def list_own(request: Request, p: Principal) -> Response:
 async def browse(request: Request, p: Principal) -> Response:
     svc = services(request)
     page, per_page = paging(request)
-    sql, args = "SELECT * FROM shared_configs WHERE visibility = 'public'", []
+    visibility = request.query_params.get("visibility")
+    if visibility and visibility not in LISTED:
+        raise ApiError(422, "Invalid query parameter visibility", details={
+            "visibility": f"one of {list(LISTED)} (private configurations are listed only by their owner's "
+                          "GET /shared-configurations)"})
+    wanted = [visibility] if visibility else list(LISTED)
+    sql = f"SELECT * FROM shared_configs WHERE visibility IN ({', '.join('?' for _ in wanted)})"
+    args: list[Any] = list(wanted)
     model = request.query_params.get("model")
     if model:
         sql += " AND json_extract(configuration, '$.model') = ?"
@@ -239,8 +249,9 @@ ROUTES = [
     api("/shared-configurations", list_own, ["GET"], "read", summary="Your configurations", returns=array(ONE)),
     api("/shared-configurations", create, ["POST"], "write", summary="Save a run recipe", returns=ONE, status=201,
         body=Body(obj({**FIELDS, **FILE_IDS}, ["name"]))),
-    api("/shared-configurations/browse", browse, ["GET"], "read", summary="Public configurations",
+    api("/shared-configurations/browse", browse, ["GET"], "read", summary="Public and unlisted configurations",
         returns=page_of(ONE), query=[*PAGING, query_str("model"), query_str("reward_mode"),
+                                     Param("visibility", enum(LISTED), "only this visibility (default: both)"),
                                      query_str("type", "alias of reward_mode"), query_str("search"),
                                      query_str("q", "alias of search")]),
     api("/shared-configurations/{uuid}", retrieve, ["GET"], "read", summary="A configuration", returns=ONE),

@@ -2,8 +2,12 @@
 
 The same checks as `runrl validate`: prompt and SFT files through `runrl_engine.data`; reward/environment code
 through `runrl_engine.sandbox.validate_user_code`, which runs the code in the sandbox on up to three rows of
-the given prompt file and reports what it returned. Problems in the user's input are a `valid: false`
-payload (200), not an HTTP error; a file that does not exist or is not the caller's is a 404.
+the given prompt file and reports what it returned. Without a `prompt_file_id` there are no rows with the
+user's fields, so `valid` stands for the static checks and the load, a call with an empty row is reported under
+`details.warnings` only, and the report says the code was not exercised on the user's rows
+(`details.exercised_on_rows: false`, `details.note`, and the envelope's `message`). Problems in the user's
+input are a `valid: false` payload (200), not an HTTP error; a file that does not exist or is not the caller's
+is a 404.
 
 Code validation runs user code, so it has its own bounded pool (`ValidationPool`: `validation_workers`
 threads, at most `validation_per_user` in flight per user, each sandbox capped at `validation_memory_mb`): a
@@ -122,6 +126,9 @@ async def reward_function(request: Request, p: Principal) -> Response:
                             "host; the code was not run", details={"isolation": exc.message}) from None
     if prompt_id:
         report.setdefault("details", {})["prompt_file_id"] = prompt_id
+    elif report["valid"]:
+        return ok(report, message="Static checks passed and the code loaded; it was not run on your rows' fields "
+                                  "(no prompt_file_id): see details.note")
     return ok(report)
 
 

@@ -160,6 +160,9 @@ def test_hf_push_without_token_keeps_the_model(tmp_path, tiny_model_dir, monkeyp
     result = train(cfg(max_steps=1, hf_name="someone/model"), output_dir=tmp_path)
     assert (result.final_dir / "model.safetensors").is_file()
     assert "no hf_token" in (tmp_path / "logs.txt").read_text()
+    record = json.loads((tmp_path / "hf_push.json").read_text())  # what `runrl serve` shows on the run
+    assert (record["repo_id"], record["status"], record["url"]) == ("someone/model", "skipped", None)
+    assert "no hf_token" in record["error"] and record["at"].endswith("Z")
 
 
 def test_bad_package_requirements_stop_before_training(tmp_path, tiny_model_dir):

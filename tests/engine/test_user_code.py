@@ -155,6 +155,25 @@ def test_validate_reports_what_each_sample_returned():
 def test_validate_without_rows_uses_one_empty_row():
     report = validate_user_code("def reward_fn(completion, **kw):\n    return float(len(kw))\n")
     assert report["valid"] and report["details"]["samples"][0]["reward"] == 0.0
+    assert report["details"]["exercised_on_rows"] is False and report["details"]["samples_tested"] == 0
+
+
+@pytest.mark.parametrize("src", [
+    "def reward_fn(completion, **kwargs):\n    return float(kwargs['expected'] in completion)\n",
+    "def reward_fn(completion, answer, **kwargs):\n    return float(answer in completion)\n",
+])
+def test_validate_without_rows_does_not_blame_code_for_missing_row_fields(src):
+    """An empty row lacks the user's fields: the call's error is a warning, and the report says the call was not
+    exercised on the user's rows; with rows that lack the field the same code is invalid."""
+    report = validate_user_code(src)
+    assert report["valid"] is True and report["error"] is None and report["errors"] == []
+    details = report["details"]
+    assert details["exercised_on_rows"] is False and "not exercised on your rows" in details["note"]
+    assert any(w.startswith("with an empty row") and ("KeyError: 'expected'" in w or "answer" in w)
+               for w in details["warnings"])
+    assert validate_user_code(src, sample_rows=[{"prompt": [], "expected": "x", "answer": "x"}])["valid"]
+    bad = validate_user_code(src, sample_rows=[{"prompt": [], "other": 1}])
+    assert bad["valid"] is False and bad["details"]["exercised_on_rows"] is True
 
 
 @pytest.mark.parametrize("src, stage, text", [
@@ -165,7 +184,7 @@ def test_validate_without_rows_uses_one_empty_row():
     ("def reward_fn(c, **kw):\n    return 'high'\n", "run", "expected a number"),
 ])
 def test_validate_turns_user_mistakes_into_a_report(src, stage, text):
-    report = validate_user_code(src, filename="reward.py")
+    report = validate_user_code(src, filename="reward.py", sample_rows=[{"prompt": [], "expected": "x"}])
     assert report["valid"] is False and text in report["error"] and report["errors"][0] == report["error"]
     assert report["details"]["stage"] == stage
 
@@ -182,7 +201,8 @@ def test_validate_environment_steps_each_sample_once():
     assert report["valid"], report
     assert [(s["observation"], s["reward"], s["done"]) for s in report["details"]["samples"]] == [
         ("n=1", 1.0, True), ("n=2", 1.0, True)]
-    bad = validate_user_code(src.replace('"done": True', '"done": True, "reward": "x"'), mode="environment")
+    bad = validate_user_code(src.replace('"done": True', '"done": True, "reward": "x"'), mode="environment",
+                             sample_rows=[{"n": 1}])
     assert not bad["valid"] and "expected a number" in bad["error"]
 
 

@@ -23,16 +23,20 @@ def test_shared_configuration_round_trip(live):
     public = alice.shared_configurations.create(name="Open", visibility="public", configuration={"model": "m1"})
     assert [c.name for c in alice.shared_configurations.list().items] == ["Open", "secret", "Say words"]
     assert bob.shared_configurations.list().items == []
-    # visibility: unlisted readable by uuid, private is 404, browse lists public only
+    # visibility: unlisted readable by uuid, private is 404; browse lists public and unlisted (spec §1.7)
     seen = bob.shared_configurations.get(shared.uuid)
     assert not seen.is_owner and seen.creator["name"] == "alice"
     with pytest.raises(NotFoundError):
         bob.shared_configurations.get(private.uuid)
     with pytest.raises(NotFoundError):
         bob.shared_configurations.data(private.uuid)
-    assert [c.uuid for c in bob.shared_configurations.browse().items] == [public.uuid]
+    assert [c.uuid for c in bob.shared_configurations.browse().items] == [public.uuid, shared.uuid]
     assert [c.uuid for c in bob.shared_configurations.browse(model="m1").items] == [public.uuid]
     assert bob.shared_configurations.browse(model="other").items == []
+    assert [c.uuid for c in bob.shared_configurations.browse(visibility="unlisted").items] == [shared.uuid]
+    assert [c.uuid for c in bob.shared_configurations.browse(reward_mode="reward_function").items] == [shared.uuid]
+    with pytest.raises(ValidationError, match="visibility"):
+        bob.shared_configurations.browse(visibility="private")
     # data: prompt preview + reward code snippet
     data = bob.shared_configurations.data(shared.uuid)
     assert data["reward_code"] == REWARD.rstrip("\n") and data["prompt_preview"]["lines"][0]["expected"] == "hi"

@@ -83,6 +83,10 @@ export async function render(view, { params }) {
     const files = ["prompt_file", "reward_file", "sft_file"].filter(k => r[k])
       .map(k => h("span", { class: "file-ref" }, `${k.replace("_file", "")}: `, r[k].name || r[k].id));
     const dl = (k, v) => h("div", {}, h("dt", {}, k), h("dd", {}, v));
+    // the push of final/ to the Hugging Face Hub (a failed one also fills error_message, shown below)
+    const hubPush = p => p.status === "pushed" && /^https?:\/\//.test(p.url || "")
+      ? h("a", { href: p.url, target: "_blank", rel: "noopener noreferrer" }, p.repo_id)
+      : `${p.repo_id} (${p.status === "pending" ? "pushed when the run completes" : `not pushed: ${p.status}`})`;
     const paramsOpen = !!(head.querySelector("details") || {}).open;
     const buttons = h("div", { class: "actions" });
     if (ACTIVE.has(r.status)) buttons.append(h("button", { id: "cancel", class: "danger", onclick: cancel }, "Cancel run"));
@@ -102,7 +106,7 @@ export async function render(view, { params }) {
         files.length ? dl("Files", files) : null,
         r.tools && r.tools.length ? dl("Tools", r.tools.map(t => h("span", { class: "file-ref" }, t.name || t.mcp_url || t.id))) : null,
         r.wandb_url ? dl("W&B", h("a", { href: r.wandb_url, target: "_blank", rel: "noopener noreferrer" }, r.wandb_url)) : null,
-        r.hf_name ? dl("Hub", r.hf_name) : null),
+        r.hf_push ? dl("Hub", hubPush(r.hf_push)) : null),
       r.error_message ? h("pre", { class: "error-text", id: "run-error" }, r.error_message) : null,
       h("details", { open: paramsOpen }, h("summary", {}, "Parameters"), json(r.parameters)),
       actionsOut);

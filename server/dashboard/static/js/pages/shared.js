@@ -1,5 +1,5 @@
-// Shared configurations: the caller's own (GET /shared-configurations), public ones (GET .../browse), share a new
-// one from one's files (POST), like, copy, delete, and start a run from one (#/new?config=<uuid>).
+// Shared configurations: the caller's own (GET /shared-configurations), public and unlisted ones (GET .../browse),
+// share a new one from one's files (POST), like, copy, delete, and start a run from one (#/new?config=<uuid>).
 
 import { api } from "../api.js";
 import { clear, errorBox, field, fill, fmtTime, h, section, select, table, toast } from "../dom.js";
@@ -24,7 +24,7 @@ export async function render(view) {
     field("Configuration (JSON)", config), h("div", { class: "actions" }, h("button", { type: "submit" }, "Share")), out);
   const mine = h("div", { id: "shared-mine" });
   const browse = h("div", { id: "shared-browse" });
-  view.append(section("My configurations", mine), section("Browse public configurations", browse),
+  view.append(section("My configurations", mine), section("Browse public and unlisted configurations", browse),
               section("Share a configuration", form));
 
   const columns = own => [
