@@ -222,13 +222,17 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(str(exc), where=f"--allow-destination {entry}",
                             fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
+    if args.max_resumes < 0:
+        raise UserError(f"--max-resumes is {args.max_resumes}", where="--max-resumes",
+                        fix="pass 0 (never resume) or more")
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots,
           trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,
           allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
           allow_private_destinations=args.allow_private_destinations,
           allowed_destinations=tuple(args.allow_destination or ()), validation_workers=args.validation_workers,
-          validation_per_user=args.validation_per_user, hosted_ranges=args.hosted_ranges)
+          validation_per_user=args.validation_per_user, hosted_ranges=args.hosted_ranges,
+          max_resumes=args.max_resumes)
     return 0
 
 
@@ -329,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=str(Path.home() / ".runrl"),
                    help="keys, files, runs and their outputs (SQLite + directories; default: ~/.runrl)")
     p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
+    p.add_argument("--max-resumes", type=int, default=3, metavar="N",
+                   help="how often a run whose training process vanished (server restart or kill -9, trainer killed "
+                        "by a signal such as the OOM killer's) is resumed from its last checkpoint before it ends "
+                        "FAILED (default 3; 0: never; a graceful server shutdown is not counted)")
     policy = p.add_argument_group("security policy (the defaults are the safe ones)")
     policy.add_argument("--allow-unisolated", action="store_true",
                         help="run user code even where bubblewrap cannot start (then it is NOT isolated: it can "

@@ -4,7 +4,7 @@ Routes come from one list per resource module (`server/routes/*`), all mounted u
 server/dashboard, is served at `/` and `/static/`, outside it); middleware
 is a list (auth + quota); exception handlers map everything to the envelope (server/errors.py); the lifespan
 opens the store, recovers runs left behind by a previous process, starts the worker slots, and keeps house
-(key usage counters flushed, runs with expired leases failed). Importing this module does not import torch.
+(key usage counters flushed, runs with expired leases resumed). Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def build_services(settings: Settings) -> Services:
     for d in (settings.data_dir, settings.files_dir, settings.runs_dir):
         d.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds user files and run secrets
     store = Store(settings.db_path)
-    queue = RunQueue(store, worker_id=uuid.uuid4().hex, lease_s=settings.lease_s)
+    queue = RunQueue(store, worker_id=uuid.uuid4().hex, lease_s=settings.lease_s, max_resumes=settings.max_resumes)
     return Services(settings=settings, store=store, auth=Authenticator(store), limiter=RateLimiter(), queue=queue,
                     worker=Worker(settings, store, queue),
                     deployments=DeploymentManager(store, settings.runs_dir, settings.deploy_command,
@@ -79,15 +79,15 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.webhooks.start(services)  # first: recovery's and the worker's status changes are events
-        failed = services.queue.recover(settings.runs_dir)
-        if failed:
-            log.warning("runs failed after restart: %s", failed)
+        recovered = services.queue.recover(settings.runs_dir)
+        if recovered:
+            log.warning("runs left in progress by the previous server, resumed or ended: %s", recovered)
         if settings.start_worker:
             services.worker.start()
         services.deployments.resume_all()
 
         async def housekeeping() -> None:
-            """Flush key-usage counters; fail runs whose lease expired (a worker slot that died)."""
+            """Flush key-usage counters; resume runs whose lease expired (a worker slot that died)."""
             last_sweep = time.monotonic()
             while True:
                 await asyncio.sleep(USAGE_FLUSH_S)

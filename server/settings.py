@@ -32,6 +32,10 @@ class Settings:
     poll_interval_s: float = 0.5
     lease_s: float = 30.0
     cancel_grace_s: float = 5.0
+    # How often a run whose training process vanished (server restart or kill, expired lease, trainer killed by a
+    # signal such as the OOM killer's SIGKILL) is resumed from its last checkpoint before it ends FAILED
+    # (server/queue.py; `runrl serve --max-resumes`). A graceful server shutdown is not counted.
+    max_resumes: int = 3
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     public_url: str = ""  # base for download/preview URLs and deployment api_url; "" = from each request
     deploy_command: tuple[str, ...] = (sys.executable, "-m", "server.deploy")

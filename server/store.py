@@ -76,6 +76,7 @@ CREATE INDEX IF NOT EXISTS deliveries_webhook ON webhook_deliveries(webhook_id, 
 # dir's database lacks (SQLite's ALTER TABLE ADD COLUMN), new databases included, so a server upgraded in place
 # keeps its data. Append here (not to CREATE TABLE above); never edit or reorder an entry.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("runs", "resumes", "INTEGER NOT NULL DEFAULT 0"),  # resumes after a vanished process (server/queue.py)
 )
 
 JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration", "events"}

@@ -5,9 +5,14 @@ into `inputs/`, a private `run.yaml` holding the config with its secrets, delete
 the training command in its own process group with stdout → `process.log` and stderr → `stderr.log`, renew
 the lease while it runs, and record how it ended. `start()` runs that step in `slots` threads.
 
-Exit status → state: 0 COMPLETED; a cancel request → CANCELLED (the whole process group is killed); 2 (a
-user error) or anything else → FAILED with the last lines of stderr as `error_message`. Secrets of the run
-are redacted from everything this module writes.
+Exit status → state: 0 COMPLETED; a cancel request → CANCELLED (the whole process group is killed); killed by a
+signal (a negative status, or 128+N from a launcher or shell; the OOM killer's SIGKILL, kill -9), or stopped
+by this server's own shutdown → back to PENDING, to be resumed from the last checkpoint (`RunQueue.resume_or_fail`,
+bounded by `max_resumes`; a shutdown is not counted); 2 (a user error), 1 (a traceback) or any other exit →
+FAILED with the last lines of stderr as `error_message`, never retried. A run that has trained before (its
+directory holds config.yaml, metrics.jsonl or checkpoints/) is started with `--resume`, and the operator's
+policy keys given again with `--set`, so today's policy applies to it too. Secrets of the run are redacted
+from everything this module writes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from server.store import Store
 log = logging.getLogger("runrl.worker")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ERROR_TAIL_LINES = 20
+EXIT_USER_ERROR = 2  # `runrl train`'s status for a configuration or data error (runrl_engine/cli.py)
+# The operator's policy keys (server/policy.py and the tool destinations) given again with `--set` to a resumed
+# run, whose `runrl train --resume` otherwise continues with the run's stored config.yaml. All are RESUMABLE_KEYS.
+RESUME_POLICY_KEYS = ("sandbox_isolation", "reward_allow_network", "reward_network",
+                      "reward_allow_private_destinations", "reward_allowed_destinations",
+                      "tool_allow_private_destinations", "tool_allowed_destinations")
 S = RunStatus
 
 
@@ -48,6 +59,19 @@ def redact(text: str, secrets: list[str]) -> str:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
     return TOKEN_PATTERN.sub("***", text)
+
+
+def killed_by(returncode: int) -> str | None:
+    """The signal that ended a training process, or None when it exited by itself (a real failure). Negative: the
+    signal itself (`runrl train`); 128+N: a launcher or shell reporting its child killed by N (`runrl launch`, for
+    runs on several GPUs, exits so when one of its processes was killed)."""
+    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode <= 128 + 64 else 0
+    if not number:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def error_from_stderr(stderr: str, returncode: int) -> str:
@@ -83,12 +107,23 @@ def remove_leftovers(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def resume_overrides(config_path: Path) -> list[str]:
+    """`--set KEY=VALUE` for the policy keys of the config the worker wrote (values as JSON, which YAML reads)."""
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    out = []
+    for key in RESUME_POLICY_KEYS:
+        if key in config:
+            out += ["--set", f"{key}={json.dumps(config[key])}"]
+    return out
+
+
 class Worker:
     def __init__(self, settings: Settings, store: Store, queue: RunQueue):
         self.settings = settings
         self.store = store
         self.queue = queue
         self._procs: dict[int, subprocess.Popen] = {}
+        self._shut_down: set[int] = set()  # runs stop() stopped: resumed after the restart
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -105,13 +140,15 @@ class Worker:
         self._wake.set()
 
     def stop(self) -> None:
-        """Stop taking runs; runs in progress are stopped and end FAILED with a clear message."""
+        """Stop taking runs; runs in progress are stopped and go back to PENDING, to be resumed from their last
+        checkpoint when the server starts again (not counted against `max_resumes`)."""
         self._stop.set()
         self._wake.set()
         with self._lock:
             running = list(self._procs)
+            self._shut_down.update(running)
         for run_id in running:
-            self._kill(run_id, "The server shut down while this run was in progress; it was stopped.")
+            self._kill(run_id, None)
         for t in self._threads:
             t.join(timeout=self.settings.cancel_grace_s + 5)
 
@@ -198,6 +235,9 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [*self.settings.train_command, str(config_path), "--output", str(run_dir), "--secrets-stdin"]
+        resume = any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+        if resume:  # an earlier attempt trained here: continue from its last checkpoint (or step 0), today's policy
+            cmd += ["--resume", *resume_overrides(config_path)]
         with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
             with self._lock:
                 if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
@@ -224,7 +264,9 @@ class Worker:
                 self.queue.transition(run_id, S.CANCELLED, "Cancelled before training started")
             return
         self.queue.heartbeat(run_id, pid=proc.pid)
-        self.queue.transition(run_id, S.RUNNING, "Starting training process", pid=proc.pid)
+        first_start = {"started_at": run["started_at"]} if run.get("started_at") else {}  # a resumed run keeps it
+        self.queue.transition(run_id, S.RUNNING, f"Resuming training process (attempt {run['attempts']}, --resume)"
+                              if resume else "Starting training process", pid=proc.pid, **first_start)
         last_beat = time.monotonic()
         try:
             while proc.poll() is None:
@@ -244,9 +286,9 @@ class Worker:
             except (ProcessLookupError, PermissionError):
                 pass
             remove_leftovers(run_dir)
-        self._finish(run_id, run_dir, proc.returncode, secrets)
+        self._finish(run_id, run_dir, proc.returncode, secrets, attempt=run["attempts"])
 
-    def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str]) -> None:
+    def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str], attempt: int | None = None) -> None:
         row = self.store.run(run_id)
         # whatever the trainer did, no secret stays (hf_push.json: the Hub push's result, server/hub_push.py)
         for name in ("stderr.log", "process.log", "logs.txt", "hf_push.json"):
@@ -257,21 +299,37 @@ class Worker:
                 if clean != text:
                     path.write_text(clean, encoding="utf-8")
         stderr = (run_dir / "stderr.log").read_text(encoding="utf-8", errors="replace")
-        if row["cancel_requested"]:
+        with self._lock:
+            shut_down = run_id in self._shut_down
+            self._shut_down.discard(run_id)
+        signal_name = killed_by(code)
+        if attempt is not None and (row["status"] != S.RUNNING.value or row["attempts"] != attempt):
+            # recover() took the run over (this slot's lease had expired) and resumed or ended it already
+            log.warning("run %s: attempt %s ended (status %s) after recovery took the run over", run_id, attempt, code)
+        elif row["cancel_requested"]:
             self._note(run_dir, "run cancelled; training process group stopped")
             self.queue.transition(run_id, S.CANCELLED, "Cancelled by user; training process stopped")
-        elif row["error_message"] and code != 0:  # set by stop(): the server shut down
-            self._note(run_dir, row["error_message"])
-            self.queue.transition(run_id, S.FAILED, row["error_message"])
         elif code == 0:
             self._note(run_dir, "training finished")
             pushed = hub_push.settle(self.store, run_id, run_dir)  # hf_name: a history entry; a failure's message
             self.queue.transition(run_id, S.COMPLETED, "Training completed", **pushed)
+        elif shut_down and code != EXIT_USER_ERROR:  # stopped by stop(): the server is shutting down
+            self._resume(row, run_dir, "The server shut down while this run was in progress; its training process "
+                                       "was stopped", counted=False)
+        elif signal_name:  # killed from outside (OOM killer, kill -9): the process vanished, the run did not fail
+            tail = error_from_stderr(stderr, code)  # for a negative code its first line says "killed by"
+            self._resume(row, run_dir, f"Training process was killed by {signal_name}",
+                         detail=tail.partition("\n")[2] if code < 0 else tail)
         else:
             message = error_from_stderr(stderr, code)
-            kind = "a configuration or data error" if code == 2 else f"exit code {code}"
+            kind = "a configuration or data error" if code == EXIT_USER_ERROR else f"exit code {code}"
             self._note(run_dir, f"training failed ({kind}): {message}")
             self.queue.transition(run_id, S.FAILED, f"Training failed ({kind})", error_message=message)
+
+    def _resume(self, row: dict[str, Any], run_dir: Path, why: str, *, counted: bool = True, detail: str = "") -> None:
+        outcome = self.queue.resume_or_fail(row, run_dir, why, counted=counted, detail=detail)
+        if outcome is not None:
+            self._note(run_dir, outcome[1])
 
     @staticmethod
     def _note(run_dir: Path, text: str) -> None:

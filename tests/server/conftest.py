@@ -62,7 +62,8 @@ def start_server(settings: Settings) -> LiveServer:
 
 
 # A stand-in for `runrl train`, only for tests about the queue itself: it writes logs/metrics like the
-# trainer, sleeps SLEEP seconds and exits with CODE (from the config file the worker wrote).
+# trainer, sleeps SLEEP seconds and exits with CODE (from the config file the worker wrote); a negative CODE
+# kills it with that signal (code=-9: SIGKILL, as the OOM killer does).
 STAND_IN = r"""
 import json, sys, time, yaml, pathlib
 cfg = yaml.safe_load(open(sys.argv[1])); out = pathlib.Path(sys.argv[sys.argv.index('--output') + 1])
@@ -79,6 +80,9 @@ with open(out / 'logs.txt', 'a') as log:
             c.write(json.dumps({'step': step, 'prompt': [], 'completion': 'hi', 'reward': 1.0, 'info': {}}) + '\n')
         log.write(f'step {step}\n'); log.flush()
         time.sleep(float(opts['sleep']) / 2)
+if int(opts['code']) < 0:
+    import os
+    os.kill(os.getpid(), -int(opts['code']))
 if opts['code'] == '2':
     print('error: prompt.jsonl:3: bad line\n  fix: repair it', file=sys.stderr)
 elif opts['code'] != '0':

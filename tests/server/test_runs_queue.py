@@ -1,6 +1,7 @@
 """Runs through the durable queue with a stand-in training command (tests about the queue itself): the
 lifecycle and history, failure messages, cancel (process group), logs/SSE/metrics/completions, validation of
-the create body, ownership, file-delete protection, and restart recovery with a killed server."""
+the create body, ownership, file-delete protection, and restart recovery with a killed server (the run is
+resumed; tests/server/test_resume_runs.py checks the resumed run's outputs with the real trainer)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def body(p: str, r: str, **extra) -> dict:
 
 def test_state_machine_is_explicit():
     assert TRANSITIONS[RunStatus.PENDING] == {RunStatus.SETTING_UP, RunStatus.CANCELLED, RunStatus.FAILED}
-    assert RunStatus.PENDING not in TRANSITIONS[RunStatus.RUNNING]  # a started run is never re-queued
+    assert TRANSITIONS[RunStatus.RUNNING] == {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED,
+                                              RunStatus.PENDING}  # PENDING: its process vanished, resumed
     assert all(not TRANSITIONS[s] for s in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED))
 
 
@@ -57,12 +59,16 @@ def test_execute_next_is_a_synchronous_step(make_live, settings):
         other = RunQueue(svc.store, "other-worker")
         assert other.claim()["id"] == third and svc.queue.claim() is None
         assert svc.store.run(third)["lease_owner"] == "other-worker"
-        # abandoned-job cleanup: a claim whose lease is not renewed ends FAILED, with the reason
+        # abandoned-job cleanup: a claim whose lease is not renewed goes back to the queue, with the reason
         fourth = c.post("/runs", json=body(p, r)).json()["data"]["id"]
         stale = RunQueue(svc.store, "stale-worker", lease_s=0.0)
         assert stale.claim()["id"] == fourth and stale.recover(live.settings.runs_dir) == [third, fourth]
-        failed = c.get(f"/runs/{fourth}").json()["data"]
-        assert failed["status"] == "FAILED" and "stopped renewing this run's lease" in failed["error_message"]
+        again = c.get(f"/runs/{fourth}").json()["data"]
+        assert again["status"] == "PENDING" and again["error_message"] is None
+        last = c.get(f"/runs/{fourth}/history").json()["data"]["history"][-1]["message"]
+        assert "stopped renewing this run's lease" in last and "(attempt 1)" in last, last
+        assert "resume 1 of at most 3" in last and "from the start (no checkpoint was written yet)" in last, last
+        assert svc.store.run(fourth)["resumes"] == 1 and svc.store.run(third)["resumes"] == 1
 
 
 def test_lifecycle_logs_metrics_completions(live):
@@ -298,17 +304,34 @@ def test_list_filters_and_delete_protection(make_live, settings):
         assert c.get(f"/runs/{ids[0]}").json()["data"]["prompt_file"]["id"] == p
 
 
-def test_server_shutdown_fails_running_runs_clearly(make_live, settings):
+def test_server_shutdown_sends_running_runs_back_to_the_queue(make_live, settings):
+    """A graceful shutdown stops the training process and queues the run again (not counted against
+    max_resumes); the next server resumes it (`--resume`), and a cancel then still ends it."""
     live = make_live(settings)
-    with live.client(live.key()) as c:
+    token = live.key()
+    with live.client(token) as c:
         p, r = upload(c)
         run_id = c.post("/runs", json=body(p, r, run_name="sleep=60,code=0")).json()["data"]["id"]
-        wait_status(c, run_id, {"RUNNING"})
+        running = wait_status(c, run_id, {"RUNNING"})
         pid = live.app.state.services.store.run(run_id)["pid"]
     live.stop()
-    row = Store(live.settings.db_path).run(run_id)
-    assert row["status"] == "FAILED" and "server shut down" in row["error_message"]
+    store = Store(live.settings.db_path)
+    row = store.run(run_id)
+    assert row["status"] == "PENDING" and row["error_message"] is None and row["resumes"] == 0
+    last = store.history(run_id)[-1]["message"]
+    store.close()
+    assert "server shut down" in last and "(attempt 1)" in last and "not counted against max_resumes" in last, last
     assert not _alive(pid)
+    again = make_live(settings)
+    with again.client(token) as c:
+        resumed = wait_status(c, run_id, {"RUNNING"})
+        assert resumed["created_at"] == running["created_at"] and resumed["started_at"] == running["started_at"]
+        history = c.get(f"/runs/{run_id}/history").json()["data"]["history"]
+        assert [h["status"] for h in history] == ["PENDING", "SETTING_UP", "RUNNING", "PENDING", "SETTING_UP",
+                                                  "RUNNING"]
+        assert history[-1]["message"] == "Resuming training process (attempt 2, --resume)"
+        assert c.post(f"/runs/{run_id}/cancel").status_code == 200
+        assert wait_status(c, run_id, {"CANCELLED", "FAILED", "COMPLETED"}, timeout=20)["status"] == "CANCELLED"
 
 
 SERVER_SCRIPT = """
@@ -352,16 +375,23 @@ def test_restart_recovery_after_kill(tmp_path):
             pid = Store(data / "runrl.db").run(mid)["pid"]
             server.send_signal(signal.SIGKILL)
             server.wait()
+            assert _running(pid)  # the trainer runs on in its own session when the server is killed
         server = _spawn_server(data, port)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
-            failed = c.get(f"/runs/{mid}").json()["data"]
-            assert failed["status"] == "FAILED" and "server restarted" in failed["error_message"]
-            assert not _alive(pid)  # the orphaned training process was stopped
+            assert not _alive(pid)  # the orphaned training process was stopped before the run was queued again
+            resumed = wait_status(c, mid, {"RUNNING"})  # resumed first: it keeps its place before younger runs
+            assert c.get(f"/runs/{queued}").json()["data"]["status"] == "PENDING"
+            history = c.get(f"/runs/{mid}/history").json()["data"]["history"]
+            assert [h["status"] for h in history] == ["PENDING", "SETTING_UP", "RUNNING", "PENDING", "SETTING_UP",
+                                                      "RUNNING"]
+            assert history[3]["message"].startswith("The server restarted while this run was in progress; its "
+                                                    "training process was stopped (attempt 1); queued again"), history
+            assert resumed["error_message"] is None
+            c.post(f"/runs/{mid}/cancel")
+            assert wait_status(c, mid, {"CANCELLED", "FAILED", "COMPLETED"})["status"] == "CANCELLED"
             assert wait_status(c, queued, {"COMPLETED", "FAILED"})["status"] == "COMPLETED"
             assert {f["id"] for f in c.get("/files").json()["data"]["items"]} == {p, r}
             assert c.get("/runs").json()["data"]["pagination"]["total"] == 2
-            hist = [h["status"] for h in c.get(f"/runs/{mid}/history").json()["data"]["history"]]
-            assert hist == ["PENDING", "SETTING_UP", "RUNNING", "FAILED"]
     finally:
         server.kill()
         server.wait()
