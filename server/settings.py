@@ -40,9 +40,9 @@ class Settings:
     public_url: str = ""  # base for download/preview URLs and deployment api_url; "" = from each request
     deploy_command: tuple[str, ...] = (sys.executable, "-m", "server.deploy")
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Server-Sent Event streams (a run's logs, a deployment's streamed chat) send a `: keepalive` comment line
-    # after this many seconds without an event, so a client's read timeout (the SDK's httpx: 30 s) or a proxy's
-    # idle timeout never fires while a run is queued or silent. SSE clients ignore comment lines.
+    # Server-Sent Event streams (a run's logs, a deployment's streamed chat) send a keepalive (one empty line,
+    # server/sse.py) after this many seconds without an event, so a client's read timeout (the SDK's httpx: 30 s)
+    # or a proxy's idle timeout never fires while a run is queued or silent. SSE clients and the SDK skip it.
     sse_keepalive_s: float = 15.0
 
     # ---- security policy (issue 16). `runrl serve` flags set these; the defaults are the safe ones. --------

@@ -4,10 +4,12 @@ A stream that has nothing to say for a while (a run queued behind others, a trai
 server busy with another request) sends no byte, and a client's read timeout (the runrl SDK's httpx client:
 30 s, then it retries from the start) or a proxy's idle timeout ends it. Both streams the API serves, a run's
 logs (`server/routes/run_outputs.py`) and a deployment's streamed chat completions (the proxy in
-`server/routes/deployments.py`), therefore send `KEEPALIVE`, an SSE comment line, after `Settings.sse_keepalive_s`
-(15 s) without an event, as the HTML standard suggests for this purpose. EventSource, the dashboard, `runrl runs
-logs --follow` and OpenAI-style SSE clients skip comment lines; the runrl SDK's `runs.stream_logs` yields every
-non-empty line of the body as it is (`data: ...`, `event: end`), so it yields `: keepalive` as well.
+`server/routes/deployments.py`), therefore send `KEEPALIVE` after `Settings.sse_keepalive_s` (15 s) without an
+event: one empty line, sent only where an event has ended. To an SSE parser an empty line with no field before it
+dispatches nothing (EventSource, the dashboard, `runrl runs logs --follow`, the openai client all skip it), and
+the runrl SDK's `runs.stream_logs`, which yields every non-empty line of the body as it is (`data: ...`, `event:
+end`), yields nothing for it. A comment line (`: keepalive`), the HTML standard's suggestion, would reach SDK users
+as a log line every 15 s.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-KEEPALIVE = ": keepalive\n\n"
+KEEPALIVE = "\n"
 _END = object()
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 

@@ -2,7 +2,7 @@
 server), and the inference proxy `POST /deployments/{id}/v1/chat/completions` (= `{api_url}/v1/chat/...`).
 Every deployment endpoint needs the `write` scope (spec §1.7). The proxy reaches the owner's model server on
 loopback with that deployment's secret (server/deploy.py); the caller's API key is not forwarded. A streamed
-answer (`text/event-stream`) is passed through with a `: keepalive` comment between events after
+answer (`text/event-stream`) is passed through with a keepalive (an empty line) between events after
 `sse_keepalive_s` without a byte (a request waiting for the model server, server/sse.py)."""
 
 from __future__ import annotations

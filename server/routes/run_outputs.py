@@ -3,7 +3,7 @@
 
 The log of a run is its `logs.txt` (the trainer's lines, plus `[server]` lines the worker appends after the
 process ends). Every line served is redacted with the run's secrets, whatever the trainer already did. The live
-stream sends a `: keepalive` comment after `sse_keepalive_s` without a line (server/sse.py), queued runs included.
+stream sends a keepalive (an empty line) after `sse_keepalive_s` without a line (server/sse.py), queued runs included.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ async def completions(request: Request, p: Principal) -> Response:
 
 
 SSE = {"text/event-stream": string(description="`data: <log line>` events, then `event: end` with the status; "
-                                               "a `: keepalive` comment line after 15 s without an event")}
+                                               "an empty line as a keepalive after 15 s without an event")}
 OUTPUT_ROUTES = [
     api("/runs/{run_id}/logs", logs, ["GET"], "read", summary="A page of the run's log lines", returns=ref("RunLogs"),
         query=[query_int("last_line", 0, 0), query_int("limit", 100, 1, MAX_LOG_LIMIT)]),

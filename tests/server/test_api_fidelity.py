@@ -25,7 +25,7 @@ from server.settings import Settings
 from server.store import Store, now_iso
 from tests.server.conftest import PROMPTS, REWARD, wait_status
 
-KEEPALIVE = ": keepalive"
+KEEPALIVE = ""  # an empty line (server/sse.py)
 
 
 def upload(c: httpx.Client) -> tuple[str, str]:
@@ -59,18 +59,18 @@ def test_both_log_stream_paths_send_keepalives_while_a_run_is_queued(make_live, 
                     if lines.count(KEEPALIVE) == 3:
                         break
             assert 0.5 < time.monotonic() - t0 < 3, path  # about one every 0.2 s, not all at once
-            assert set(lines) == {KEEPALIVE, ""}, lines  # comment lines, each ending an (empty) event
+            assert set(lines) == {KEEPALIVE}, lines  # empty lines only: no event, no comment
         c.post(f"/runs/{run_id}/cancel")
         with c.stream("GET", f"/runs/{run_id}/stream-logs", timeout=httpx.Timeout(5, read=1.0)) as s:
             assert [line for line in s.iter_lines() if line] == ["event: end", 'data: {"status": "CANCELLED"}']
     # `runrl runs logs --follow` parses the stream into events: a keepalive is none
-    assert list(_sse_events([KEEPALIVE, "", "data: step 1", "", KEEPALIVE, ""])) == [(None, "step 1")]
+    assert list(_sse_events([KEEPALIVE, KEEPALIVE, "data: step 1", "", KEEPALIVE])) == [(None, "step 1")]
 
 
 def test_sdk_stream_logs_outlasts_its_read_timeout_on_a_silent_and_a_queued_run(make_live, settings):
     """One slot: run A trains silently for 2 s at a time (the stand-in trainer), run B waits behind it for ~4 s.
     The SDK, with a 1 s timeout, reads each stream in one request (its key's request count is 1: it never timed
-    out and retried) and yields every line of the body, keepalive comment lines included."""
+    out and retried) and yields the events' lines only: an empty-line keepalive is no line to it."""
     live = make_live(replace(settings, slots=1, sse_keepalive_s=0.2))
     with live.client(live.key(name="owner")) as c:
         p, r = upload(c)
@@ -97,8 +97,8 @@ def test_sdk_stream_logs_outlasts_its_read_timeout_on_a_silent_and_a_queued_run(
         for run_id, key_name in ((a, "sdk-a"), (b, "sdk-b")):
             assert key_requests(c, key_name) == 1, key_name  # one request: no read timeout, no retry from the start
             lines = streamed[run_id]
-            assert KEEPALIVE in lines, run_id
-            events = [line for line in lines if line != KEEPALIVE]
+            events = lines
+            assert KEEPALIVE not in events and not any(line.startswith(":") for line in events), run_id
             assert events[-2:] == ["event: end", 'data: {"status": "COMPLETED"}']
             assert "data: step 1" in events and "data: step 2" in events
             logged = c.get(f"/runs/{run_id}/logs", params={"limit": 100}).json()["data"]["lines"]
@@ -130,7 +130,7 @@ HTTPServer(('127.0.0.1', port), H).serve_forever()
 
 
 def test_deployment_chat_stream_gets_keepalives_between_events_only(make_live, settings):
-    """The proxy passes a slow model server's stream through unchanged, adding keepalive comments only where an
+    """The proxy passes a slow model server's stream through unchanged, adding keepalives only where an
     event has ended: none inside the event that arrived in two parts."""
     live = make_live(replace(settings, sse_keepalive_s=0.2,
                              deploy_command=(sys.executable, "-c", STREAMING_MODEL_SERVER)))
@@ -153,7 +153,7 @@ def test_deployment_chat_stream_gets_keepalives_between_events_only(make_live, s
             assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
             text = s.read().decode()
         c.delete(f"/deployments/{dep['id']}")
-    ka = re.escape(KEEPALIVE + "\n\n")
+    ka = re.escape("\n")
     assert re.fullmatch(rf'data: {{"n": 1}}\n\n({ka})+data: {{"n": 2, "split": true}}\n\n({ka})+data: \[DONE\]\n\n',
                         text), text
     shutil.rmtree(final)
