@@ -28,10 +28,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise UserError("--overwrite deletes the run that --resume would continue", where="--overwrite --resume",
                         fix="pass --resume to continue the run, or --overwrite to start it again from scratch")
+    if os.environ.get(_LAUNCHED) == "1":
+        _die_with_launcher()
     secrets = None
     if args.secrets_stdin:
+        # under `runrl launch` the launcher read stdin once and hands each process its copy (see _launch); it is
+        # removed from the environment at once, so nothing this process starts inherits it
+        text = os.environ.pop(_SECRETS_ENV, None)
         try:
-            secrets = json.loads(sys.stdin.read() or "{}")
+            secrets = json.loads((sys.stdin.read() if text is None else text) or "{}")
         except json.JSONDecodeError as exc:
             raise UserError(f"stdin is not a JSON object: {exc}", where="--secrets-stdin",
                             fix='write one JSON object such as {"hf_token": "hf_..."} to stdin') from None
@@ -125,6 +130,12 @@ def _launch(argv: list[str]) -> int:
     args = launch_command_parser().parse_args([*argv[:cut], "-m", "runrl_engine.cli", *argv[cut:]])
     loud = os.environ.get("RUNRL_TRACEBACK", "") not in ("", "0")
     os.environ[_LAUNCHED] = "1"  # the processes leave a user error to this launcher, which prints it once
+    os.environ[_LAUNCHER_PID] = str(os.getpid())  # their parent: they die with it (_die_with_launcher)
+    if "--secrets-stdin" in argv[cut:]:
+        # torch's launcher gives every process this stdin, so the first to read it would take the secrets from the
+        # others: read them once here, and each process gets a copy in its environment (never a file or a command
+        # line; each `train` removes it at once)
+        os.environ[_SECRETS_ENV] = sys.stdin.read()
     if not loud:  # the agent's "failed (exitcode: 2) local_rank: 0 ..." line; the report below replaces it
         logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
@@ -141,7 +152,8 @@ def _launch(argv: list[str]) -> int:
             return EXIT_USER_ERROR
         print(f"error: process {rank} exited with status {first.exitcode} (its output is above; RUNRL_TRACEBACK=1 "
               "shows the launcher's report)", file=sys.stderr)
-        return first.exitcode if first.exitcode > 0 else 1
+        # a process killed by signal N (the OOM killer's SIGKILL: -9) exits 128+N, as a shell reports it
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode if first.exitcode < 0 else 1
     except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher; the process printed why
         if loud:
             traceback.print_exc()
@@ -155,6 +167,26 @@ LAUNCH_USAGE = ("runrl launch [accelerate launch options] train CONFIG [train op
 
 
 _LAUNCHED = "RUNRL_LAUNCHED"  # set by `runrl launch` for its processes
+_SECRETS_ENV = "RUNRL_LAUNCH_SECRETS"  # `runrl launch ... train --secrets-stdin`: the secrets, for each process
+_LAUNCHER_PID = "RUNRL_LAUNCHER_PID"
+
+
+def _die_with_launcher() -> None:
+    """Under `runrl launch`: this process gets SIGKILL when the launcher dies (Linux). torch starts each process in
+    a session of its own, so killing the launcher's process group (a cancelled run, a stopped `runrl serve`) would
+    otherwise leave them training, and holding their GPUs."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != os.environ.get(_LAUNCHER_PID, str(os.getppid())):  # it died before the prctl
+        os._exit(1)
+
+
 
 
 def _report_user_error(exc: UserError) -> None:
@@ -225,8 +257,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_resumes < 0:
         raise UserError(f"--max-resumes is {args.max_resumes}", where="--max-resumes",
                         fix="pass 0 (never resume) or more")
+    gpus = None  # detected
+    if args.gpus is not None:
+        from server.gpus import parse_gpus
 
-    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots,
+        try:
+            gpus = parse_gpus(args.gpus)
+        except ValueError as exc:
+            raise UserError(str(exc), where=f"--gpus {args.gpus}",
+                            fix="list GPU indices or UUIDs separated by commas, e.g. --gpus 0,1,2,3, or --gpus none "
+                                "for CPU only") from None
+
+    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots, gpus=gpus,
           trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,
           allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
           allow_private_destinations=args.allow_private_destinations,
@@ -333,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=str(Path.home() / ".runrl"),
                    help="keys, files, runs and their outputs (SQLite + directories; default: ~/.runrl)")
     p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
+    p.add_argument("--gpus", metavar="IDS|none",
+                   help="GPUs runs are placed on, comma-separated indices or UUIDs (e.g. 0,1,2,3); each run gets "
+                        "n_gpus of them as its CUDA_VISIBLE_DEVICES; none: CPU only (default: the server's "
+                        "CUDA_VISIBLE_DEVICES if set, else every GPU nvidia-smi lists)")
     p.add_argument("--max-resumes", type=int, default=3, metavar="N",
                    help="how often a run whose training process vanished (server restart or kill -9, trainer killed "
                         "by a signal such as the OOM killer's) is resumed from its last checkpoint before it ends "

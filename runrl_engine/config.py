@@ -189,6 +189,11 @@ class RunConfig:
 
     # ---- device / precision --------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; `auto` = CUDA if present.")
+    n_gpus: int | None = _f(None, "GPUs the run gets under `runrl serve` (RunRL's create key): one process each, "
+                                  "started with `accelerate launch --num_processes N`; unset = 1. `runrl train` "
+                                  "starts one process whatever it says (`runrl launch --multi_gpu --num_processes N` "
+                                  "starts N) and logs a warning when it differs from the process count.",
+                            ge=1, le=1024)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "Training precision; `auto` = bfloat16 on CUDA, float32 on CPU.")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = _f(

@@ -167,6 +167,10 @@ class Trainer:
         self.log(f"{len(self.train_rows)} training prompts, {len(self.eval_rows)} held out; {self.total_steps} steps "
                  f"x {cfg.prompts_per_step} prompts x {cfg.num_generations} completions on {self.world} "
                  f"process(es), device {device}")
+        if cfg.n_gpus is not None and cfg.n_gpus != self.world:
+            self.log(f"warning: n_gpus is {cfg.n_gpus}, but this run has {self.world} process(es): runrl train starts "
+                     f"one; runrl launch --multi_gpu --num_processes {cfg.n_gpus} train ... starts {cfg.n_gpus} "
+                     "(runrl serve does that itself)")
         if self.skipped_prompts:
             self.log(f"skipped {self.skipped_prompts} prompt(s) longer than max_prompt_length={cfg.max_prompt_length}")
         if cfg.tools:

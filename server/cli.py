@@ -11,21 +11,37 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from server import auth
-from server.settings import Settings, default_slots
+from server.gpus import detect_gpus
+from server.settings import Settings
 from server.store import Store
 
 
+def serve_settings(*, data_dir: str | Path = "~/.runrl", slots: int | None = None,
+                   gpus: Sequence[str] | None = None, **policy: Any) -> Settings:
+    """`runrl serve`'s Settings. `gpus`: the GPUs runs are placed on (None: detected, server/gpus.py; (): CPU
+    only); `slots`: runs at once (None: one per GPU, else 1)."""
+    gpus = detect_gpus() if gpus is None else tuple(gpus)
+    return Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or max(1, len(gpus)), gpus=gpus,
+                    **policy)
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path = "~/.runrl",
-          slots: int | None = None, trusted_proxies: Sequence[str] = (), **policy: Any) -> None:
+          slots: int | None = None, gpus: Sequence[str] | None = None, trusted_proxies: Sequence[str] = (),
+          **policy: Any) -> None:
     """`policy`: Settings security fields (require_isolation, allow_user_network, allowed_destinations, ...) and
     `hosted_ranges` (RunRL's hosted create-run ranges instead of the engine's).
+    `gpus`, `slots`: see `serve_settings`.
     `trusted_proxies`: addresses whose X-Forwarded-For is believed (none by default, so a client cannot pick
     the address the failed-authentication throttle counts)."""
+    import sys
+
     import uvicorn
 
     from server.app import create_app
+    from server.gpus import describe
 
-    settings = Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or default_slots(), **policy)
+    settings = serve_settings(data_dir=data_dir, slots=slots, gpus=gpus, **policy)
+    print(f"runrl serve: {describe(settings.gpus)}; up to {settings.slots} run(s) at once", file=sys.stderr)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
                 proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
 

@@ -245,7 +245,9 @@ COMPONENTS: dict[str, JSON] = {
             description="The push of final/ to the Hugging Face Hub (null without hf_name)")),
         "prompt_file": nullable(ref("FileRef")), "reward_file": nullable(ref("FileRef")),
         "sft_file": nullable(ref("FileRef")), "tools": array(TOOL_REF), "billing_start_time": NSTAMP,
-        "billing_end_time": NSTAMP, "duration_seconds": NINT},
+        "billing_end_time": NSTAMP, "duration_seconds": NINT,
+        "devices": nullable(array(string(), description="The GPUs the run holds, or last held once it ended: its "
+                                                        "CUDA_VISIBLE_DEVICES (null: placed on no GPU)"))},
         ["id", "status", "type", "model", "parameters", "uses_tools", "progress", "current_step", "total_steps",
          "created_at", "updated_at", "started_at", "completed_at", "error_message", "wandb_url", "hf_name",
          "hf_push", "prompt_file", "reward_file", "sft_file", "tools"]),

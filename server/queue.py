@@ -32,8 +32,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from server.gpus import capacity, describe, free_devices, requested
 from server.store import Store, now_iso
 
 
@@ -85,6 +86,8 @@ class RunQueue:
             values.update(completed_at=now)
         if to in TERMINAL or to == S.PENDING:
             values.update(lease_owner=None, lease_expires_at=None)
+        if to == S.PENDING:  # back in the queue: its GPUs are free, and the next claim assigns some again
+            values.update(devices=None)
         sets = ", ".join(f"{k} = ?" for k in values)
         marks = ", ".join("?" for _ in sources)
         with self.store.tx() as db:
@@ -97,24 +100,47 @@ class RunQueue:
         self.store.notify("run", run_id, to.value)  # webhooks (never raises)
         return True
 
-    def claim(self) -> dict[str, Any] | None:
-        """Atomically take the oldest PENDING run (PENDING -> SETTING_UP, leased to this worker)."""
-        pending = "SELECT id FROM runs WHERE status = 'PENDING' AND cancel_requested = 0 ORDER BY id LIMIT 1"
-        if self.store.scalar(pending) is None:  # the idle poll stays a read: no write lock, no cache churn
-            return None
-        now = now_iso()
-        with self.store.tx() as db:
-            row = db.execute(pending).fetchone()
+    def claim(self, gpus: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """Atomically take the oldest PENDING run (PENDING -> SETTING_UP, leased to this worker). With `gpus` (the
+        server's GPU ids, server/gpus.py): only once `n_gpus` of them are free (held by no SETTING_UP or RUNNING
+        run); the run then holds the first free ones (`devices`). First come, first served: while the oldest run
+        waits for its GPUs no younger run starts, so small runs never starve a large one. A run asking for more
+        GPUs than the server has (queued before a restart with fewer) is failed, with the reason."""
+        pending = "SELECT id, config FROM runs WHERE status = 'PENDING' AND cancel_requested = 0 ORDER BY id LIMIT 1"
+        held = "SELECT devices FROM runs WHERE status IN ('SETTING_UP', 'RUNNING') AND devices IS NOT NULL"
+        while True:
+            row = self.store.one(pending)  # the idle poll stays a read: no write lock, no cache churn
             if row is None:
                 return None
-            run_id = row[0]
-            db.execute("UPDATE runs SET status = 'SETTING_UP', lease_owner = ?, lease_expires_at = ?, "
-                       "attempts = attempts + 1, updated_at = ? WHERE id = ? AND status = 'PENDING'",
-                       (self.worker_id, time.time() + self.lease_s, now, run_id))
-            db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
-                       (run_id, "SETTING_UP", "Claimed by a worker; preparing the run directory", now))
-        self.store.notify("run", run_id, "SETTING_UP")  # webhooks (never raises)
-        return self.store.run(run_id)
+            n = requested(row["config"])
+            if n > capacity(gpus):
+                message = (f"This run asks for {n} GPUs (n_gpus), but {describe(gpus)} now; start it again with "
+                           "fewer")
+                self.transition(row["id"], S.FAILED, message, only_from=S.PENDING, error_message=message)
+                continue
+            if gpus and len(free_devices(gpus, [r["devices"] for r in self.store.all(held)])) < n:
+                return None  # it waits for its GPUs, and every younger run waits behind it
+            now, devices, claimed = now_iso(), None, False
+            with self.store.tx() as db:
+                first = db.execute(pending).fetchone()
+                if first is not None and first[0] == row["id"]:
+                    free = free_devices(gpus, [r[0] for r in db.execute(held).fetchall()]) if gpus else []
+                    if not gpus or len(free) >= n:
+                        devices = ",".join(free[:n]) if gpus else None
+                        db.execute("UPDATE runs SET status = 'SETTING_UP', lease_owner = ?, lease_expires_at = ?, "
+                                   "attempts = attempts + 1, devices = ?, updated_at = ? WHERE id = ? AND "
+                                   "status = 'PENDING'",
+                                   (self.worker_id, time.time() + self.lease_s, devices, now, row["id"]))
+                        on = f" on GPU(s) {devices}" if devices else ""
+                        db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
+                                   (row["id"], "SETTING_UP", f"Claimed by a worker{on}; preparing the run directory",
+                                    now))
+                        claimed = True
+            if claimed:
+                self.store.notify("run", row["id"], "SETTING_UP")  # webhooks (never raises)
+                return self.store.run(row["id"])
+            if gpus and first is not None and first[0] == row["id"]:
+                return None  # its GPUs were taken in the meantime
 
     def heartbeat(self, run_id: int, **values: Any) -> None:
         values = {"lease_expires_at": time.time() + self.lease_s, **values}

@@ -10,15 +10,10 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
 
 def default_slots() -> int:
-    """One concurrent run per visible GPU, else 1; counted without importing torch."""
-    try:
-        import subprocess
+    """One concurrent run per GPU the server has (server/gpus.py `detect_gpus`), else 1; without importing torch."""
+    from server.gpus import detect_gpus
 
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-        n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-        return max(1, n)
-    except (OSError, subprocess.SubprocessError):
-        return 1
+    return max(1, len(detect_gpus()))
 
 
 @dataclass(frozen=True)
@@ -28,6 +23,13 @@ class Settings:
     # The training command; the worker appends `CONFIG --output RUN_DIR`. Tests about the queue alone may
     # substitute a stand-in; everything else uses the real `runrl train`.
     train_command: tuple[str, ...] = (sys.executable, "-m", "runrl_engine.cli", "train")
+    # GPU placement (server/gpus.py; `runrl serve --gpus`, detected by default): the device ids (CUDA_VISIBLE_DEVICES
+    # entries) runs are placed on, each run on `n_gpus` of them that no other run holds, given to its process as its
+    # CUDA_VISIBLE_DEVICES; () = CPU only (runs see no GPU). None = no placement: runs inherit the server's
+    # environment and n_gpus must be 1 (a Settings built by hand, e.g. in tests). `slots` still caps runs at once.
+    gpus: tuple[str, ...] | None = None
+    # Runs with n_gpus > 1: the worker appends accelerate launch's options, `train` and the train arguments.
+    launch_command: tuple[str, ...] = (sys.executable, "-m", "runrl_engine.cli", "launch")
     start_worker: bool = True
     poll_interval_s: float = 0.5
     lease_s: float = 30.0

@@ -77,6 +77,7 @@ CREATE INDEX IF NOT EXISTS deliveries_webhook ON webhook_deliveries(webhook_id, 
 # keeps its data. Append here (not to CREATE TABLE above); never edit or reorder an entry.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("runs", "resumes", "INTEGER NOT NULL DEFAULT 0"),  # resumes after a vanished process (server/queue.py)
+    ("runs", "devices", "TEXT"),  # the GPUs a run holds or last held, "0,1" (server/gpus.py, RunQueue.claim)
 )
 
 JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration", "events"}

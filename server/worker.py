@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 
 from server import hub_push
+from server.gpus import requested, train_command, trainer_env
+from server.legacy import ignored_warnings
 from server.policy import forced_config
 from server.queue import RunQueue, RunStatus
 from server.settings import Settings
@@ -195,7 +197,7 @@ class Worker:
     # ---- one run -------------------------------------------------------------------------------------------
     def execute_next(self) -> int | None:
         """Claim one PENDING run and run it to its end (blocking). Returns its id, or None if none queued."""
-        run = self.queue.claim()
+        run = self.queue.claim(self.settings.gpus)  # with GPUs: only once its n_gpus are free (server/gpus.py)
         if run is None:
             return None
         try:
@@ -204,6 +206,7 @@ class Worker:
             log.exception("run %s: worker error", run["id"])
             message = f"Internal error while running: {type(exc).__name__}: {exc}"
             self.queue.transition(run["id"], S.FAILED, message, error_message=message)
+        self.wake()  # its GPUs are free: a slot waiting for GPUs looks again
         return run["id"]
 
     def _prepare(self, run: dict[str, Any], run_dir: Path) -> Path:
@@ -234,7 +237,10 @@ class Worker:
         env = {**os.environ, **self.settings.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [*self.settings.train_command, str(config_path), "--output", str(run_dir), "--secrets-stdin"]
+        env.update(trainer_env(self.settings.gpus, run.get("devices")))  # its own GPUs (none on a CPU-only server)
+        # n_gpus > 1: `runrl launch --multi_gpu --num_processes N train ...`, one process per GPU
+        cmd = train_command(self.settings.train_command, self.settings.launch_command, requested(run["config"]),
+                            [str(config_path), "--output", str(run_dir), "--secrets-stdin"])
         resume = any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
         if resume:  # an earlier attempt trained here: continue from its last checkpoint (or step 0), today's policy
             cmd += ["--resume", *resume_overrides(config_path)]
@@ -286,6 +292,7 @@ class Worker:
             except (ProcessLookupError, PermissionError):
                 pass
             remove_leftovers(run_dir)
+        self._note_ignored(run, run_dir)
         self._finish(run_id, run_dir, proc.returncode, secrets, attempt=run["attempts"])
 
     def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str], attempt: int | None = None) -> None:
@@ -330,6 +337,15 @@ class Worker:
         outcome = self.queue.resume_or_fail(row, run_dir, why, counted=counted, detail=detail)
         if outcome is not None:
             self._note(run_dir, outcome[1])
+
+    def _note_ignored(self, run: dict[str, Any], run_dir: Path) -> None:
+        """The create keys this server ignored (gpu_type, turbo: server/legacy.py), said once in the run's log, as
+        in its history since it was created."""
+        path = run_dir / "logs.txt"
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        for warning in ignored_warnings(run["parameters"], self.settings.gpus):
+            if f"[server] warning: {warning}\n" not in text:
+                self._note(run_dir, f"warning: {warning}")
 
     @staticmethod
     def _note(run_dir: Path, text: str) -> None:

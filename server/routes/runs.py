@@ -27,6 +27,8 @@ from runrl_engine.errors import ConfigError
 from runrl_engine.metrics import recorded_wandb_url
 from server.auth import Principal
 from server.hub_push import hub_fields
+from server.gpus import check_n_gpus
+from server.legacy import ignored_warnings, map_legacy
 from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
 from server.openapi import Body, Param, array, boolean, enum, integer, number, obj, page_of, query_str, ref, string
@@ -56,7 +58,7 @@ CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
 # The columns a Run object needs (never `config` or `secrets`).
 RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
-               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id")
+               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id, devices")
 
 
 HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # no "..", no leading "/" "~" "."
@@ -102,7 +104,8 @@ def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "tools": [tools.get(t) or {"id": t, "name": None, "mcp_url": None, "description": None}
                       for t in row["tool_ids"]],
             "billing_start_time": row["started_at"], "billing_end_time": row["completed_at"],
-            "duration_seconds": duration})
+            "duration_seconds": duration,
+            "devices": row["devices"].split(",") if row["devices"] else None})  # its GPUs (server/gpus.py)
     return out
 
 
@@ -194,6 +197,7 @@ async def create(request: Request, p: Principal) -> Response:
     errors: dict[str, str] = {}
     _check_api_fields(body, errors, svc.settings.hosted_ranges)
     errors.update(check_run_request(svc.settings, body))
+    legacy = map_legacy(body, errors)  # kl_beta, max_seq_length -> engine keys (server/legacy.py)
     prompt = _file_for(svc, p, body, "prompt_file_id", ("prompt",), errors, True)
     reward = _file_for(svc, p, body, "reward_file_id", ("reward_function", "environment"), errors, True)
     sft = _file_for(svc, p, body, "sft_file_id", ("sft",), errors, False)
@@ -203,6 +207,7 @@ async def create(request: Request, p: Principal) -> Response:
     config: dict[str, Any] = {k: v for k, v in body.items()
                               if k in CONFIG_KEYS and k not in NOT_FROM_BODY and k not in POLICY_KEYS
                               and v is not None}
+    config.update(legacy)
     config.update(prompt_file=str(file_path(svc, prompt)), reward_file=str(file_path(svc, reward)),
                   tools=[t["mcp_url"] for t in tools])
     if sft:
@@ -216,8 +221,11 @@ async def create(request: Request, p: Principal) -> Response:
         key = (exc.where or "").split(": ", 1)[-1] or "body"
         raise ApiError(422, "Invalid run configuration",  # the envelope adds "<key>: <reason>"
                        details={key: exc.message + (f" ({exc.fix})" if exc.fix else "")}) from None
+    gpu_problem = check_n_gpus(svc.settings.gpus, cfg)
+    if gpu_problem:
+        raise ApiError(422, "Validation failed", details={"n_gpus": gpu_problem})
     secrets = {k: config.pop(k) for k in list(config) if k in SECRET_KEYS}
-    parameters = {**API_DEFAULTS, **{k: v for k, v in body.items() if k not in API_ONLY}}
+    parameters = {**API_DEFAULTS, **{k: v for k, v in body.items() if k not in API_ONLY}, **legacy}
     for k in SECRET_KEYS & parameters.keys():
         parameters[k] = REDACTED
     now = now_iso()
@@ -227,7 +235,7 @@ async def create(request: Request, p: Principal) -> Response:
         "reward_file_id": reward["id"], "sft_file_id": sft["id"] if sft else None,
         "tool_ids": [t["id"] for t in tools], "hf_name": cfg.hf_name,
         "total_steps": _estimate_steps(config["prompt_file"], cfg), "created_at": now, "updated_at": now},
-        "Run queued")
+        "Run queued" + "".join(f"; warning: {w}" for w in ignored_warnings(parameters, svc.settings.gpus)))
     for t in tools:
         svc.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (t["id"],))
     svc.worker.wake()
@@ -321,7 +329,14 @@ CREATE_BODY = obj({
     "learning_rate_multiplier": number(minimum=ENGINE_RANGES["learning_rate_multiplier"][0],
                                        maximum=ENGINE_RANGES["learning_rate_multiplier"][1]),
     "package_requirements": array(string()), "hf_token": string(), "hf_name": string(), "use_lora": boolean(),
-    "lora_rank": integer(0), "lora_alpha": integer(0), "lora_dropout": number(minimum=0, maximum=1)},
+    "lora_rank": integer(0), "lora_alpha": integer(0), "lora_dropout": number(minimum=0, maximum=1),
+    "n_gpus": integer(1, 1024, description="GPUs for the run (one process each); at most the server's count"),
+    # RunRL's legacy keys (server/legacy.py)
+    "kl_beta": number(minimum=0, maximum=100, description="Legacy name of beta"),
+    "max_seq_length": integer(2, description="Legacy: prompt + completion tokens at most (sets max_prompt_length "
+                                             "= max_seq_length - completion_length and max_episode_tokens)"),
+    "gpu_type": string(description="Legacy; accepted and ignored (a warning in the run's history and log)"),
+    "turbo": boolean(description="Legacy; accepted and ignored (a warning when true)")},
     ["model", "type", "prompt_file_id", "reward_file_id"],
     description="RunRL's create-run body (spec §2.1); any other `runrl train` config key (max_steps, "
                 "num_generations, ...) is accepted too. With `runrl serve --hosted-ranges`, completion_length, "
