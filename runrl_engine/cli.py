@@ -187,8 +187,6 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
-
-
 def _report_user_error(exc: UserError) -> None:
     """Print `error: ...` once. Under a launcher (accelerate launch / torchrun) every process fails alike, so only
     global rank 0 prints; each also leaves the message in its elastic error file (TORCHELASTIC_ERROR_FILE), which

@@ -26,8 +26,8 @@ from runrl_engine.config import REDACTED, RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.metrics import recorded_wandb_url
 from server.auth import Principal
-from server.hub_push import hub_fields
 from server.gpus import check_n_gpus
+from server.hub_push import hub_fields
 from server.legacy import ignored_warnings, map_legacy
 from server.policy import POLICY_KEYS, check_run_request, forced_config
 from server.errors import ApiError, ok, read_json
