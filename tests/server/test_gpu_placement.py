@@ -3,7 +3,8 @@ server. The GPUs are `Settings.gpus` ids on this CPU machine (`runrl serve --gpu
 is checked is what the server does with them, the CUDA_VISIBLE_DEVICES each training process sees (written to its
 log by a stand-in trainer, read back through the API) and the queue's rule; no CUDA device is touched. The last
 test runs the real `runrl launch --multi_gpu --num_processes 2` of the tiny quickstart through the server (gloo on
-CPU), completes it, and cancels a second one mid-run without leaving a process behind."""
+CPU) to COMPLETED; another kills a launcher and finds no process left. The last checks what `runrl train`
+says of an n_gpus it does not start."""
 
 from __future__ import annotations
 
@@ -384,3 +385,17 @@ def test_launched_processes_die_with_the_launcher(tmp_path, tiny_model_dir):
     finally:
         for line in _processes_in(out):  # never leave one behind, whatever failed above
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def test_runrl_train_warns_when_n_gpus_is_not_its_process_count(tmp_path, tiny_model_dir):
+    """`runrl train` starts one process whatever n_gpus says (runrl serve and runrl launch start N): it trains, and
+    says so in logs.txt; unset or equal to the process count, nothing is said."""
+    from runrl_engine import train
+    from tests.engine.test_trainer import cfg
+
+    train(cfg(max_steps=1, n_gpus=2), output_dir=tmp_path / "two")
+    log = (tmp_path / "two" / "logs.txt").read_text()
+    assert ("warning: n_gpus is 2, but this run has 1 process(es): runrl train starts one; runrl launch --multi_gpu "
+            "--num_processes 2 train ... starts 2 (runrl serve does that itself)") in log
+    train(cfg(max_steps=1, n_gpus=1), output_dir=tmp_path / "one")
+    assert "n_gpus" not in (tmp_path / "one" / "logs.txt").read_text()
