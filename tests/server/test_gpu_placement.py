@@ -1,10 +1,10 @@
 """GPU placement (server/gpus.py, RunQueue.claim) and RunRL's legacy create keys (server/legacy.py), on a real
 server. The GPUs are `Settings.gpus` ids on this CPU machine (`runrl serve --gpus 0,1` sets them the same way): what
 is checked is what the server does with them, the CUDA_VISIBLE_DEVICES each training process sees (written to its
-log by a stand-in trainer, read back through the API) and the queue's rule; no CUDA device is touched. The last
-test runs the real `runrl launch --multi_gpu --num_processes 2` of the tiny quickstart through the server (gloo on
-CPU) to COMPLETED; another kills a launcher and finds no process left. The last checks what `runrl train`
-says of an n_gpus it does not start."""
+log by a stand-in trainer, read back through the API) and the queue's rule; no CUDA device is touched. Two slow
+tests run the real `runrl launch --multi_gpu --num_processes 2` of the tiny quickstart (gloo on CPU): through the
+server to COMPLETED, and killed at its launcher, leaving no process. The last checks what `runrl train` says of an
+n_gpus it does not start."""
 
 from __future__ import annotations
 
