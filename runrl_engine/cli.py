@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete --output and everything in it first when it holds an earlier run, and start from "
                         "scratch (not with --resume)")
     p.add_argument("--secrets-stdin", action="store_true",
-                   help='read secret keys (e.g. {"hf_token": "..."}) as one JSON object from stdin, so they are '
-                        'never written to a file or a command line')
+                   help='read secret keys (e.g. {"hf_token": "...", "reward_secrets": {"JUDGE_API_KEY": "..."}}) '
+                        'as one JSON object from stdin, so they are never written to a file or a command line')
     p.set_defaults(func=_train)
 
     p = sub.add_parser("launch", add_help=False, help="train on several processes: accelerate launch with one-line "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,21 @@ class RunConfig:
     # ---- reward sandbox ------------------------------------------------------------------------------------
     reward_workers: int = _f(2, "Sandbox worker processes running the reward/environment code.", ge=1, le=256)
     reward_timeout_s: float = _f(30.0, "Per-call timeout of the reward/environment code, seconds.", gt=0)
+    reward_concurrency: int = _f(
+        8, "Calls of an `async def reward_fn` in flight at once in each sandbox worker, on the worker's one event "
+           "loop (an LLM judge over HTTP waits, it does not compute); each call keeps its own "
+           "`reward_timeout_s`. 1 = one at a time. Plain `def reward_fn` runs one at a time unless "
+           "`reward_sync_threads`; the batch `reward_func` form and environments always do.", ge=1, le=256)
+    reward_sync_threads: bool = _f(
+        False, "Also run a plain `def reward_fn` concurrently, in `reward_concurrency` threads per worker (for "
+               "code that blocks on I/O, e.g. `requests`); the code must then be thread-safe. A call that times "
+               "out in a thread cannot be stopped: its worker is replaced after its other calls finish.")
+    reward_secrets: dict[str, str] = _f(
+        {}, "Secrets for the reward/environment code, `{NAME: value}` (e.g. a judge's API key): set as "
+            "environment variables of each sandbox worker before the code loads (`os.environ[NAME]`), passed "
+            "over its private pipe; never in config.yaml, logs or the API's run object (redacted). Names: "
+            "letters, digits and `_`, not PATH, HOME, PYTHON*, LD_*, *_PROXY, LANG, LC_*, TZ or RUNRL_*.",
+        secret=True)
     reward_memory_mb: int = _f(4096, "Memory limit (RLIMIT_DATA: heap and anonymous mappings) of each sandbox worker, MiB.", ge=64)
     reward_allow_network: bool = _f(True, "Let reward code reach the network (LLM judges); false isolates it "
                                           "where the host supports it.")
@@ -296,6 +312,7 @@ class RunConfig:
             raise ConfigError("reward_network: filtered needs a bubblewrap sandbox, and sandbox_isolation is "
                               "subprocess", where=f"{source}: reward_network",
                               fix="use sandbox_isolation: auto or bwrap, or reward_network: host")
+        _check_reward_secrets(self.reward_secrets, f"{source}: reward_secrets")
         for key in ("tool_allowed_destinations", "reward_allowed_destinations"):
             from runrl_engine.netpolicy import parse_destination
 
@@ -317,17 +334,21 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if redact and f.metadata.get("secret") and value:
-                value = REDACTED
-            out[f.name] = list(value) if isinstance(value, list) else value
+                value = {k: REDACTED for k in value} if isinstance(value, dict) else REDACTED
+            out[f.name] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
         return out
 
     def to_yaml(self, *, redact: bool = True) -> str:
         return yaml.safe_dump(self.to_dict(redact=redact), sort_keys=False, allow_unicode=True)
 
     def secrets(self) -> list[str]:
-        """Secret values set in this config, for log redaction."""
-        return [getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata.get("secret") and getattr(self, f.name)]
+        """Secret values set in this config, for log redaction (each value of a `{NAME: value}` secret)."""
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                out.extend(v for v in value.values() if v) if isinstance(value, dict) else out.append(value)
+        return out
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), secrets: dict[str, Any] | None = None) -> RunConfig:
@@ -400,6 +421,25 @@ def _suggest(key: str, known: dict[str, Any]) -> str:
     return "remove it; valid keys are listed in README.md (Configuration)"
 
 
+# Names reward_secrets may not set: the worker's own environment (paths, interpreter, proxy, locale) and RUNRL_*.
+_RESERVED_ENV = re.compile(r"PATH|HOME|TMPDIR|TZ|LANG|LANGUAGE|PWD|SHELL|USER|PYTHON.*|LD_.*|LC_.*|RUNRL_.*|"
+                           r"(HTTPS?|ALL|NO|FTP)_PROXY", re.IGNORECASE)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _check_reward_secrets(secrets: dict[str, str], where: str) -> None:
+    if len(secrets) > 32:
+        raise ConfigError(f"{len(secrets)} entries; at most 32", where=where, fix="pass fewer secrets")
+    for name, value in secrets.items():
+        if not _ENV_NAME.fullmatch(name) or _RESERVED_ENV.fullmatch(name):
+            raise ConfigError(f"{name!r} cannot be a secret's name", where=where,
+                              fix="use an environment-variable name of letters, digits and _ (e.g. JUDGE_API_KEY), "
+                                  "not PATH, HOME, PYTHON*, LD_*, *_PROXY, LANG, LC_*, TZ or RUNRL_*")
+        if not 4 <= len(value) <= 8192 or "\0" in value:
+            raise ConfigError(f"the value of {name!r} must be 4 to 8192 characters without NUL", where=where,
+                              fix="pass the secret's full value (shorter ones could not be redacted from logs)")
+
+
 def _describe(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -408,6 +448,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None)) + " (or null)"
     if origin is list:
         return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(get_args(tp)[0])} to {_describe(get_args(tp)[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -434,6 +476,19 @@ def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str, at: str | Non
         if not isinstance(value, list):
             raise ConfigError(f"expected {_describe(tp)}, got {value!r}", where=where, fix="write a YAML list")
         return [_coerce(key, v, args[0], {}, source, at) for v in value]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):  # the value is never shown: a secret may be a mapping given the wrong way
+            raise ConfigError(f"expected {_describe(tp)}, got {type(value).__name__}", where=where,
+                              fix="write a YAML mapping, e.g. {JUDGE_API_KEY: ...}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ConfigError(f"expected {_describe(tp)}; the entry {k!r} is not", where=where,
+                                  fix="quote the names and the values")
+            out[k] = v
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -485,7 +540,8 @@ RESUMABLE_KEYS = frozenset({
     "micro_batch_size", "num_threads", "deterministic", "gradient_checkpointing", "attn_implementation",
     "share_prompt_forward", "padding_free", "rollout_backend", "vllm_gpu_memory_utilization",
     # how user code and tools are run and bounded (not what they compute)
-    "reward_workers", "reward_timeout_s", "reward_memory_mb", "reward_allow_network", "reward_network",
+    "reward_workers", "reward_timeout_s", "reward_concurrency", "reward_sync_threads", "reward_memory_mb",
+    "reward_allow_network", "reward_network",
     "reward_allow_private_destinations", "reward_allowed_destinations", "sandbox_isolation",
     "max_failed_reward_steps", "tool_timeout_s", "tool_allow_private_destinations", "tool_allowed_destinations",
 })

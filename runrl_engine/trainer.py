@@ -262,7 +262,9 @@ class Trainer:
                                    timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                    requirements_dir=req_dir, allow_network=cfg.reward_allow_network,
                                    secrets=self.outputs.secrets, log=self.log, isolation=cfg.sandbox_isolation,
-                                   work_dir=output_dir / "sandbox" / f"rank{self.rank}", egress=egress)
+                                   work_dir=output_dir / "sandbox" / f"rank{self.rank}", egress=egress,
+                                   concurrency=cfg.reward_concurrency, sync_threads=cfg.reward_sync_threads,
+                                   secret_env=cfg.reward_secrets)
         self.start_step, self.failed_reward_steps = 0, 0
         if resume:
             self._resume()

@@ -232,7 +232,8 @@ class Worker:
     def _execute(self, run: dict[str, Any]) -> None:
         run_id = run["id"]
         run_dir = self.settings.runs_dir / str(run_id)
-        secrets = list(run["secrets"].values())
+        secrets = [v for value in run["secrets"].values()  # reward_secrets is a {NAME: value} mapping
+                   for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, str) and v]
         config_path = self._prepare(run, run_dir)
         env = {**os.environ, **self.settings.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)

@@ -48,7 +48,10 @@ default for `runrl train` on your own machine) falls back to a plain subprocess 
 **fallback mode** (plain subprocess), and in both modes:
 - the environment is built from an allowlist (PATH, LANG, LC_*, TZ; HOME and TMPDIR = the private directory;
   PYTHONPATH = the requirements directory): no `*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, `RUNRL_*`,
-  `HF_TOKEN`, `WANDB_API_KEY`, `OPENAI_API_KEY`;
+  `HF_TOKEN`, `WANDB_API_KEY`, `OPENAI_API_KEY`. The one way in for the run's own secrets is `reward_secrets`
+  (`secret_env`): sent with the `load` request over the worker's private pipe and set in its `os.environ` before
+  the user module runs, so they are in neither its command line nor its initial `/proc/<pid>/environ`; their
+  values are redacted from error texts and reward info strings like every other secret;
 - a fresh private working directory per worker process, deleted when the worker goes;
 - limits set before user code runs: RLIMIT_DATA = `memory_mb` (heap and anonymous mappings), RLIMIT_CPU =
   `cpu_limit_s` per worker lifetime (a worker retires before reaching it and is replaced), RLIMIT_FSIZE =

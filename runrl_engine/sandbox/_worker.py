@@ -8,12 +8,16 @@ Protocol: one JSON object per line. Requests arrive on the original stdin, repli
 stdout; both are moved to private descriptors before user code runs, so `print()` in user code goes to stderr
 and `input()` reads /dev/null. Every request is `{"op": ..., ...}`:
 
-- `load {source, filename, kind}` -> `ready {contract, entry}` or `load_error {error}`; the module is executed once.
-- `score {items: [{idx, completion, row}], batch}` -> one `result {idx, reward, info, error}` line per item,
-  in order, as soon as each is known (the parent times each item from the previous line).
+- `load {source, filename, kind, concurrency, sync_threads, timeout_s, env}` -> `ready {contract, entry,
+  concurrency}` or `load_error {error}`; `env` (the run's `reward_secrets`) is set in `os.environ` first, then
+  the module is executed once; `concurrency` in `ready` is what applies to the loaded code (see `RewardRunner`).
+- `score {items: [{idx, completion, row}], batch}` -> one `result {idx, reward, info, error[, timeout]}` line per
+  item, in order, as soon as each is known (the parent times each item from the previous line); `timeout: true`
+  marks a call this worker timed out itself (concurrent calls only).
 - `env_create {idx, row}`, `env_step {idx, action}`, `env_close {idx}` -> one `env_result` line each
   (one environment instance per rollout, kept in this process).
-- `retire` is sent unasked when the CPU-time budget is nearly spent; the worker then exits cleanly.
+- `retire {reason}` is sent unasked when the CPU-time budget is nearly spent (`cpu`), or after a call in a thread
+  timed out and cannot be stopped (`timeout`); the worker then exits.
 
 This file does not enforce isolation: the parent picks the launcher (bubblewrap or a plain subprocess) and
 the environment; here we only set the resource limits on ourselves before any user code runs. With `egress`
@@ -223,11 +227,24 @@ def _text(value: str) -> str:
     return str.__str__(value).encode("utf-8", "replace").decode("utf-8")
 
 
-def _await_if_needed(value: Any) -> Any:
-    if hasattr(value, "__await__") and hasattr(value, "send"):
+_LOOP: Any = None  # this worker's one event loop, made at the first awaitable and kept for its lifetime
+
+
+def _event_loop() -> Any:
+    """The worker's event loop. One loop for every call (not `asyncio.run` per call), so what user code keeps
+    across calls (an `httpx.AsyncClient`, an `openai.AsyncOpenAI`, a connection pool) stays bound to a live loop."""
+    global _LOOP
+    if _LOOP is None:
         import asyncio
 
-        return asyncio.run(value)
+        _LOOP = asyncio.new_event_loop()
+        asyncio.set_event_loop(_LOOP)
+    return _LOOP
+
+
+def _await_if_needed(value: Any) -> Any:
+    if hasattr(value, "__await__") and hasattr(value, "send"):
+        return _event_loop().run_until_complete(value)
     return value
 
 
@@ -256,14 +273,34 @@ class _KwargFilter:
         return {k: v for k, v in row.items() if k in self.names}
 
 
-class RewardRunner:
-    """Calls `reward_fn(completion, **row)` or the batch `reward_func(prompts, completions, **columns)`."""
+def _is_async_function(fn: Any) -> bool:
+    import inspect
 
-    def __init__(self, module: types.ModuleType):
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+class RewardRunner:
+    """Calls `reward_fn(completion, **row)` or the batch `reward_func(prompts, completions, **columns)`.
+
+    `concurrency` > 1 (RunConfig `reward_concurrency`) lets an `async def reward_fn` have that many calls in
+    flight on this worker's event loop, and, with `sync_threads` (`reward_sync_threads`), a plain `def
+    reward_fn` run in that many threads; `self.concurrency` is what applies (1 for the batch form and for sync
+    functions without `sync_threads`). Concurrent calls are timed here, each from its own start (`timeout_s`):
+    a late coroutine is cancelled; a late thread cannot be stopped, so this worker starts no more calls,
+    answers the ones running and retires (the parent starts a replacement and resends what is unanswered)."""
+
+    def __init__(self, module: types.ModuleType, concurrency: int = 1, sync_threads: bool = False,
+                 timeout_s: float = 0.0):
+        self.timeout_s, self.threads, self.stuck = float(timeout_s), False, False
+        self.concurrency = 1
         fn = getattr(module, "reward_fn", None)
         if callable(fn):
             self.contract, self.entry, self.fn = "reward_fn", "reward_fn", fn
             self.kwargs = _KwargFilter(fn, 1)
+            self.is_async = _is_async_function(fn)
+            if concurrency > 1 and self.timeout_s > 0 and (self.is_async or sync_threads):
+                self.concurrency = int(concurrency)
+                self.threads = not self.is_async
             return
         fn = getattr(module, "reward_func", None)
         if callable(fn):
@@ -276,6 +313,29 @@ class RewardRunner:
         try:
             out = self.fn(Completion(item["completion"]), **self.kwargs(item["row"]))
             return _normalise(_await_if_needed(out), "reward_fn")
+        except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code must not end the worker
+            return _error(_describe_exception(exc, "reward_fn"))
+
+    async def one_async(self, item: dict[str, Any], threads: Any, where: dict[str, int]) -> dict[str, Any]:
+        """`one()` for the concurrent path: awaited on the worker's loop, a sync function run in `threads`."""
+        import asyncio
+        import threading
+
+        try:
+            completion, kwargs = Completion(item["completion"]), self.kwargs(item["row"])
+            if self.threads:
+                def call() -> Any:
+                    where["thread"] = threading.get_ident()  # where a late call is stuck, for its error
+                    return self.fn(completion, **kwargs)
+
+                out = await asyncio.get_running_loop().run_in_executor(threads, call)
+            else:
+                out = self.fn(completion, **kwargs)
+            if hasattr(out, "__await__"):
+                out = await out
+            return _normalise(out, "reward_fn")
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code must not end the worker
             return _error(_describe_exception(exc, "reward_fn"))
 
@@ -382,6 +442,9 @@ def _load(msg: dict[str, Any]) -> types.ModuleType:
     module.__file__ = msg["filename"]
     sys.modules[_DUMMY_USER_MODULE] = module  # dataclasses/pickle inside user code look themselves up here
     code = compile(msg["source"], msg["filename"], "exec", dont_inherit=True)
+    import linecache  # tracebacks show the user's lines (the file itself is not mounted in the sandbox)
+
+    linecache.cache[msg["filename"]] = (len(msg["source"]), None, msg["source"].splitlines(True), msg["filename"])
     exec(code, module.__dict__)
     return module
 
@@ -420,19 +483,27 @@ def _serve(chan: _Channel, config: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "load":
             try:
+                # reward_secrets: the run's secrets for this code, in its environment only (never on a command
+                # line, in a file or in the worker's initial environment, which /proc/<pid>/environ shows)
+                os.environ.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
                 module = _load(msg)
                 budget.mark = _cpu_spent()  # the module's import is not a call
                 if msg.get("kind") == "environment":
                     runner = EnvRunner(module, msg.get("entry"))
                 else:
-                    runner = RewardRunner(module)
+                    runner = RewardRunner(module, int(msg.get("concurrency") or 1), bool(msg.get("sync_threads")),
+                                          float(msg.get("timeout_s") or 0))
             except BaseException as exc:
                 chan.send({"op": "load_error", "error": _describe_exception(exc, "loading the user code")})
                 return
-            chan.send({"op": "ready", "contract": runner.contract, "entry": runner.entry, "pid": os.getpid()})
+            chan.send({"op": "ready", "contract": runner.contract, "entry": runner.entry, "pid": os.getpid(),
+                       "concurrency": getattr(runner, "concurrency", 1)})
         elif op == "score" and isinstance(runner, RewardRunner):
             if not _score(chan, runner, msg, near_limit):
-                chan.send({"op": "retire"})
+                chan.send({"op": "retire", "reason": "timeout" if runner.stuck else "cpu"})
+                if runner.stuck:  # a thread still runs user code: exit without joining it
+                    sys.stdout.flush()
+                    os._exit(0)
                 return
         elif op in ("env_create", "env_step", "env_close") and isinstance(runner, EnvRunner):
             if op == "env_create":
@@ -454,6 +525,8 @@ def _serve(chan: _Channel, config: dict[str, Any]) -> None:
 def _score(chan: _Channel, runner: RewardRunner, msg: dict[str, Any], near_limit: Callable[[], bool]) -> bool:
     """Answer every item of the request; False means "retire now" (the parent resends unanswered items)."""
     items = msg["items"]
+    if runner.concurrency > 1:
+        return _event_loop().run_until_complete(_score_concurrently(chan, runner, items, near_limit))
     if msg.get("batch") and runner.contract == "batch":
         try:
             outs = runner.batch(items)
@@ -475,6 +548,85 @@ def _score(chan: _Channel, runner: RewardRunner, msg: dict[str, Any], near_limit
         if near_limit():
             return False
     return True
+
+
+_THREADS: Any = None  # the thread pool of `reward_sync_threads`, made at the first concurrent sync call
+
+
+async def _score_concurrently(chan: _Channel, runner: RewardRunner, items: list[dict[str, Any]],
+                              near_limit: Callable[[], bool]) -> bool:
+    """Up to `runner.concurrency` calls in flight; results sent in item order, each as soon as it and every
+    earlier one is known (the parent times each answer from the previous one, so an in-order answer comes at
+    most one `timeout_s` after the last). Each call is timed from its own start: a late one answers "timed out"
+    (and counts as a timeout in the parent). False: retire after this request (CPU budget, or a thread that
+    timed out and cannot be stopped); the calls already started are answered first."""
+    import asyncio
+
+    global _THREADS
+    if runner.threads and _THREADS is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _THREADS = ThreadPoolExecutor(runner.concurrency, thread_name_prefix="reward_fn")
+    loop = asyncio.get_running_loop()
+    running: dict[Any, tuple[int, float, dict[str, int]]] = {}  # task -> (position, start, where it runs)
+    done: dict[int, dict[str, Any]] = {}
+    started = sent = 0
+    stop = False
+    while sent < len(items):
+        while not stop and started < len(items) and len(running) < runner.concurrency:
+            where: dict[str, int] = {}
+            task = loop.create_task(runner.one_async(items[started], _THREADS, where))
+            running[task] = (started, loop.time(), where)
+            started += 1
+        if not running:
+            break
+        first_deadline = min(start for _, start, _ in running.values()) + runner.timeout_s
+        await asyncio.wait(list(running), timeout=max(0.0, first_deadline - loop.time()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        now = loop.time()
+        for task, (position, start, where) in list(running.items()):
+            if task.done():
+                done[position] = task.result()  # one_async turns every user failure into an error result
+            elif now - start >= runner.timeout_s:
+                done[position] = _timed_out(runner, task, where)
+                task.cancel()
+                stop = stop or runner.threads  # the thread runs on: no more calls here
+            else:
+                continue
+            del running[task]
+        while sent in done:
+            chan.send({"op": "result", "idx": items[sent]["idx"], **done.pop(sent)})
+            sent += 1
+        if near_limit():
+            stop = True
+    return not stop
+
+
+def _timed_out(runner: RewardRunner, task: Any, where: dict[str, int]) -> dict[str, Any]:
+    """The error of a call that ran past `timeout_s`, with the user frames it was in."""
+    import traceback
+
+    frames: list[Any] = []
+    if runner.threads:
+        runner.stuck = True
+        frame = sys._current_frames().get(where.get("thread", -1))
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        frames.reverse()
+        what = "the thread cannot be stopped: this worker takes no more calls and is replaced"
+    else:
+        coro = task.get_coro()
+        while coro is not None:  # the chain of awaits, outermost first
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                frames.append(frame)
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        what = "the call was cancelled"
+    user = [(f, f.f_lineno) for f in frames if f.f_code.co_filename != _THIS_FILE]
+    stack = "".join(traceback.StackSummary.extract(user, lookup_lines=True).format()) if user else ""
+    text = f"timed out after {runner.timeout_s:g} s ({what})"
+    return {**_error(_text(text + (f"\nwhere it was:\n{stack}" if stack else ""))), "timeout": True}
 
 
 # ------------------------------------------------------------------------------------------------ egress

@@ -190,6 +190,8 @@ class EnvSandbox(WorkerPool):
             numeric = isinstance(reward, (int, float)) and not isinstance(reward, bool)
             msg = {"error": f"the step reward {reward:g} is not a finite number within ±{MAX_ABS_REWARD:g}" if numeric
                    else "the worker sent a malformed step result"}
+        if isinstance(msg.get("info"), dict):
+            msg = {**msg, "info": self._scrub_info(msg["info"])}
         self._finish(op, self._clean_error(msg.get("error")), msg)
         w.err_mark = w.err_dropped + len(w.err)
         if w.outstanding:

@@ -41,6 +41,9 @@ _NETWORK_SIGNS = ("Network is unreachable", "Temporary failure in name resolutio
                   "Connection refused", "gaierror", "ConnectError", "APIConnectionError")
 
 
+# A concurrent worker's in-process timeout fires at timeout_s; the parent's kill waits this much longer.
+CONCURRENT_GRACE_S = 1.0
+
 # The largest reward magnitude accepted from user code (and for an episode's summed step rewards): training
 # keeps rewards in float32, and their group statistics, advantages and losses must stay finite there.
 MAX_ABS_REWARD = 1e15
@@ -85,7 +88,7 @@ class _Worker:
         self.batch = False
         self.deadline = math.inf
         self.inner_pid: int | None = None
-        self.retiring = False
+        self.retiring = ""  # why the worker said it will exit: "cpu" (its CPU budget) or "timeout" (a stuck thread)
         self.started = time.monotonic()
 
     def stderr_since_mark(self, limit: int = 1500) -> str:
@@ -151,16 +154,22 @@ class WorkerPool:
                  log: Callable[[str], None] | None = None, work_dir: Path | None = None,
                  isolation: str = "auto", load_timeout_s: float = 120.0, cpu_limit_s: float = 3600.0,
                  file_size_mb: int = 1024, display_name: str | None = None,
-                 egress: DestinationPolicy | None = None):
-        if num_workers < 1 or timeout_s <= 0:
-            raise ValueError("num_workers must be >= 1 and timeout_s > 0")
+                 egress: DestinationPolicy | None = None, concurrency: int = 1, sync_threads: bool = False,
+                 secret_env: dict[str, str] | None = None):
+        if num_workers < 1 or timeout_s <= 0 or concurrency < 1:
+            raise ValueError("num_workers and concurrency must be >= 1 and timeout_s > 0")
+        # Calls in flight per worker (reward_fn only; the worker says in `ready` what applies to the loaded code)
+        # and the variables set in each worker's environment before the code loads (RunConfig reward_secrets).
+        self.concurrency_limit, self.sync_threads = int(concurrency), bool(sync_threads)
+        self.concurrency = 1
+        self.secret_env = dict(secret_env or {})
         code_path = Path(code_path)
         self.display_name = display_name or str(code_path)
         self.source = code_path.read_text(encoding="utf-8-sig")
         self.info: UserCodeInfo = inspect_user_code(self.source, mode=self.kind, filename=self.display_name)
         self.num_workers, self.timeout_s, self.load_timeout_s = num_workers, float(timeout_s), load_timeout_s
         self.allow_network = allow_network
-        self.secrets = [*secrets, *env_secret_values()]
+        self.secrets = [*secrets, *self.secret_env.values(), *env_secret_values()]
         self._log = log or (lambda message: None)
         self.stats = SandboxStats()
         self.isolation: Isolation = detect_isolation(isolation)
@@ -264,7 +273,9 @@ class WorkerPool:
         self._sel.register(w.err_fd, selectors.EVENT_READ, (w, "err"))
         w.deadline = time.monotonic() + self.load_timeout_s
         self._send(w, {"op": "load", "source": self.source, "filename": self.display_name,
-                       "kind": "environment" if self.kind == "environment" else "reward", "entry": self.info.entry})
+                       "kind": "environment" if self.kind == "environment" else "reward", "entry": self.info.entry,
+                       "concurrency": self.concurrency_limit, "sync_threads": self.sync_threads,
+                       "timeout_s": self.timeout_s, "env": self.secret_env})
 
     def _ensure_workers(self) -> None:
         """Before a batch: replace workers that died while idle; fill empty slots. Replacements still loading
@@ -375,15 +386,18 @@ class WorkerPool:
             if op == "ready":
                 w.state, w.deadline, w.inner_pid = "idle", math.inf, msg.get("pid")
                 self.contract, self.entry = msg.get("contract"), msg.get("entry")
+                concurrency = msg.get("concurrency")
+                self.concurrency = min(self.concurrency_limit, concurrency) if type(concurrency) is int and \
+                    concurrency >= 1 else 1
                 if w.outstanding:  # requests were queued behind the load message: their clock starts now
-                    w.state, w.deadline = "busy", time.monotonic() + self.timeout_s
+                    w.state, w.deadline = "busy", time.monotonic() + self.call_timeout_s
             elif op == "load_error":
                 self._load_error = redact(str(msg.get("error")), self.secrets)[-_ERROR_TEXT_MAX:]
                 self._lose(w, "load_error")
             elif op == "retire":
-                w.retiring = True
+                w.retiring = msg.get("reason") if msg.get("reason") == "timeout" else "cpu"
             elif op == "progress":
-                w.deadline, w.batch = time.monotonic() + self.timeout_s, False
+                w.deadline, w.batch = time.monotonic() + self.call_timeout_s, False
                 w.err_mark = w.err_dropped + len(w.err)
             elif not self._on_message(w, msg):
                 self._lose(w, "protocol", f"the worker sent an unexpected {op!r} message")
@@ -415,7 +429,10 @@ class WorkerPool:
         self._discard(w)
         if kind in ("crash", "protocol"):
             self.stats.crashes += 1
-        if kind == "retired":
+        if kind == "retired" and w.retiring == "timeout":
+            self._log(f"sandbox worker {w.slot} was replaced: a call in one of its threads timed out and cannot "
+                      "be stopped")
+        elif kind == "retired":
             self._log(f"sandbox worker {w.slot} reached its CPU-time budget and was recycled")
         elif was_loading:
             self._load_error = self._load_error or description
@@ -482,6 +499,14 @@ class WorkerPool:
         shutil.rmtree(w.dir, ignore_errors=True)
         _release_cgroup(w.proc)
 
+    @property
+    def call_timeout_s(self) -> float:
+        """How long the parent waits for a worker's next answer before killing it. Concurrent workers time each
+        call themselves (from its own start, at `timeout_s`) and answer a late one as timed out; the parent's
+        clock, from the previous answer, is then a backstop for code that blocks the whole worker (a sync call
+        inside `async def`), with `CONCURRENT_GRACE_S` so the worker's own answer arrives first."""
+        return self.timeout_s + (CONCURRENT_GRACE_S if self.concurrency > 1 else 0.0)
+
     # ---- for subclasses -----------------------------------------------------------------------------------
 
     def _init_state(self) -> None:
@@ -506,6 +531,13 @@ class WorkerPool:
             text += ("\nhint: this code reaches the network only through the HTTP(S) proxy in $HTTPS_PROXY "
                      "(reward_network: filtered); direct connections have no route")
         return text
+
+    def _scrub_info(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A reward's info dict with secret values (reward_secrets among them) redacted from its texts: it is
+        written to completions.jsonl and the metrics."""
+        if not self.secrets:
+            return info
+        return {k: redact(v, self.secrets) if isinstance(v, str) else v for k, v in info.items()}
 
     def _idle_workers(self) -> list[_Worker]:
         return [w for w in self._workers if w is not None and w.state == "idle"]

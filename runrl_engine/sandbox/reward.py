@@ -6,6 +6,15 @@ times out or dies, the item it was running scores 0 with the reason, and the res
 the other workers and on its replacement; a failing batch call is retried item by item, so only the offending
 items score 0.
 
+Concurrency (`concurrency`, RunConfig `reward_concurrency`): an `async def reward_fn` has up to that many calls in
+flight in each worker, on the worker's one event loop; a sync `reward_fn` too, in as many threads, when
+`sync_threads` (`reward_sync_threads`) is set. The worker then times each call from its own start and answers a
+late one "timed out" itself (a coroutine is cancelled; a thread cannot be, so that worker retires after the calls
+it has running and is replaced); results still arrive in item order, and the parent's kill stays as a backstop
+(`call_timeout_s`): the unanswered items of a concurrent worker that is killed or dies are retried one by one, as
+a failed batch call's are, so only the culprit scores 0. The batch `reward_func` form and environments run one
+call at a time per worker.
+
 Not covered: environments (`env.py`), the static checks (`static.py`), installing packages (`requirements.py`).
 """
 
@@ -70,7 +79,9 @@ class RewardSandbox(WorkerPool):
                                     default=str) for i, (c, row) in enumerate(zip(completions, rows))]
         self._ensure_workers()
         batch = self.contract == "batch"
-        per_chunk = math.ceil(n / self.num_workers) if batch else max(1, math.ceil(n / (self.num_workers * 4)))
+        # a concurrent worker gets at least as many items as it may run at once
+        per_chunk = math.ceil(n / self.num_workers) if batch else \
+            max(self.concurrency, math.ceil(n / (self.num_workers * 4)))
         self._queue = deque(_Chunk(list(range(i, min(n, i + per_chunk))), batch) for i in range(0, n, per_chunk))
         self._remaining = n
         while self._remaining:
@@ -92,7 +103,7 @@ class RewardSandbox(WorkerPool):
         items = ",".join(self._encoded[i] for i in chunk.idxs)
         line = f'{{"op":"score","batch":{"true" if chunk.batch else "false"},"items":[{items}]}}\n'
         w.state, w.outstanding, w.batch = "busy", list(chunk.idxs), chunk.batch
-        w.deadline = time.monotonic() + self.timeout_s
+        w.deadline = time.monotonic() + self.call_timeout_s
         w.err_mark = w.err_dropped + len(w.err)
         self._send(w, line.encode())
 
@@ -116,12 +127,14 @@ class RewardSandbox(WorkerPool):
         else:
             error = "the worker sent a malformed result"
         self._settle(idx, RewardResult(float(reward) if ok and error is None else 0.0,
-                                       info if ok and error is None else {}, error))
+                                       self._scrub_info(info) if ok and error is None else {}, error))
+        if msg.get("timeout") is True:  # a concurrent worker timed this call out itself (and lives on)
+            self.stats.timeouts += 1
         now = time.monotonic()
         w.err_mark = w.err_dropped + len(w.err)
         if w.outstanding:
             if not w.batch:
-                w.deadline = now + self.timeout_s  # each item gets the full timeout from the previous answer
+                w.deadline = now + self.call_timeout_s  # each item gets the full timeout from the previous answer
         else:
             w.state, w.deadline = "idle", math.inf
         return True
@@ -133,8 +146,9 @@ class RewardSandbox(WorkerPool):
         if kind == "retired":  # a planned restart (CPU budget): nothing to blame
             self._queue.appendleft(_Chunk(pending, w.batch))
             return
-        if w.batch and len(pending) > 1:
-            # A batch call failed as a whole: retry item by item so only the culprit scores 0.
+        if (w.batch or self.concurrency > 1) and len(pending) > 1:
+            # A batch call failed as a whole, or a worker running several calls at once died or stopped answering
+            # (code that blocks its event loop): retry item by item so only the culprit scores 0.
             self._queue.extendleft(_Chunk([i], False) for i in reversed(pending))
             return
         culprit, rest = pending[0], pending[1:]

@@ -7,8 +7,9 @@ MCP URLs, and the rest maps onto `RunConfig` keys, which also lets engine keys s
 so a bad value is a 422 naming the field, not a failed run. `completion_length`, `epochs` and
 `learning_rate_multiplier` take the engine's bounds, or RunRL's hosted ranges when the operator sets
 `hosted_ranges`; `parameters` echoes RunRL's defaults (`API_DEFAULTS`) either way. Unknown keys are ignored
-and echoed in `parameters`; `hf_token` is kept out of `parameters` and of the stored config (it lives only in
-the run's private secrets column and in the short-lived `run.yaml` the worker hands to `runrl train`).
+and echoed in `parameters`; the secret keys (`hf_token`, `reward_secrets`) are kept out of `parameters` (shown as
+`***`) and of the stored config: they live only in the run's private secrets column, and reach `runrl train`
+through its stdin (`--secrets-stdin`).
 """
 
 from __future__ import annotations
@@ -329,6 +330,9 @@ CREATE_BODY = obj({
     "learning_rate_multiplier": number(minimum=ENGINE_RANGES["learning_rate_multiplier"][0],
                                        maximum=ENGINE_RANGES["learning_rate_multiplier"][1]),
     "package_requirements": array(string()), "hf_token": string(), "hf_name": string(), "use_lora": boolean(),
+    "reward_secrets": obj(additionalProperties=string(), description="Secrets for the reward/environment code "
+                          "({NAME: value}, e.g. a judge's API key): environment variables of its sandbox workers; "
+                          "kept out of parameters and of the stored config, like hf_token"),
     "lora_rank": integer(0), "lora_alpha": integer(0), "lora_dropout": number(minimum=0, maximum=1),
     "n_gpus": integer(1, 1024, description="GPUs for the run (one process each); at most the server's count"),
     # RunRL's legacy keys (server/legacy.py)
