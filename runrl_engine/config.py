@@ -31,9 +31,10 @@ REDACTED = "***"
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, le: float | None = None, gt: float | None = None,
-       secret: bool = False, path: bool = False) -> Any:
-    """A documented field. `ge`/`le`/`gt` bound numbers; Literal types carry the allowed choices."""
-    meta = {"help": help, "ge": ge, "le": le, "gt": gt, "secret": secret, "path": path}
+       secret: bool = False, path: bool = False, legacy: dict[Any, Any] | None = None) -> Any:
+    """A documented field. `ge`/`le`/`gt` bound numbers; Literal types carry the allowed choices; `legacy` maps
+    values an older version of the key took (e.g. a bool) to the choice they mean now."""
+    meta = {"help": help, "ge": ge, "le": le, "gt": gt, "secret": secret, "path": path, "legacy": legacy}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -100,7 +101,28 @@ class RunConfig:
     whiten_advantages: bool = _f(True, "PPO/GAE: normalise advantages to mean 0, std 1 over the batch.")
     critic_learning_rate: float | None = _f(None, "Learning rate of the value head / critic; unset = the policy's "
                                                   "learning rate.", gt=0, le=1)
-    scale_rewards: bool = _f(True, "Divide group-centred rewards by the group std (GRPO); false = Dr. GRPO.")
+    scale_rewards: Literal["group", "batch", "none"] = _f(
+        "group", "How the `grpo` estimator scales group-centred rewards (TRL 1.16): `group` divides by each "
+                 "group's std, `batch` by the std of all the step's rewards (PPO Lite), `none` only centres "
+                 "(Dr. GRPO). The old `true` / `false` still mean `group` / `none`.",
+        legacy={True: "group", False: "none"})
+    dynamic_sampling: bool = _f(
+        False, "DAPO dynamic sampling: drop each group whose rewards are all equal (its advantages are 0) and "
+               "generate more prompts to refill the step, at most `dynamic_sampling_max_rounds` extra rounds; a "
+               "step still short then trains on the groups it has, and skips its update when it has none. "
+               "Single-process runs, critic-free algorithms.")
+    dynamic_sampling_max_rounds: int = _f(3, "With `dynamic_sampling`: most extra generation rounds per step.",
+                                          ge=0, le=100)
+    overlong_penalty: bool = _f(
+        False, "DAPO soft overlong punishment, added to each training reward: 0 up to `overlong_max_length - "
+               "overlong_buffer_length` sampled tokens, then linear down to `-overlong_penalty_factor` at "
+               "`overlong_max_length`, and that beyond (TRL's `get_soft_overlong_punishment`). Not evaluation.")
+    overlong_max_length: int | None = _f(None, "L_max of the overlong penalty (sampled tokens of an episode, all "
+                                               "turns); unset = `completion_length`.", ge=1, le=10_000_000)
+    overlong_buffer_length: int | None = _f(None, "L_cache of the overlong penalty (the span over which it grows "
+                                                  "to its full size); unset = a fifth of L_max (DAPO: 4096 of "
+                                                  "20480); 0 = none below L_max, full beyond.", ge=0, le=10_000_000)
+    overlong_penalty_factor: float = _f(1.0, "The overlong penalty's full size (DAPO and TRL: 1).", ge=0, le=1000)
     num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).", ge=1, le=1024)
     prompts_per_step: int = _f(8, "Prompts per optimizer step (all processes together).", ge=1, le=100000)
     micro_batch_size: int = _f(8, "Sequences per training forward/backward (gradient accumulation unit).",
@@ -251,6 +273,14 @@ class RunConfig:
     def clip_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
+    @property
+    def overlong_max(self) -> int:
+        return self.completion_length if self.overlong_max_length is None else self.overlong_max_length
+
+    @property
+    def overlong_buffer(self) -> int:
+        return self.overlong_max // 5 if self.overlong_buffer_length is None else self.overlong_buffer_length
+
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config", base_dir: Path | None = None,
@@ -322,6 +352,25 @@ class RunConfig:
                 except ValueError as exc:
                     raise ConfigError(str(exc), where=f"{source}: {key}",
                                       fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
+        if self.dynamic_sampling and ppo:
+            raise ConfigError("dynamic_sampling drops groups whose group-relative advantages are 0, and "
+                              "algorithm 'ppo' takes its advantages from a critic instead",
+                              where=f"{source}: dynamic_sampling",
+                              fix="use `algorithm: grpo` (any advantage_estimator but gae), or dynamic_sampling: false")
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise ConfigError("dynamic_sampling keeps groups whose rewards differ, and a group of one never does",
+                              where=f"{source}: dynamic_sampling", fix="set num_generations >= 2")
+        if self.overlong_penalty:
+            if self.overlong_buffer > self.overlong_max:
+                raise ConfigError(f"overlong_buffer_length={self.overlong_buffer} is more than the overlong "
+                                  f"penalty's max length {self.overlong_max}",
+                                  where=f"{source}: overlong_buffer_length",
+                                  fix=f"use at most {self.overlong_max} (overlong_max_length, unset = "
+                                      "completion_length)")
+            if ppo and self.type == "environment":
+                raise ConfigError("overlong_penalty changes an episode's reward, and PPO in an environment credits "
+                                  "the per-turn step rewards instead", where=f"{source}: overlong_penalty",
+                                  fix="use `algorithm: grpo`, or overlong_penalty: false")
         rollouts = self.prompts_per_step * self.num_generations
         if self.num_minibatches > rollouts:
             raise ConfigError(f"num_minibatches={self.num_minibatches} is more than the {rollouts} rollouts of a step "
@@ -464,6 +513,9 @@ def _coerce(key: str, value: Any, tp: Any, meta: Any, source: str, at: str | Non
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], meta, source, at)
     if origin is Literal:
+        legacy = meta.get("legacy") or {}
+        if isinstance(value, bool) and value in legacy:
+            value = legacy[value]
         if value not in args:
             raise ConfigError(f"{value!r} is not allowed", where=where,
                               fix=f"use one of {', '.join(repr(a) for a in args)}")

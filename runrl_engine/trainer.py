@@ -39,6 +39,7 @@ import torch
 from runrl_engine import checkpoint as ckpt
 from runrl_engine.algorithms import ppo as ppo_math
 from runrl_engine.algorithms.advantages import get_advantage_estimator, uses_critic
+from runrl_engine.algorithms.dapo import refill_prompts, soft_overlong_penalty, varied_groups
 from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from runrl_engine.algorithms.losses import policy_loss
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
@@ -125,6 +126,10 @@ class Trainer:
         if cfg.prompts_per_step % self.world:
             raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world} processes",
                               where="prompts_per_step", fix=f"use a multiple of {self.world}")
+        if cfg.dynamic_sampling and self.world > 1:
+            raise ConfigError(f"dynamic_sampling runs on one process, and this run has {self.world}",
+                              where="dynamic_sampling", fix="train on one process (runrl train), or set "
+                                                           "dynamic_sampling: false")
         local_rollouts = cfg.prompts_per_step // self.world * cfg.num_generations
         if cfg.num_minibatches > local_rollouts:
             raise ConfigError(f"num_minibatches={cfg.num_minibatches} is more than the {local_rollouts} rollouts each "
@@ -445,15 +450,20 @@ class Trainer:
                                  rollout_pack=decode.pack_s)
                 with self._timer(times, "reward"):
                     self._score(episodes)
-                batch = self._collate(episodes)
-                if self.needs_old_pass:
+                    self._shape_rewards(episodes)
+                # dynamic sampling: `trained` = the groups kept (refills included); `episodes` = all generated
+                episodes, trained, sampling = self._dynamic_sampling(step, episodes, times)
+                sampling.update(self._overlong_stats(episodes))
+                batch = self._collate(trained) if trained else None  # none kept: no update this step
+                if self.needs_old_pass and trained:
                     with self._timer(times, "old_logprobs"):
                         self._old_pass(batch)
                 with self._timer(times, "advantages"):
-                    adv_diag, critic_stats = self._advantages(batch, episodes)
+                    adv_diag, critic_stats = self._advantages(batch, trained) if trained else ({}, {})
                 with self._timer(times, "update"):
-                    update_stats = {**self._update(batch, step), **critic_stats}
+                    update_stats = {**self._update(batch, step), **critic_stats} if trained else {"loss": 0.0}
                 record = self._record(step, episodes, batch, adv_diag, update_stats, times, time.perf_counter() - t0)
+                record.update(sampling)
                 if take_decode_stats is not None:
                     record["decode_steps"] = decode.steps  # this process's; time/rollout_decode_s / it = per step
                 if self.cfg.eval_every and self.eval_rows and (step % self.cfg.eval_every == 0 or step == self.total_steps):
@@ -523,6 +533,94 @@ class Trainer:
         for ep, r in zip(episodes, results):
             ep.reward, ep.info, ep.error = r.reward, r.info, r.error
 
+    def _shape_rewards(self, episodes: list[Episode]) -> None:
+        """`overlong_penalty`: DAPO's soft overlong punishment added to each scored training reward (never at
+        evaluation; an episode whose reward failed keeps its 0). The length is the episode's sampled tokens."""
+        cfg = self.cfg
+        scored = [ep for ep in episodes if ep.error is None]
+        if not cfg.overlong_penalty or not scored:
+            return
+        penalties = soft_overlong_penalty([sum(ep.mask) for ep in scored], cfg.overlong_max, cfg.overlong_buffer,
+                                          cfg.overlong_penalty_factor)
+        for ep, penalty in zip(scored, penalties):
+            ep.reward += penalty
+
+    def _overlong_stats(self, episodes: list[Episode]) -> dict[str, float]:
+        """The step's overlong penalties (recomputed from the lengths `_shape_rewards` used): mean and share < 0."""
+        cfg = self.cfg
+        scored = [ep for ep in episodes if ep.error is None]
+        if not cfg.overlong_penalty or not scored:
+            return {}
+        penalties = soft_overlong_penalty([sum(ep.mask) for ep in scored], cfg.overlong_max, cfg.overlong_buffer,
+                                          cfg.overlong_penalty_factor)
+        return {"overlong/penalty_mean": sum(penalties) / len(penalties),
+                "overlong/penalised_fraction": sum(p < 0 for p in penalties) / len(penalties)}
+
+    def _dynamic_sampling(self, step: int, episodes: list[Episode], times: dict[str, float]
+                          ) -> tuple[list[Episode], list[Episode], dict[str, float]]:
+        """DAPO dynamic sampling (`dynamic_sampling`): drop the groups whose rewards are all equal and refill the
+        step with more prompts, round after round (at most `dynamic_sampling_max_rounds`), until it has
+        `prompts_per_step` groups whose rewards differ; groups past that are surplus, not trained. Refill prompts
+        are drawn at random, seeded by (seed, step, round), from the training prompts this step has not used, so
+        a resumed run draws the same ones and the epoch schedule is not moved. Returns (every episode generated,
+        the episodes to train on: whole groups, none of them flat, [] when none was kept, the metrics); episodes
+        not trained on carry `dropped` ("zero_variance" or "surplus"). Without the option: (episodes, episodes,
+        {})."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        if not cfg.dynamic_sampling:
+            return episodes, episodes, {}
+        target = cfg.prompts_per_step
+        generated = list(episodes)
+        kept: list[list[Episode]] = []
+        dropped = refilled = refill_prompt_count = rounds = 0
+        used = {ep.prompt_index for ep in episodes}
+
+        def sort(new: list[Episode], refill: bool) -> None:
+            nonlocal dropped, refilled
+            rewards = torch.tensor([ep.reward for ep in new], dtype=torch.float32)  # as `_collate` gives advantages
+            for g, varied in enumerate(varied_groups(rewards, G).tolist()):
+                group = new[g * G:(g + 1) * G]
+                if varied:
+                    kept.append(group)
+                    refilled += refill
+                else:
+                    dropped += 1
+                    for ep in group:
+                        ep.dropped = "zero_variance"
+
+        sort(episodes, False)
+        while len(kept) < target and rounds < cfg.dynamic_sampling_max_rounds:
+            pool = [i for i in range(len(self.train_rows)) if i not in used]
+            if not pool:
+                break
+            want = refill_prompts(target - len(kept), len(kept), len(generated) // G, target)
+            rounds += 1
+            picks = random.Random(sample_seed(cfg.seed, step, rounds, 0, salt=11)).sample(pool, min(want, len(pool)))
+            used.update(picks)
+            refill_prompt_count += len(picks)
+            with self._timer(times, "rollout"):
+                more = self._rollout([(i, *self.train_rows[i]) for i in picks], step)
+            with self._timer(times, "reward"):
+                self._score(more)
+                self._shape_rewards(more)
+            generated.extend(more)
+            sort(more, True)
+        for group in kept[target:]:
+            for ep in group:
+                ep.dropped = "surplus"
+        trained = [ep for group in kept[:target] for ep in group]
+        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/dropped_groups": dropped,
+                 "dynamic_sampling/refill_prompts": refill_prompt_count,
+                 "dynamic_sampling/refilled_groups": refilled - max(len(kept) - target, 0),  # surplus: the last
+                 "dynamic_sampling/kept_groups": len(trained) // G,
+                 "dynamic_sampling/surplus_groups": max(len(kept) - target, 0),
+                 "dynamic_sampling/skipped_update": int(not trained)}
+        if len(trained) < target * G:
+            self.log(f"step {step}: dynamic sampling has {len(trained) // G} of {target} groups with differing "
+                     f"rewards after {rounds} extra round(s) ({dropped} dropped); "
+                     + ("training on those" if trained else "no update this step"))
+        return generated, trained, stats
+
     def _collate(self, episodes: list[Episode]) -> RolloutBatch:
         """The step's episodes as one padded batch (advantages are filled in by `_advantages`)."""
         prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], self.tokenizer.pad_token_id)
@@ -571,7 +669,11 @@ class Trainer:
         """Fill `batch.advantages` (and `batch.returns` for GAE). Returns (estimator diagnostics, critic stats)."""
         cfg = self.cfg
         if not self.use_critic:
-            opts = {"scale_rewards": cfg.scale_rewards} if cfg.advantage_estimator == "grpo" else {}
+            opts: dict[str, Any] = {"scale_rewards": cfg.scale_rewards} if cfg.advantage_estimator == "grpo" else {}
+            if opts and cfg.scale_rewards == "batch" and self.world > 1:  # the std of every process's rewards
+                r = batch.rewards.double()
+                n, total, squares = self._sum(len(r), float(r.sum()), float((r * r).sum()))
+                opts["batch_std"] = math.sqrt(max(_mean_var(n, total, squares)[1], 0.0))
             advantages, diag = self.advantage_fn(batch.rewards.cpu(), cfg.num_generations, **opts)
             batch.advantages = advantages.to(batch.rewards.device)
             return {k: float(v) for k, v in diag.items()}, {}
@@ -825,6 +927,8 @@ class Trainer:
                 record.update(tool_calls=ep.tool_calls, tool_errors=ep.tool_errors)
             if ep.error:
                 record["error"] = ep.error
+            if ep.dropped:
+                record["dropped"] = ep.dropped  # dynamic sampling did not train on it, and why
             mine.append(record)
         records = (gather_object(mine) if self.world > 1 else mine)[:limit]
         # numbers are charted per step; strings are kept for a few sampled completions only (as RunRL shows)

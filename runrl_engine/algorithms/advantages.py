@@ -7,8 +7,10 @@ Outcome estimators take one scalar reward per completion:
 with N = num_prompts * group_size and each prompt's completions contiguous (`rewards.view(-1, group_size)` is one
 row per prompt). A group whose rewards are all equal carries no signal and gets advantage exactly 0.
 
-- `grpo`: (r - group mean) / (group std + eps), std unbiased and eps = 1e-4 as TRL 1.16 (`scale_rewards="group"`,
-  `nanstd` with Bessel's correction); `scale_rewards=False` only centres (TRL's `scale_rewards="none"`).
+- `grpo`: (r - group mean) / (std + eps), std unbiased and eps = 1e-4 as TRL 1.16 (`nanstd` with Bessel's
+  correction), with TRL's `scale_rewards` choices: `"group"` divides by each group's std, `"batch"` by the std of
+  all N rewards (still centred on each group's mean; PPO Lite), `"none"` only centres. The old bools mean
+  `True` = `"group"`, `False` = `"none"` (as TRL reads them).
 - `dr_grpo`: r - group mean (Dr. GRPO: no std scaling, which biases toward easy/hard prompts).
 - `rloo`: r_i - mean of the other G-1 rewards of its group (leave-one-out baseline); needs G >= 2.
 - `reinforce_pp`: REINFORCE++-baseline: r - group mean, then whitened over the whole batch. verl whitens the
@@ -127,15 +129,27 @@ def _centred(grouped: Tensor) -> Tensor:
 
 @register_advantage("grpo")
 def grpo_advantages(
-    rewards: Tensor, group_size: int, *, scale_rewards: bool = True, eps: float = 1e-4
+    rewards: Tensor, group_size: int, *, scale_rewards: str | bool = "group", eps: float = 1e-4,
+    batch_std: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO: `(r - mean_g) / (std_g + eps)` per group (std unbiased); only centred when `scale_rewards` is False.
+    """GRPO: `(r - mean_g) / (std + eps)`, std unbiased: the group's (`scale_rewards="group"`, or True), the whole
+    batch's (`"batch"`), or none (`"none"`, or False: only centred).
 
-    rewards: [N], N = num_prompts * group_size, groups contiguous. Returns advantages [N] and diagnostics.
+    rewards: [N], N = num_prompts * group_size, groups contiguous. `batch_std`: the batch std to use under
+    `"batch"` when `rewards` is one process's share of a larger batch (default: the std of `rewards`). Returns
+    advantages [N] and diagnostics.
     """
+    mode = {True: "group", False: "none"}[scale_rewards] if isinstance(scale_rewards, bool) else scale_rewards
+    if mode not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none' (or a bool), got {scale_rewards!r}")
     grouped = _groups(rewards, group_size)
     advantages = _centred(grouped)
-    if scale_rewards:
+    if mode == "batch":
+        if batch_std is None:
+            batch_std = rewards.std().item() if rewards.numel() > 1 else 0.0
+        scale = torch.full((grouped.shape[0], 1), batch_std + eps, dtype=grouped.dtype, device=grouped.device)
+        advantages = advantages / torch.where(scale > 0, scale, torch.ones_like(scale))
+    elif mode == "group":
         scale = _group_std(grouped).unsqueeze(1) + eps
         # Flat groups are already exactly 0; a safe divisor keeps them 0 (not 0/0) even with eps = 0.
         advantages = advantages / torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -47,6 +47,7 @@ class Episode:
     reward: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    dropped: str | None = None  # why the update did not use it (dynamic sampling: "zero_variance", "surplus")
     step_rewards: list[float] = field(default_factory=list)
     step_reward_ends: list[int] = field(default_factory=list)  # index in `tokens` of the judged turn's last sampled token
     last_turn_end: int = -1  # index in `tokens` of the latest assistant turn's last sampled token

@@ -180,10 +180,12 @@ def test_wandb_offline(tmp_path, tiny_model_dir, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"algorithm": "ppo", "ppo_epochs": 2}], ids=["grpo", "ppo"])
+@pytest.mark.parametrize("extra", [{}, {"algorithm": "ppo", "ppo_epochs": 2}, {"scale_rewards": "batch"}],
+                         ids=["grpo", "ppo", "grpo-batch-std"])
 def test_two_processes_equal_one(tmp_path, tiny_model_dir, extra):
     """2 processes x 1 prompt each == 1 process x 2 prompts (accelerate, gloo on CPU). Under PPO this also checks
-    that advantages are whitened with the statistics of both processes' tokens."""
+    that advantages are whitened with the statistics of both processes' tokens; with `scale_rewards: batch`, that
+    the std divides by is both processes' rewards' (each process holds one group: its own std would differ)."""
     import yaml
 
     config = tmp_path / "c.yaml"
