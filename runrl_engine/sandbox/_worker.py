@@ -585,8 +585,10 @@ async def _score_concurrently(chan: _Channel, runner: RewardRunner, items: list[
                            return_when=asyncio.FIRST_COMPLETED)
         now = loop.time()
         for task, (position, start, where) in list(running.items()):
-            if task.done():
-                done[position] = task.result()  # one_async turns every user failure into an error result
+            if task.cancelled():  # user code raised CancelledError itself (ours are settled below)
+                done[position] = _error("reward_fn raised CancelledError")
+            elif task.done():
+                done[position] = task.result()  # one_async turns every other user failure into an error result
             elif now - start >= runner.timeout_s:
                 done[position] = _timed_out(runner, task, where)
                 task.cancel()

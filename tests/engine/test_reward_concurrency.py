@@ -101,6 +101,21 @@ def test_a_late_async_call_times_out_alone_and_its_worker_lives_on(tmp_path):
         assert sb.stats.timeouts == 1 and sb.stats.restarts == 0 and sb.stats.crashes == 0
 
 
+def test_code_that_raises_cancelled_error_itself_scores_an_error_without_a_crash(tmp_path):
+    src = """
+        import asyncio
+        async def reward_fn(completion, **kw):
+            if completion == "c":
+                raise asyncio.CancelledError()
+            return 1.0
+    """
+    with RewardSandbox(write(tmp_path, src), num_workers=1, timeout_s=5, concurrency=8) as sb:
+        results = sb.score(["a", "c", "b"], [{}] * 3)
+        assert [(r.reward, r.error) for r in results] == [(1.0, None), (0.0, "reward_fn raised CancelledError"),
+                                                          (1.0, None)]
+        assert sb.stats.crashes == sb.stats.restarts == 0
+
+
 def test_a_late_thread_times_out_and_its_worker_is_replaced(tmp_path):
     src = """
         import time
