@@ -27,6 +27,7 @@ class RolloutBatch:
     ref_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the reference policy
     old_values: torch.Tensor | None = None  # [B, C] float, critic values at sampling time (PPO)
     returns: torch.Tensor | None = None  # [B, C] float, value targets (PPO)
+    truncated: torch.Tensor | None = None  # [B] bool, completions that did not end by themselves (not `finished`)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -61,7 +62,7 @@ class RolloutBatch:
                        loss_mask=c(self.loss_mask), rewards=self.rewards[index],
                        advantages=c(self.advantages) if self.advantages.dim() == 2 else self.advantages[index],
                        old_logp=c(self.old_logp), ref_logp=c(self.ref_logp), old_values=c(self.old_values),
-                       returns=c(self.returns))
+                       returns=c(self.returns), truncated=None if self.truncated is None else self.truncated[index])
 
     def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows that share a prompt: (`first` [U], the first row holding each distinct prompt; `group` [B], each

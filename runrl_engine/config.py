@@ -76,7 +76,11 @@ class RunConfig:
                                                      "advantages) or `ppo` (a learned critic and GAE).")
     # The choices below are the keys of the registries in `algorithms/` (a test keeps them equal); they are
     # spelled out here so that validating a config never imports torch.
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = _f("dapo", "Policy-loss normalisation (see README).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = _f(
+        "dapo", "Policy loss, TRL 1.16's names: `grpo`, `dr_grpo`, `dapo`, `bnpo` = the PPO clip with that token "
+                "normalisation; `cispo` = a capped, detached IS weight times the log-prob (cap `epsilon_high`, "
+                "required; dapo's normalisation); `sapo` = a soft sigmoid gate instead of the clip "
+                "(`sapo_temperature_pos/neg`; grpo's normalisation). See README and `algorithms/losses.py`.")
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = _f(
         None, "How rewards become advantages: `grpo`, `dr_grpo`, `rloo`, `reinforce_pp` (within each prompt's "
               "group) or `gae` (with the critic of `algorithm: ppo`); unset = `grpo`, or `gae` under ppo.")
@@ -137,8 +141,22 @@ class RunConfig:
     beta: float = _f(0.0, "KL coefficient to the reference policy (k3 estimator); 0 loads no reference.",
                      ge=0, le=100)
     epsilon: float = _f(0.2, "Lower clip range of the policy ratio.", gt=0, le=10)
-    epsilon_high: float | None = _f(None, "Upper clip range (DAPO clip-higher); unset means `epsilon`.",
-                                    gt=0, le=10)
+    epsilon_high: float | None = _f(None, "Upper clip range (DAPO clip-higher); unset means `epsilon`. Under "
+                                          "`loss_type: cispo` it is the cap of the IS weight itself (ScaleRL's "
+                                          "eps_max, 5.0 recommended), required and >= 1.", gt=0, le=10)
+    delta: float | None = _f(None, "Two-sided clip (INTELLECT-2, TRL's `delta`): the ratio of a token with a "
+                                   "negative advantage is bounded by `delta` too; must be > 1 + `epsilon_high`; "
+                                   "clip loss types only; unset = off.", gt=1, le=100)
+    sapo_temperature_pos: float = _f(1.0, "`loss_type: sapo`: gate temperature of tokens with a positive "
+                                          "advantage (larger = the gate closes faster off-policy).", gt=0, le=100)
+    sapo_temperature_neg: float = _f(1.05, "`loss_type: sapo`: gate temperature of tokens with a zero or negative "
+                                           "advantage.", gt=0, le=100)
+    top_entropy_quantile: float = _f(1.0, "Train the policy loss only on the tokens whose entropy is in this top "
+                                          "fraction of the optimizer step's tokens (\"Beyond the 80/20 Rule\": "
+                                          "0.2); 1 = every token, 0 = only the highest-entropy one.", ge=0, le=1)
+    mask_truncated_completions: bool = _f(False, "Leave completions that did not end by themselves (cut at "
+                                                 "`completion_length`, or out of turns / episode tokens) out of the "
+                                                 "loss (DAPO); they still count in their group's advantages.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0, le=1)
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, le=1)
@@ -338,6 +356,7 @@ class RunConfig:
             raise ConfigError("kl_in_reward puts the KL penalty into per-token rewards, which only GAE uses",
                               where=f"{source}: kl_in_reward",
                               fix="set `algorithm: ppo`, or keep the KL as a loss term (kl_in_reward: false)")
+        self._validate_policy_loss(source)
         if self.reward_allow_network and self.reward_network == "filtered" and self.sandbox_isolation == "subprocess":
             raise ConfigError("reward_network: filtered needs a bubblewrap sandbox, and sandbox_isolation is "
                               "subprocess", where=f"{source}: reward_network",
@@ -376,6 +395,26 @@ class RunConfig:
             raise ConfigError(f"num_minibatches={self.num_minibatches} is more than the {rollouts} rollouts of a step "
                               f"(prompts_per_step x num_generations)", where=f"{source}: num_minibatches",
                               fix=f"use at most {rollouts}")
+
+    def _validate_policy_loss(self, source: str) -> None:
+        """The keys that only make sense with some `loss_type`s (see `algorithms/losses.py`)."""
+        if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
+            raise ConfigError(f"loss_type cispo caps the importance weight at epsilon_high itself (not at 1 + "
+                              f"epsilon_high), and epsilon_high is {self.epsilon_high!r}: unset would cap it at "
+                              f"epsilon={self.epsilon:g}, below the on-policy ratio 1",
+                              where=f"{source}: epsilon_high",
+                              fix="set epsilon_high (>= 1) to the most an importance weight may be, e.g. 5.0 "
+                                  "(ScaleRL's eps_max, TRL's recommendation)")
+        if self.delta is not None:
+            if self.loss_type in ("cispo", "sapo"):
+                raise ConfigError(f"delta bounds the PPO clip's unclipped branch, and loss_type {self.loss_type} has "
+                                  "no clip", where=f"{source}: delta",
+                                  fix="unset delta, or use loss_type grpo, dr_grpo, dapo or bnpo")
+            if self.delta <= 1 + self.clip_high:
+                raise ConfigError(f"delta={self.delta:g} is not above 1 + epsilon_high = {1 + self.clip_high:g}, "
+                                  "so it would also cut the clip's own upper bound for positive advantages",
+                                  where=f"{source}: delta", fix=f"use a delta above {1 + self.clip_high:g} "
+                                                                "(INTELLECT-2 uses 4), or unset it")
 
     # ---- output ---------------------------------------------------------------------------------------------
     def to_dict(self, *, redact: bool = False) -> dict[str, Any]:

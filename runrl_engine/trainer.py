@@ -41,7 +41,8 @@ from runrl_engine.algorithms import ppo as ppo_math
 from runrl_engine.algorithms.advantages import get_advantage_estimator, uses_critic
 from runrl_engine.algorithms.dapo import refill_prompts, soft_overlong_penalty, varied_groups
 from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
-from runrl_engine.algorithms.losses import policy_loss
+from runrl_engine.algorithms.losses import (entropy_quantile_threshold, high_entropy_mask, mask_truncated,
+                                            policy_loss)
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig, apply_overrides, load_config
 from runrl_engine.data import PromptRow, load_prompts, load_sft
@@ -626,12 +627,16 @@ class Trainer:
         prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], self.tokenizer.pad_token_id)
         rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
         dev = self.acc.device
-        return RolloutBatch(
+        batch = RolloutBatch(
             prompt_ids=prompt_ids.to(dev), prompt_mask=prompt_mask.to(dev),
             completion_ids=pad_right([ep.tokens for ep in episodes], self.tokenizer.pad_token_id).to(dev),
             completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(dev),
             loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(dev),
             advantages=torch.zeros_like(rewards).to(dev), rewards=rewards.to(dev))
+        batch.truncated = torch.tensor([not ep.finished for ep in episodes], dtype=torch.bool, device=dev)
+        if self.cfg.mask_truncated_completions:  # out of the loss, still in their groups' advantages (as TRL)
+            batch.loss_mask = mask_truncated(batch.loss_mask, batch.truncated)
+        return batch
 
     @torch.no_grad()
     def _old_pass(self, batch: RolloutBatch) -> None:
@@ -793,6 +798,9 @@ class Trainer:
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         ratio_max = 0.0
+        # top_entropy_quantile: the high-entropy tokens of this optimizer step, per micro-batch (None: every token)
+        keep, n_kept, loss_stats = self._high_entropy_tokens(micro, n_tok)
+        loss_stats.update(self._truncation_stats(batch, n_seq, n_tok))
         for i, mb in enumerate(micro):
             with self._no_sync(i == len(micro) - 1), self.acc.autocast():
                 if cfg.beta > 0 and mb.ref_logp is None:
@@ -805,12 +813,16 @@ class Trainer:
                                          beta=0.0 if cfg.kl_in_reward else cfg.beta, ref_logp=mb.ref_logp,
                                          importance_sampling_level=cfg.importance_sampling_level,
                                          num_sequences=n_seq, num_tokens=n_tok,
-                                         max_completion_length=cfg.completion_length)
+                                         max_completion_length=cfg.completion_length, delta=cfg.delta,
+                                         sapo_temperature_pos=cfg.sapo_temperature_pos,
+                                         sapo_temperature_neg=cfg.sapo_temperature_neg,
+                                         token_mask=None if keep is None else keep[i])
                 diag.pop("num_tokens")
                 ratio_max = max(ratio_max, float(diag.pop("ratio_max")))
                 diag["approx_kl"] = ppo_math.approx_kl(logp, old, mb.loss_mask)
                 if entropy is not None:
-                    bonus = ppo_math.masked_entropy(entropy, mb.loss_mask, num_tokens=n_tok)
+                    bonus = (ppo_math.masked_entropy(entropy, mb.loss_mask, num_tokens=n_tok) if keep is None else
+                             ppo_math.masked_entropy(entropy, keep[i], num_tokens=n_kept))  # on the trained tokens
                     if cfg.entropy_coef > 0:
                         loss = loss - cfg.entropy_coef * bonus
                     diag["entropy"] = bonus.detach()
@@ -845,7 +857,44 @@ class Trainer:
         stats["clip_fraction"] = stats.get("clip_ratio/region_mean", 0.0)
         stats["ratio_max"] = self._max(ratio_max)
         stats.setdefault("grad_norm", 0.0)
+        stats.update(loss_stats)
         return stats
+
+    def _high_entropy_tokens(self, micro: list[RolloutBatch], n_tok: int
+                             ) -> tuple[list[torch.Tensor] | None, int, dict[str, float]]:
+        """`top_entropy_quantile` < 1: each micro-batch's tokens whose entropy is at or above the `1 - q` quantile
+        of all the optimizer step's trained tokens (every micro-batch, every process), from one no-grad forward
+        of the step under the current weights. TRL 1.16 takes the quantile over each micro-batch (gathered across
+        processes); over the whole step the selection does not depend on `micro_batch_size`, and both are the same
+        for one micro-batch. Returns (masks or None, kept tokens over all processes, {fraction kept})."""
+        q = self.cfg.top_entropy_quantile
+        if q >= 1.0:
+            return None, n_tok, {}
+        entropies = []
+        with torch.no_grad(), self.acc.autocast():
+            for mb in micro:
+                entropies.append(self._forward(self.model, mb, entropy=True)[2].float())
+        local = torch.cat([e[mb.loss_mask.bool()] for e, mb in zip(entropies, micro)])
+        if self.world > 1:  # every process's tokens, padded to one length with a sentinel no entropy can be
+            padded = self.acc.pad_across_processes(local, dim=0, pad_index=-1.0)
+            local = self.acc.gather(padded)
+            local = local[local >= 0]
+        threshold = entropy_quantile_threshold(local, 1.0 - q)
+        masks = [high_entropy_mask(e, mb.loss_mask, q, threshold=threshold) for e, mb in zip(entropies, micro)]
+        n_kept = int(self._sum(float(sum(int(m.sum()) for m in masks)))[0])
+        return masks, n_kept, {"top_entropy/kept_fraction": n_kept / max(n_tok, 1)}
+
+    def _truncation_stats(self, batch: RolloutBatch, n_seq: int, n_tok: int) -> dict[str, float]:
+        """`mask_truncated_completions`: the fraction of this optimizer step's completions left out of the loss
+        (1.0: every one was truncated, so the loss is 0 and only the optimizer's momentum moves the weights, as in
+        TRL)."""
+        if not self.cfg.mask_truncated_completions or batch.truncated is None:
+            return {}
+        masked = self._sum(float(batch.truncated.sum()))[0]
+        if masked >= n_seq:
+            self.log(f"every completion of this optimizer step ({n_seq}) was truncated and mask_truncated_completions "
+                     "leaves them out: loss 0, nothing trained on")
+        return {"masked_truncated_fraction": masked / max(n_seq, 1)}
 
     def _evaluate(self, step: int) -> float:
         mine = [(i, *self.eval_rows[i]) for i in range(self.rank, len(self.eval_rows), self.world)]

@@ -3,7 +3,7 @@
 Nothing here knows about configs, models, processes or logging: tensors, masks and scalars in; tensors and
 detached diagnostics out. Names used in run configs resolve through two small registries:
 `advantage_estimator` -> `ADVANTAGE_ESTIMATORS` (`get_advantage_estimator`, `uses_critic`) and `loss_type` -> `LOSS_TYPES`
-(`get_loss_type`). Imports torch only.
+(`get_loss_type`, its token weights) and `SURROGATES` (`surrogate_of`, its per-token loss). Imports torch only.
 """
 
 from runrl_engine.algorithms.advantages import (
@@ -17,11 +17,18 @@ from runrl_engine.algorithms.advantages import (
 from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from runrl_engine.algorithms.losses import (
     LOSS_TYPES,
+    SURROGATES,
+    cispo_surrogate,
     clipped_surrogate,
+    entropy_quantile_threshold,
     get_loss_type,
+    high_entropy_mask,
     kl_k3,
+    mask_truncated,
     policy_loss,
     register_loss_type,
+    sapo_surrogate,
+    surrogate_of,
     token_weights,
 )
 from runrl_engine.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -41,14 +48,19 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "CRITIC_ESTIMATORS",
     "LOSS_TYPES",
+    "SURROGATES",
     "approx_kl",
+    "cispo_surrogate",
     "clipped_surrogate",
     "entropy_from_logits",
+    "entropy_quantile_threshold",
     "explained_variance",
     "gae",
     "get_advantage_estimator",
     "get_loss_type",
+    "high_entropy_mask",
     "kl_k3",
+    "mask_truncated",
     "masked_entropy",
     "masked_mean",
     "masked_sum",
@@ -58,9 +70,11 @@ __all__ = [
     "ppo_advantages",
     "register_advantage",
     "register_loss_type",
+    "sapo_surrogate",
     "selective_log_softmax",
     "sequence_importance_ratio",
     "sequence_log_ratio",
+    "surrogate_of",
     "token_level_rewards",
     "token_weights",
     "turn_end_positions",

@@ -13,8 +13,15 @@ import torch
 from runrl_engine.algorithms import (
     ADVANTAGE_ESTIMATORS,
     LOSS_TYPES,
+    SURROGATES,
+    cispo_surrogate,
     clipped_surrogate,
     entropy_from_logits,
+    entropy_quantile_threshold,
+    high_entropy_mask,
+    mask_truncated,
+    sapo_surrogate,
+    surrogate_of,
     gae,
     get_advantage_estimator,
     get_loss_type,
@@ -30,6 +37,7 @@ from runrl_engine.algorithms import (
 from runrl_engine.errors import ConfigError
 
 LOSS_NAMES = ["grpo", "dr_grpo", "dapo", "bnpo"]
+ALL_LOSS_NAMES = [*LOSS_NAMES, "cispo", "sapo"]
 
 
 def close(actual, expected, atol=1e-6):
@@ -42,7 +50,12 @@ def close(actual, expected, atol=1e-6):
 
 def test_registries_hold_the_documented_names():
     assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"}
-    assert set(LOSS_TYPES) == {"grpo", "dr_grpo", "dapo", "bnpo"}
+    assert set(LOSS_TYPES) == {"grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"}
+    assert set(SURROGATES) == {"clip", "cispo", "sapo"}
+    assert {name: surrogate_of(name) for name in LOSS_TYPES} == {
+        "grpo": "clip", "dr_grpo": "clip", "dapo": "clip", "bnpo": "clip", "cispo": "cispo", "sapo": "sapo"}
+    # TRL 1.16 aggregates cispo as dapo and sapo as grpo
+    assert get_loss_type("cispo") is get_loss_type("dapo") and get_loss_type("sapo") is get_loss_type("grpo")
 
 
 def test_unknown_names_fail_listing_the_valid_ones():
@@ -57,7 +70,9 @@ def test_unknown_names_fail_listing_the_valid_ones():
     for name in LOSS_NAMES:
         assert name in err.value.message
     with pytest.raises(ConfigError):
-        token_weights(torch.ones(1, 2), "sapo")
+        token_weights(torch.ones(1, 2), "vespo")
+    with pytest.raises(ConfigError):
+        surrogate_of("vespo")
 
 
 def test_a_name_cannot_be_registered_twice():
@@ -317,6 +332,149 @@ def test_clip_diagnostics_only_count_selected_tokens():
     close(diag["ratio_mean"], 1.5)
 
 
+def test_delta_bounds_the_unclipped_branch_for_negative_advantages():
+    # epsilon 0.2 / 0.28, delta 1.4. Per token: -min(min(r, 1.4) * A, clip(r, 0.8, 1.28) * A).
+    ratios = torch.tensor([1.5, 2.0, 1.3, 1.5])
+    adv = torch.tensor([-1.0, -1.0, -1.0, 1.0])
+    logp = ratios.log().unsqueeze(1).requires_grad_(True)
+    loss, diag = clipped_surrogate(logp, torch.zeros(4, 1), adv, epsilon_low=0.2, epsilon_high=0.28, delta=1.4)
+    # A<0, r=1.5: min(-1.4, -1.28) = -1.4 -> loss 1.4 (not 1.5), no gradient (r is above delta).
+    # A<0, r=2.0: likewise 1.4 (not 2.0), no gradient.
+    # A<0, r=1.3 < delta: min(-1.3, -1.28) = -1.3 -> loss 1.3, gradient r = 1.3, as without delta.
+    # A>0, r=1.5: min(1.4, 1.28) = 1.28 -> loss -1.28, no gradient: delta changes nothing for A > 0.
+    close(loss[:, 0], [1.4, 1.4, 1.3, -1.28])
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    close(grad[:, 0], [0.0, 0.0, 1.3, 0.0])
+    close(diag["clip_ratio/delta_mean"], 2 / 4)
+    close(diag["ratio_max"], 2.0)  # the ratio's own statistics are of the unbounded ratio
+    plain, plain_diag = clipped_surrogate(logp, torch.zeros(4, 1), adv, epsilon_low=0.2, epsilon_high=0.28)
+    close(plain[:, 0], [1.5, 2.0, 1.3, -1.28])
+    assert "clip_ratio/delta_mean" not in plain_diag
+    with pytest.raises(ValueError, match="delta must be > 1 \\+ epsilon_high"):
+        clipped_surrogate(logp, torch.zeros(4, 1), adv, epsilon_low=0.2, epsilon_high=0.28, delta=1.28)
+
+
+def test_policy_loss_passes_delta_to_the_clip():
+    # Token (1, 0) of the 2x3 batch: A = -2, ratio 3 (> delta 1.5): its loss is 2 * 1.5 = 3 instead of 2 * 3 = 6.
+    logp = _logp().detach().clone()
+    logp[1, 0] = OLD[1, 0] + math.log(3.0)
+    kw = dict(loss_type="bnpo", epsilon_low=0.2)
+    plain = policy_loss(logp, OLD, ADV, MASK, **kw)[0]
+    bounded, diag = policy_loss(logp, OLD, ADV, MASK, delta=1.5, **kw)
+    close(plain, (3.8 - 2.0 + 6.0) / 5)
+    close(bounded, (3.8 - 2.0 + 3.0) / 5)
+    close(diag["clip_ratio/delta_mean"], 1 / 5)
+
+
+# CISPO on the 2x3 batch, epsilon_max 1.08: weights min(r, 1.08) = (1.08, 0.9 / 1.0, 1.05, 0.85), detached;
+# per-token loss -w * A * logp with logp = OLD + ln(ratio); dapo's weights (1/5 each).
+CISPO_W = torch.tensor([[1.08, 0.9, 0.0], [1.0, 1.05, 0.85]])
+CISPO_HAND = (-1.08 * (-1.0 + math.log(1.1)) - 0.9 * (-2.0 + math.log(0.9))
+              + 2 * 1.0 * -0.3 + 2 * 1.05 * (-1.5 + math.log(1.05)) + 2 * 0.85 * (-2.5 + math.log(0.85))) / 5
+
+
+def test_cispo_by_hand():
+    logp = _logp()
+    loss, diag = policy_loss(logp, OLD, ADV, MASK, loss_type="cispo", epsilon_low=0.2, epsilon_high=1.08)
+    close(loss, CISPO_HAND)
+    # d/dlogp = -w * A / 5: the capped token (0, 0) keeps the gradient -1.08 / 5 (the clip would give it 0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad, -CISPO_W * torch.tensor([[1.0], [-2.0]]) / 5)
+    close(diag["cispo_clip_ratio"], 1 / 5)  # (0, 0): ratio 1.1 > 1.08 with A > 0
+    close(diag["clip_ratio/region_mean"], 1 / 5)
+    close(diag["ratio_max"], 1.1)
+    # the surrogate alone, with a negative advantage capped too: counted in region_mean only
+    per_token, d = cispo_surrogate(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), torch.tensor([-1.0]),
+                                   epsilon_max=1.5)
+    close(per_token, [[1.5 * math.log(2.0)]])
+    close(d["cispo_clip_ratio"], 0.0)
+    close(d["clip_ratio/region_mean"], 1.0)
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sapo_by_hand():
+    # Per token -sigmoid(tau (r - 1)) * 4 / tau * A; tau = 1 for A > 0 (row 0), 1.05 otherwise (row 1); grpo's
+    # weights. Row 0: -4 (sigmoid(0.1) + sigmoid(-0.1)) = -4 over 2 tokens -> mean -2.
+    # Row 1 (A = -2): 8 / 1.05 * (sigmoid(0) + sigmoid(0.0525) + sigmoid(-0.1575)) over 3 tokens.
+    row1 = 8 / 1.05 * (_sigmoid(0.0) + _sigmoid(1.05 * 0.05) + _sigmoid(-1.05 * 0.15)) / 3
+    logp = _logp()
+    loss, diag = policy_loss(logp, OLD, ADV, MASK, loss_type="sapo", epsilon_low=0.2)
+    close(loss, (-2.0 + row1) / 2)
+    # d/dlogp = -4 s (1 - s) * r * A * weight; token (1, 0): r = 1, s = 1/2 -> -1 * (-2) / 6 = 1/3
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad[1, 0], 1 / 3)
+    s = _sigmoid(0.1)
+    close(grad[0, 0], -4 * s * (1 - s) * 1.1 / 4)
+    gates = [4 * _sigmoid(x) * (1 - _sigmoid(x)) for x in (0.1, -0.1, 0.0, 1.05 * 0.05, -1.05 * 0.15)]
+    close(diag["sapo/gate_mean"], sum(gates) / 5)
+    # the temperatures: A > 0 uses temperature_pos, A <= 0 temperature_neg (TRL: "non-positive")
+    one = torch.tensor([[math.log(1.5)]] * 2)
+    per_token, _ = sapo_surrogate(one, torch.zeros(2, 1), torch.tensor([1.0, 0.0]), temperature_pos=2.0,
+                                  temperature_neg=3.0)
+    close(per_token[:, 0], [-_sigmoid(2.0 * 0.5) * 2.0, 0.0])
+
+
+def test_entropy_quantile_threshold_and_mask_by_hand():
+    ent = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # 5.0 sits on padding: never counted, never kept
+    # selected, sorted: 0.1 0.3 0.5 0.7 0.9. Top 40%: the 0.6 quantile, position 0.6 * 4 = 2.4 -> 0.5 + 0.4 * 0.2
+    close(entropy_quantile_threshold(ent[mask.bool()], 0.6), 0.58)
+    keep = high_entropy_mask(ent, mask, 0.4)
+    assert keep.tolist() == [[False, False, True], [False, True, False]]
+    assert high_entropy_mask(ent, mask, 1.0).tolist() == mask.bool().tolist()  # quantile 0 = the minimum
+    assert high_entropy_mask(ent, mask, 0.0).tolist() == [[False, False, True], [False, False, False]]
+    assert not high_entropy_mask(ent, torch.zeros_like(mask), 0.5).any()  # nothing selected: nothing kept
+    # a threshold from elsewhere (the trainer's, over the whole step) is used as given
+    assert high_entropy_mask(ent, mask, 0.4, threshold=0.3).tolist() == [[False, True, True], [True, True, False]]
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        close(entropy_quantile_threshold(values, q), float(torch.quantile(values, q)))
+    assert torch.isnan(entropy_quantile_threshold(torch.zeros(0), 0.5))
+
+
+def test_token_mask_drops_the_surrogate_but_keeps_weights_and_kl():
+    # token (1, 2) (A = -2, r = 0.85, loss 1.7) outside the token mask: bnpo's denominator is still 5 tokens
+    token_mask = MASK.bool().clone()
+    token_mask[1, 2] = False
+    logp = _logp()
+    loss, diag = policy_loss(logp, OLD, ADV, MASK, loss_type="bnpo", epsilon_low=0.2, token_mask=token_mask)
+    close(loss, (3.8 - 1.7) / 5)
+    close(diag["ratio_mean"], (1.1 + 0.9 + 1.0 + 1.05 + 0.85) / 5)  # diagnostics over `mask`
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad[1, 2], 0.0)
+    grpo = policy_loss(_logp(), OLD, ADV, MASK, loss_type="grpo", epsilon_low=0.2, token_mask=token_mask)[0]
+    close(grpo, (-1.0 + (2.0 + 2.1) / 3) / 2)  # row 1 still divided by its 3 tokens
+    # the KL term stays on every token: plain k3's gradient at (1, 2) with ref - logp = ln 2 is -1 * 0.04 / 5
+    ref = logp.detach().clone()
+    ref[1, 2] += math.log(2)
+    loss, _ = policy_loss(logp, OLD, ADV, MASK, loss_type="bnpo", epsilon_low=0.2, beta=0.04, ref_logp=ref,
+                          kl_bias_correction=False, token_mask=token_mask)
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad[1, 2], -0.04 / 5)
+
+
+@pytest.mark.parametrize("loss_type", ALL_LOSS_NAMES)
+def test_mask_truncated_by_hand_and_an_all_truncated_step_is_zero(loss_type):
+    masked = mask_truncated(MASK.float(), torch.tensor([False, True]))
+    assert masked.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    kw = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=1.08, max_completion_length=4)
+    # only row 0 left: bnpo/dapo/cispo divide by its 2 tokens; grpo/sapo still count 2 sequences (as TRL)
+    assert policy_loss(_logp(), OLD, ADV, masked, **kw)[1]["num_tokens"] == 2
+    nothing = mask_truncated(MASK.float(), torch.tensor([True, True]))
+    logp = _logp()
+    loss, diag = policy_loss(logp, OLD, ADV, nothing, num_tokens=0, **kw)
+    (grad,) = torch.autograd.grad(loss, logp, allow_unused=True)
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    assert grad is None or torch.equal(grad, torch.zeros_like(grad))
+    assert all(torch.isfinite(v) for v in diag.values())
+    with pytest.raises(ValueError, match="truncated must be"):
+        mask_truncated(MASK.float(), torch.tensor([True]))
+
+
+
 # ------------------------------------------------------------------------------------- masked tokens are inert
 
 
@@ -332,7 +490,7 @@ def _random_batch(seed=0, batch=8, width=5):
 
 
 @pytest.mark.parametrize("garbage", [1e4, float("inf"), float("nan")])
-@pytest.mark.parametrize("loss_type", LOSS_NAMES)
+@pytest.mark.parametrize("loss_type", ALL_LOSS_NAMES)
 def test_garbage_at_masked_positions_changes_nothing(loss_type, garbage):
     logp, old, ref, adv, mask = _random_batch()
     kw = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=0.04, max_completion_length=5)
@@ -387,7 +545,7 @@ def _split(batch, sizes):
     return out
 
 
-@pytest.mark.parametrize("loss_type", LOSS_NAMES)
+@pytest.mark.parametrize("loss_type", ALL_LOSS_NAMES)
 @pytest.mark.parametrize("sizes", [[8], [1] * 8, [4, 4], [2, 2, 2, 2], [3, 5]])
 def test_micro_batch_split_gives_the_whole_batch_loss_and_gradient(loss_type, sizes):
     batch = _random_batch()
@@ -398,7 +556,7 @@ def test_micro_batch_split_gives_the_whole_batch_loss_and_gradient(loss_type, si
     torch.testing.assert_close(grad, whole_grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_NAMES)
+@pytest.mark.parametrize("loss_type", ALL_LOSS_NAMES)
 def test_data_parallel_processes_sum_to_the_single_process_loss(loss_type):
     batch = _random_batch()
     totals = dict(num_sequences=8, num_tokens=int(batch[4].sum()))

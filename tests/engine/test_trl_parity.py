@@ -5,7 +5,8 @@ TRL's number comes from its real code path: a `GRPOTrainer` built offline on the
 computed from the same model's logits with `selective_log_softmax`. Both the loss values and the gradients on
 every model parameter must agree, for each loss_type with and without the KL term, across gradient
 accumulation (where TRL's bnpo is documented to differ: it normalises by the micro-batch's own token count), and
-with sequence-level importance sampling (GSPO).
+with sequence-level importance sampling (GSPO); likewise the cispo and sapo surrogates, the two-sided clip
+`delta` and the `top_entropy_quantile` token mask (whose entropies come from the same logits).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from runrl_engine.algorithms import policy_loss, selective_log_softmax  # noqa: E402
+from runrl_engine.algorithms import (  # noqa: E402
+    entropy_from_logits,
+    high_entropy_mask,
+    policy_loss,
+    selective_log_softmax,
+)
 from runrl_engine.tiny import build_tiny_model  # noqa: E402
 
 MAX_COMPLETION_LENGTH = 8  # dr_grpo's constant; wider than the completions below on purpose
@@ -37,7 +43,7 @@ def make_trainer(tiny_dir, tmp_path_factory):
     dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"]})
 
     def make(loss_type: str, beta: float, grad_accum: int = 1, kl_bias_correction: bool = True,
-             importance_sampling_level: str = "token") -> GRPOTrainer:
+             importance_sampling_level: str = "token", **extra) -> GRPOTrainer:  # extra: more GRPOConfig keys
         args = GRPOConfig(
             output_dir=str(tmp_path_factory.mktemp("grpo")),
             loss_type=loss_type,
@@ -45,7 +51,7 @@ def make_trainer(tiny_dir, tmp_path_factory):
             beta=beta,
             use_bias_correction_kl=kl_bias_correction,
             epsilon=EPSILON,
-            epsilon_high=EPSILON_HIGH,
+            epsilon_high=extra.pop("epsilon_high", EPSILON_HIGH),
             max_completion_length=MAX_COMPLETION_LENGTH,
             num_generations=2,
             per_device_train_batch_size=4 // grad_accum,
@@ -57,6 +63,7 @@ def make_trainer(tiny_dir, tmp_path_factory):
             save_strategy="no",
             logging_strategy="no",
             seed=0,
+            **extra,
         )
         trainer = GRPOTrainer(
             model=str(tiny_dir),  # a path, so TRL can also load the reference model itself when beta > 0
@@ -248,3 +255,124 @@ def test_gspo_loss_and_gradients_equal_trl_sequence_level(make_trainer, loss_typ
     ours.backward()
     torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-5)
     _assert_same_grads(_grads(model), their_grads)
+
+
+# ------------------------------------------------------------------------ cispo, sapo, delta, top_entropy_quantile
+
+
+def _prepared(trainer):
+    model = trainer.model
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        logp = _our_logp(model, batch)
+    return model, _add_old_and_ref(batch, logp)
+
+
+def _ours_with(model, batch, loss_type, beta, epsilon_high=EPSILON_HIGH, token_mask=None, **options):
+    loss, diag = policy_loss(
+        _our_logp(model, batch), batch["old_per_token_logps"], batch["advantages"], batch["completion_mask"],
+        loss_type=loss_type, epsilon_low=EPSILON, epsilon_high=epsilon_high, beta=beta,
+        ref_logp=batch["ref_per_token_logps"], max_completion_length=MAX_COMPLETION_LENGTH, token_mask=token_mask,
+        **options,
+    )
+    return loss, diag
+
+
+def _compare(trainer, model, batch, ours_fn):
+    theirs = trainer._compute_loss(model, batch)
+    theirs.backward()
+    their_grads = _grads(model)
+    ours, diag = ours_fn()
+    ours.backward()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-7, rtol=1e-5)
+    _assert_same_grads(_grads(model), their_grads)
+    return diag
+
+
+@pytest.mark.parametrize("loss_type, beta, config, options", [
+    # CISPO: epsilon_high is the cap of the IS weight itself; 1.1 caps part of the noisy ratios (0.67..1.49)
+    ("cispo", 0.0, {"epsilon_high": 1.1}, {"epsilon_high": 1.1}),
+    ("cispo", 0.04, {"epsilon_high": 1.1}, {"epsilon_high": 1.1}),
+    ("sapo", 0.04, {}, {}),  # TRL's default temperatures (1.0, 1.05) are ours
+    ("sapo", 0.0, {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 3.0},
+     {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 3.0}),
+])
+def test_cispo_and_sapo_equal_trl(make_trainer, loss_type, config, options, beta):
+    trainer = make_trainer(loss_type, beta, **config)
+    model, batch = _prepared(trainer)
+    diag = _compare(trainer, model, batch, lambda: _ours_with(model, batch, loss_type, beta, **options))
+    if loss_type == "cispo":  # the cap engaged, and both count it alike
+        assert trainer._metrics["train"]["cispo_clip_ratio"][-1] > 0
+        assert diag["cispo_clip_ratio"].item() == pytest.approx(trainer._metrics["train"]["cispo_clip_ratio"][-1])
+    else:
+        assert diag["sapo/gate_mean"] < 1  # off-policy tokens: the gate attenuated them
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_gradient_accumulation_match_trl(make_trainer, loss_type):
+    """Two micro-batches of two: cispo's global token count and sapo's per-sequence means with the step's totals."""
+    config = {"epsilon_high": 1.1} if loss_type == "cispo" else {}
+    trainer = make_trainer(loss_type, 0.04, grad_accum=2, **config)
+    model, batch = _prepared(trainer)
+    totals = dict(num_sequences=4, num_tokens=int(batch["completion_mask"].sum()))
+    halves = [_rows(batch, 0, 2), _rows(batch, 2, 4)]
+    theirs = [trainer._compute_loss(model, half) for half in halves]
+    sum(theirs).backward()
+    their_grads = _grads(model)
+    ours = [_ours_with(model, half, loss_type, 0.04, **config, **totals)[0] for half in halves]
+    for mine, their in zip(ours, theirs):
+        torch.testing.assert_close(mine.detach(), their.detach(), atol=1e-7, rtol=1e-5)
+    sum(ours).backward()
+    _assert_same_grads(_grads(model), their_grads)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_two_sided_clip_delta_equals_trl(make_trainer, loss_type):
+    trainer = make_trainer(loss_type, 0.04, delta=1.3)
+    model, batch = _prepared(trainer)
+    # rows 1 and 3 (A < 0): old log-probs 0.4 lower, so ratios reach e^0.8 = 2.2, above delta
+    mask = batch["completion_mask"].bool()
+    shift = torch.tensor([[0.0], [0.4], [0.0], [0.4]])
+    batch["old_per_token_logps"] = torch.where(mask, batch["old_per_token_logps"] - shift, 0.0)
+    diag = _compare(trainer, model, batch, lambda: _ours_with(model, batch, loss_type, 0.04, delta=1.3))
+    assert diag["clip_ratio/delta_mean"] > 0  # some A < 0 tokens have ratios above 1.3: the bound engaged
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_top_entropy_quantile_equals_trl(make_trainer, loss_type):
+    """TRL masks the surrogate by its `get_high_entropy_mask` over the micro-batch; ours takes the entropies of the
+    same logits through `high_entropy_mask` (one micro-batch on one process: the trainer's step-wide quantile is
+    this one)."""
+    config = {"epsilon_high": 1.1} if loss_type == "cispo" else {}
+    trainer = make_trainer(loss_type, 0.04, top_entropy_quantile=0.4, **config)
+    model, batch = _prepared(trainer)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    width = batch["completion_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -width - 1 : -1]
+        entropies = entropy_from_logits(logits)
+        _, their_entropies, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, width, compute_entropy=True)
+    mask = batch["completion_mask"]
+    torch.testing.assert_close(entropies[mask.bool()], their_entropies[mask.bool()], atol=1e-5, rtol=1e-5)
+    keep = high_entropy_mask(entropies, mask, 0.4)
+    assert keep.sum() == 6  # 40% of 15 tokens, the threshold itself included
+    torch.testing.assert_close(keep, trainer.get_high_entropy_mask(their_entropies, mask, 0.6))
+    _compare(trainer, model, batch, lambda: _ours_with(model, batch, loss_type, 0.04, token_mask=keep, **config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_sequence_level_equal_trl(make_trainer, loss_type):
+    """importance_sampling_level="sequence": cispo caps (and detaches) the sequence ratio, sapo gates it."""
+    config = {"epsilon_high": 1.1} if loss_type == "cispo" else {}
+    trainer = make_trainer(loss_type, 0.04, importance_sampling_level="sequence", **config)
+    model, batch = _prepared(trainer)
+    mask = batch["completion_mask"].bool()
+    shift = torch.tensor([[-0.3], [0.3], [0.05], [-0.1]])  # row 0's sequence ratio above the 1.1 cap
+    batch["old_per_token_logps"] = torch.where(mask, batch["old_per_token_logps"] + shift, 0.0)
+    _compare(trainer, model, batch, lambda: _ours_with(model, batch, loss_type, 0.04,
+                                                      importance_sampling_level="sequence", **config))
+    if loss_type == "cispo":
+        assert trainer._metrics["train"]["cispo_clip_ratio"][-1] > 0
