@@ -27,6 +27,9 @@ class RolloutBatch:
     ref_logp: torch.Tensor | None = None  # [B, C] float, log-probs under the reference policy
     old_values: torch.Tensor | None = None  # [B, C] float, critic values at sampling time (PPO)
     returns: torch.Tensor | None = None  # [B, C] float, value targets (PPO)
+    # [B, C] float, the rollout engine's log-probs of the sampled tokens under the distribution it drew them from
+    # (NaN where it reported none; 0 on mask-0 positions); None: the backend reports none
+    sampler_logp: torch.Tensor | None = None
     truncated: torch.Tensor | None = None  # [B] bool, completions that did not end by themselves (not `finished`)
 
     def __len__(self) -> int:
@@ -62,6 +65,7 @@ class RolloutBatch:
                        loss_mask=c(self.loss_mask), rewards=self.rewards[index],
                        advantages=c(self.advantages) if self.advantages.dim() == 2 else self.advantages[index],
                        old_logp=c(self.old_logp), ref_logp=c(self.ref_logp), old_values=c(self.old_values),
+                       sampler_logp=c(self.sampler_logp),
                        returns=c(self.returns), truncated=None if self.truncated is None else self.truncated[index])
 
     def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:

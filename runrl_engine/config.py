@@ -86,6 +86,19 @@ class RunConfig:
               "group) or `gae` (with the critic of `algorithm: ppo`); unset = `grpo`, or `gae` under ppo.")
     importance_sampling_level: Literal["token", "sequence"] = _f(
         "token", "Policy ratio per token (PPO/GRPO) or per sequence (GSPO: the geometric mean of its tokens').")
+    importance_sampling_correction: Literal["none", "tis", "mis"] = _f(
+        "none", "Correct for a rollout engine that samples from another distribution than the trainer computes "
+                "(vLLM, `rollout_dtype`, other kernels): each token's policy loss is weighted by r = trainer / "
+                "sampler probability of the sampled token at sampling time; `tis` = min(r, cap) (truncated IS), "
+                "`mis` = r, or 0 above the cap (masked IS); `none` = no weight. The mismatch is logged either way "
+                "(`sampling/*`). TRL: vllm_importance_sampling_correction with _mode token_truncate = tis, "
+                "token_mask = mis (sequence_* = `importance_sampling_correction_level: sequence`).")
+    importance_sampling_correction_level: Literal["token", "sequence"] = _f(
+        "token", "Ratio of `importance_sampling_correction` per token, or per sequence (the product of its "
+                 "tokens' ratios, as TRL's sequence_truncate / sequence_mask).")
+    importance_sampling_cap: float = _f(2.0, "The cap of `importance_sampling_correction` (TRL: "
+                                             "vllm_importance_sampling_clip_max, default 3 there; 2 as in the TIS "
+                                             "paper and verl).", gt=0, le=1e6)
     ppo_epochs: int = _f(1, "Passes over each rollout batch; > 1 reuses the samples with real old log-probs.",
                          ge=1, le=100)
     num_minibatches: int = _f(1, "Optimizer steps per pass over each rollout batch (the batch is split into this "
@@ -273,6 +286,11 @@ class RunConfig:
         "hf", "What generates rollouts: `hf` (our KV-cached loop, per-completion seeds), `paged` (transformers' "
               "continuous batching), `vllm` (colocated vLLM, needs `pip install vllm` and CUDA); `paged`/`vllm` "
               "are single-process only.")
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Precision rollouts are sampled in: `auto` = the training precision; `bfloat16` / `float16` "
+                "sample under that autocast (`hf`), from a copy in that dtype (`paged`) or as vLLM's dtype, while "
+                "training keeps its own, so sampler and trainer differ (`sampling/*` metrics, "
+                "`importance_sampling_correction`); `float32` = no autocast.")
     vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory the colocated vLLM engine may take "
                                                  "(weights + KV cache) while awake; `rollout_backend: vllm` only.",
                                             gt=0, le=0.95)
@@ -629,7 +647,7 @@ RESUMABLE_KEYS = frozenset({
     "run_name", "log_completions",
     # how the same computation runs on this machine (memory, threads, kernels, the rollout engine)
     "micro_batch_size", "num_threads", "deterministic", "gradient_checkpointing", "attn_implementation",
-    "share_prompt_forward", "padding_free", "rollout_backend", "vllm_gpu_memory_utilization",
+    "share_prompt_forward", "padding_free", "rollout_backend", "rollout_dtype", "vllm_gpu_memory_utilization",
     # how user code and tools are run and bounded (not what they compute)
     "reward_workers", "reward_timeout_s", "reward_concurrency", "reward_sync_threads", "reward_memory_mb",
     "reward_allow_network", "reward_network",

@@ -43,6 +43,9 @@ from runrl_engine.algorithms.dapo import refill_prompts, soft_overlong_penalty, 
 from runrl_engine.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from runrl_engine.algorithms.losses import (entropy_quantile_threshold, high_entropy_mask, mask_truncated,
                                             policy_loss)
+from runrl_engine.algorithms.sampler_correction import MAX_STATS as SAMPLER_MAX_STATS
+from runrl_engine.algorithms.sampler_correction import SHARE_STATS as SAMPLER_SHARE_STATS
+from runrl_engine.algorithms.sampler_correction import sampler_correction
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig, apply_overrides, load_config
 from runrl_engine.data import PromptRow, load_prompts, load_sft
@@ -61,6 +64,8 @@ from runrl_engine.value import PolicyWithValue, load_critic
 STRING_INFO_SAMPLES = 5  # RunRL shows 5 sampled string-valued info entries per step
 # update statistics that are already each micro-batch's share of a whole-batch value (summed, not token-averaged)
 ADDITIVE_STATS = {"loss", "pg_loss", "value_loss", "entropy"}
+ADDITIVE_STATS |= set(SAMPLER_SHARE_STATS)  # the sampler-mismatch means, computed with global denominators
+MAX_STATS = {"ratio_max", *SAMPLER_MAX_STATS}  # maxima: reduced by max over micro-batches, steps and processes
 
 
 @dataclass
@@ -251,7 +256,15 @@ class Trainer:
         # samples reused (or a critic baseline needed): record log-probs/values before the update changes them
         self.needs_old_pass = self.use_critic or self.updates_per_step > 1
         self.advantage_fn = get_advantage_estimator(cfg.advantage_estimator)
-        self.rollout_backend = rollout_backend_for(cfg, world_size=self.world, compute_dtype=self.compute_dtype)
+        # rollout_dtype: the precision the rollout engine samples in (None: the training's own autocast)
+        self.rollout_dtype = None if cfg.rollout_dtype == "auto" else getattr(torch, cfg.rollout_dtype)
+        if self.rollout_dtype is not None and self.rollout_dtype != self.compute_dtype:
+            self.log(f"rollouts are sampled in {cfg.rollout_dtype}, training computes in "
+                     f"{str(self.compute_dtype).removeprefix('torch.')}: sampling/* metrics measure the mismatch"
+                     + (f"; importance_sampling_correction {cfg.importance_sampling_correction} corrects it"
+                        if cfg.importance_sampling_correction != "none" else ""))
+        self.rollout_backend = rollout_backend_for(cfg, world_size=self.world,
+                                                   compute_dtype=self.rollout_dtype or self.compute_dtype)
         self.episode_settings = EpisodeSettings(
             sampling=SamplingParams(max_new_tokens=cfg.completion_length, temperature=cfg.temperature,
                                     top_p=cfg.top_p, top_k=cfg.top_k),
@@ -520,11 +533,19 @@ class Trainer:
         model = self._policy()
         was_training = model.training
         model.eval()
-        with self.acc.autocast(), rollout_phase(self.rollout_backend, model):  # wake, push weights; sleep after
+        with self._rollout_precision(), rollout_phase(self.rollout_backend, model):  # wake, push weights; sleep after
             run_episodes(model, self.renderer, episodes, settings, seed_of, group_size=G,
                          env=self.sandbox if self.env_mode else None, tools=self.tools, tool_urls=self.cfg.tools)
         model.train(was_training)
         return episodes
+
+    def _rollout_precision(self) -> Any:
+        """The autocast rollouts run under: the training's (`rollout_dtype: auto`), or `rollout_dtype`'s (float32:
+        none). The `hf` backend samples on the policy itself, so this is its whole precision setting."""
+        if self.rollout_dtype is None:
+            return self.acc.autocast()
+        return torch.autocast(self.acc.device.type, dtype=self.rollout_dtype,
+                              enabled=self.rollout_dtype != torch.float32)
 
     def _score(self, episodes: list[Episode]) -> None:
         """Reward-function runs: score each episode's final text. (Environment runs were scored by `step`.)"""
@@ -632,11 +653,19 @@ class Trainer:
             completion_ids=pad_right([ep.tokens for ep in episodes], self.tokenizer.pad_token_id).to(dev),
             completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(dev),
             loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(dev),
-            advantages=torch.zeros_like(rewards).to(dev), rewards=rewards.to(dev))
+            advantages=torch.zeros_like(rewards).to(dev), rewards=rewards.to(dev),
+            sampler_logp=self._sampler_logp(episodes))
         batch.truncated = torch.tensor([not ep.finished for ep in episodes], dtype=torch.bool, device=dev)
         if self.cfg.mask_truncated_completions:  # out of the loss, still in their groups' advantages (as TRL)
             batch.loss_mask = mask_truncated(batch.loss_mask, batch.truncated)
         return batch
+
+    def _sampler_logp(self, episodes: list[Episode]) -> torch.Tensor | None:
+        """[B, C] the rollout engine's log-probs of the tokens it sampled (the sampler-mismatch correction), or None
+        when it reported none."""
+        if not any(m and not math.isnan(x) for ep in episodes for x, m in zip(ep.sampler_logprobs, ep.mask)):
+            return None
+        return pad_right([ep.sampler_logprobs for ep in episodes], 0.0, torch.float32).to(self.acc.device)
 
     @torch.no_grad()
     def _old_pass(self, batch: RolloutBatch) -> None:
@@ -763,7 +792,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.train()
         totals: dict[str, float] = {}
-        ratio_max = 0.0
+        maxima: dict[str, float] = {"ratio_max": 0.0}
         for epoch in range(cfg.ppo_epochs):
             if cfg.num_minibatches == 1:
                 parts = [batch]
@@ -773,12 +802,12 @@ class Trainer:
                 parts = [batch.select(part) for part in order.tensor_split(cfg.num_minibatches)]
             for part in parts:
                 for k, v in self._optimizer_step(part).items():
-                    if k == "ratio_max":
-                        ratio_max = max(ratio_max, v)
+                    if k in MAX_STATS:
+                        maxima[k] = max(maxima.get(k, 0.0), v)
                     else:
                         totals[k] = totals.get(k, 0.0) + v
         stats = {k: v / self.updates_per_step for k, v in totals.items()}
-        stats["ratio_max"] = ratio_max
+        stats.update(maxima)
         return stats
 
     def _no_sync(self, sync: bool) -> contextlib.ExitStack:
@@ -798,6 +827,7 @@ class Trainer:
         want_entropy = self.use_critic or cfg.entropy_coef > 0
         sums: dict[str, float] = {"loss": 0.0}
         ratio_max = 0.0
+        sampler_max: dict[str, float] = {}  # SAMPLER_MAX_STATS over this step's micro-batches
         # top_entropy_quantile: the high-entropy tokens of this optimizer step, per micro-batch (None: every token)
         keep, n_kept, loss_stats = self._high_entropy_tokens(micro, n_tok)
         loss_stats.update(self._truncation_stats(batch, n_seq, n_tok))
@@ -808,6 +838,9 @@ class Trainer:
                 logp, values, entropy = self._forward(self.model, mb, entropy=want_entropy,
                                                       entropy_grad=cfg.entropy_coef > 0)
                 old = logp.detach() if mb.old_logp is None else mb.old_logp
+                sampler_weights, sampler_diag = self._sampler_correction(mb, old, n_seq, n_tok)
+                for k in [k for k in SAMPLER_MAX_STATS if k in sampler_diag]:
+                    sampler_max[k] = max(sampler_max.get(k, 0.0), float(sampler_diag.pop(k)))
                 loss, diag = policy_loss(logp, old, mb.advantages, mb.loss_mask, loss_type=cfg.loss_type,
                                          epsilon_low=cfg.epsilon, epsilon_high=cfg.clip_high,
                                          beta=0.0 if cfg.kl_in_reward else cfg.beta, ref_logp=mb.ref_logp,
@@ -816,7 +849,9 @@ class Trainer:
                                          max_completion_length=cfg.completion_length, delta=cfg.delta,
                                          sapo_temperature_pos=cfg.sapo_temperature_pos,
                                          sapo_temperature_neg=cfg.sapo_temperature_neg,
-                                         token_mask=None if keep is None else keep[i])
+                                         token_mask=None if keep is None else keep[i],
+                                         sampler_weights=sampler_weights)
+                diag.update(sampler_diag)
                 diag.pop("num_tokens")
                 ratio_max = max(ratio_max, float(diag.pop("ratio_max")))
                 diag["approx_kl"] = ppo_math.approx_kl(logp, old, mb.loss_mask)
@@ -856,6 +891,7 @@ class Trainer:
         stats.update({k: (v if k in ADDITIVE_STATS else v / max(n_tok, 1)) for k, v in totals.items()})
         stats["clip_fraction"] = stats.get("clip_ratio/region_mean", 0.0)
         stats["ratio_max"] = self._max(ratio_max)
+        stats.update({k: self._max(v) for k, v in sorted(sampler_max.items())})
         stats.setdefault("grad_norm", 0.0)
         stats.update(loss_stats)
         return stats
@@ -895,6 +931,19 @@ class Trainer:
             self.log(f"every completion of this optimizer step ({n_seq}) was truncated and mask_truncated_completions "
                      "leaves them out: loss 0, nothing trained on")
         return {"masked_truncated_fraction": masked / max(n_seq, 1)}
+
+    def _sampler_correction(self, mb: RolloutBatch, old: torch.Tensor, n_seq: int, n_tok: int
+                            ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The rollout engine against the trainer on `mb` (`algorithms/sampler_correction.py`): the weights that
+        multiply each token's policy loss (None: `importance_sampling_correction: none`, or no sampler log-probs)
+        and the `sampling/*` diagnostics, from the trainer's log-probs at sampling time (`old`) and the sampler's."""
+        if mb.sampler_logp is None:
+            return None, {}
+        cfg = self.cfg
+        weights, diag = sampler_correction(old, mb.sampler_logp, mb.loss_mask, mode=cfg.importance_sampling_correction,
+                                           level=cfg.importance_sampling_correction_level,
+                                           cap=cfg.importance_sampling_cap, num_tokens=n_tok, num_sequences=n_seq)
+        return (None if cfg.importance_sampling_correction == "none" else weights), diag
 
     def _evaluate(self, step: int) -> float:
         mine = [(i, *self.eval_rows[i]) for i in range(self.rank, len(self.eval_rows), self.world)]

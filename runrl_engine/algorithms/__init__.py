@@ -43,6 +43,7 @@ from runrl_engine.algorithms.ppo import (
     turn_end_positions,
     value_loss,
 )
+from runrl_engine.algorithms.sampler_correction import importance_weights, sampler_correction, sampler_log_ratio
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -70,6 +71,9 @@ __all__ = [
     "ppo_advantages",
     "register_advantage",
     "register_loss_type",
+    "importance_weights",
+    "sampler_correction",
+    "sampler_log_ratio",
     "sapo_surrogate",
     "selective_log_softmax",
     "sequence_importance_ratio",

@@ -443,13 +443,16 @@ def policy_loss(
     num_tokens: Count | None = None,
     max_completion_length: int | None = None,
     token_mask: Tensor | None = None,
+    sampler_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO-family policy loss: `sum(token_weights * (surrogate * token_mask + beta * kl))`.
 
     The surrogate is `loss_type`'s (see the module docstring): the clip (with `delta`, the two-sided clip), cispo
     (`epsilon_high` is then the cap of the IS weight itself) or sapo (`sapo_temperature_pos/neg`).
     `token_mask` [B, T] (default all): tokens whose surrogate counts (top_entropy_quantile); the weights, the KL
-    term and the diagnostics still use `mask`.
+    term and the diagnostics still use `mask`. `sampler_weights` [B, T] or [B, 1] (default none): the
+    importance-sampling correction between the rollout engine and the trainer (`sampler_correction`), detached,
+    multiplying each token's surrogate (not the KL term), as TRL 1.16 multiplies `per_token_loss`.
 
     logp: [B, T] current log-probs of the sampled tokens (differentiable); old_logp: [B, T] log-probs at sampling
     time (treated as constants); advantages: [B] or [B, T] (constants); mask: [B, T], 1 = trained-on token;
@@ -505,6 +508,8 @@ def policy_loss(
         if token_mask.shape != logp.shape:
             raise ValueError(f"token_mask must have logp's shape {tuple(logp.shape)}, got {tuple(token_mask.shape)}")
         per_token_loss = torch.where(token_mask.bool(), per_token_loss, zero)
+    if sampler_weights is not None:
+        per_token_loss = per_token_loss * sampler_weights.detach().to(per_token_loss.dtype)
     weights = token_weights(
         mask,
         loss_type,

@@ -28,8 +28,15 @@ Backends, registered by name:
   update. Per-completion seeds go to vLLM's per-request `seed`, but vLLM's sampler is not ours: the same seed
   gives different tokens than `hf`. Not tested here (no GPU and no vLLM on the machines this was written on).
 
+Every backend also reports the sampled tokens' log-probs under the distribution it drew them from (temperature,
+top-k and top-p applied): `hf` from the probabilities it samples from, `paged` through `return_logprobs`, `vllm`
+through `SamplingParams(logprobs=0)` with `logprobs_mode="processed_logprobs"` (not run here). The update compares
+them with the trainer's own (`algorithms/sampler_correction.py`: `sampling/*` metrics, `importance_sampling_correction`).
+`rollout_dtype` sets the precision a backend samples in: autocast around `hf`'s decode loop, `paged`'s compute-dtype
+copy, vLLM's `dtype`.
+
 Not covered: multi-process runs with `paged` or `vllm` (refused at start: untested under DDP, and FSDP sharding
-would need gathered weights), tensor-parallel vLLM, vLLM's log-probs (the update recomputes its own).
+would need gathered weights), tensor-parallel vLLM.
 """
 
 from __future__ import annotations
@@ -156,7 +163,8 @@ class PagedBackend:
             page_size=self.PAGE_SIZE, num_blocks=pages + 1,
             # the SDPA path materialises a [batch tokens, cached + batch tokens] mask: keep it no larger than needed
             max_batch_tokens=min(self.MAX_BATCH_TOKENS, sum(len(p) for p in prompts) + n),
-            seed=hash(tuple(int(s) for s in seeds)) & 0x7FFF_FFFF, use_cuda_graph=False)
+            seed=hash(tuple(int(s) for s in seeds)) & 0x7FFF_FFFF, use_cuda_graph=False,
+            return_logprobs=True)  # the log-softmax of the processed logits (temperature, top-k/top-p applied)
         device = next(engine.parameters()).device
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
@@ -173,7 +181,9 @@ class PagedBackend:
         comps = []
         for r in results:
             tokens = list(r.generated_tokens)
-            comps.append(Completion(tokens=tokens, finished=bool(tokens) and tokens[-1] in stop_ids))
+            logprobs = [float(x) for x in r.logprobs] if len(r.logprobs) == len(tokens) else None
+            comps.append(Completion(tokens=tokens, finished=bool(tokens) and tokens[-1] in stop_ids,
+                                    logprobs=logprobs))
         return comps
 
     def wake(self) -> None:
@@ -220,6 +230,18 @@ def vllm_weights(model: torch.nn.Module):
             yield name, w
 
 
+def vllm_token_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
+    """The sampled tokens' log-probs from a vLLM `CompletionOutput.logprobs` (one {token id: Logprob} dict per
+    token, the sampled id among its keys with `SamplingParams(logprobs=0)`); NaN where one is missing."""
+    out = []
+    for k, token in enumerate(token_ids):
+        entry = logprobs[k] if logprobs is not None and k < len(logprobs) else None
+        value = entry.get(token) if isinstance(entry, dict) else None
+        value = getattr(value, "logprob", value)
+        out.append(float(value) if isinstance(value, (int, float)) else math.nan)
+    return out
+
+
 class VLLMBackend:
     """A vLLM engine colocated in this process: asleep during updates, weights pushed before each rollout."""
 
@@ -246,7 +268,10 @@ class VLLMBackend:
         self.llm = vllm.LLM(model=model_path, dtype=str(dtype).removeprefix("torch."), seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             max_num_seqs=max_num_seqs, enable_sleep_mode=True, enable_prefix_caching=True,
-                            distributed_executor_backend="external_launcher", load_format="dummy")
+                            distributed_executor_backend="external_launcher", load_format="dummy",
+                            # the sampled tokens' log-probs after temperature and top-k/top-p, as TRL asks of vLLM
+                            # for its importance-sampling correction (the raw model's would bias it)
+                            logprobs_mode="processed_logprobs")
         self.llm.sleep(level=2)  # weights come from the policy before the first rollout
         self.asleep = True
 
@@ -292,18 +317,20 @@ class VLLMBackend:
         requests = [{"prompt_token_ids": p} for p in prompts for _ in range(num_samples)]
         sampling = [SP(n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
                        max_tokens=params.max_new_tokens, seed=int(s), stop_token_ids=sorted(stop_ids),
-                       detokenize=False) for s in seeds]
+                       detokenize=False, logprobs=0) for s in seeds]  # logprobs=0: the sampled token's only
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         comps = []
         for out in outputs:
             o = out.outputs[0]
             tokens = list(o.token_ids)
+            logprobs = vllm_token_logprobs(tokens, o.logprobs)
             finished = o.finish_reason == "stop"
             if finished and (not tokens or tokens[-1] not in stop_ids):
                 # keep the stop token in the sequence (the policy sampled it and is trained on it)
                 stop = o.stop_reason if isinstance(o.stop_reason, int) else min(stop_ids)
                 tokens.append(stop)
-            comps.append(Completion(tokens=tokens, finished=finished))
+                logprobs.append(math.nan)  # vLLM did not report it: no correction on that token
+            comps.append(Completion(tokens=tokens, finished=finished, logprobs=logprobs))
         return comps
 
     def close(self) -> None:

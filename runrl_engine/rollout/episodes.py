@@ -19,6 +19,7 @@ Not covered: KV-cache reuse across turns (each turn re-reads the episode's conte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,8 @@ class Episode:
     prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)  # everything after the prompt
     mask: list[int] = field(default_factory=list)  # 1 = sampled by the policy (trained on), 0 = inserted
+    # the rollout engine's log-prob of each of `tokens` where it sampled them (NaN: not reported), 0.0 where inserted
+    sampler_logprobs: list[float] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, prompt included
     final_text: str = ""  # the last assistant turn's text
     finished: bool = False  # ended by the model/environment (False: truncated by a length or turn limit)
@@ -161,6 +164,8 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
             for ep, comp in zip(live, completions):
                 ep.tokens += comp.tokens
                 ep.mask += [1] * len(comp.tokens)
+                ep.sampler_logprobs += (comp.logprobs if comp.logprobs is not None
+                                        and len(comp.logprobs) == len(comp.tokens) else [math.nan] * len(comp.tokens))
                 ep.last_turn_end = len(ep.tokens) - 1
                 ep.turns += 1
                 ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
@@ -175,6 +180,7 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
                     # template expects, as context (mask 0: the policy did not sample it)
                     ep.tokens.append(settings.end_of_turn_id)
                     ep.mask.append(0)
+                    ep.sampler_logprobs.append(0.0)
                 if calls:
                     to_tools.append((ep, calls))
                 elif env is not None:
@@ -202,6 +208,7 @@ def _insert(renderer: ChatRenderer, ep: Episode, new: list[dict[str, Any]]) -> N
     ep.messages += new
     ep.tokens += ids
     ep.mask += [0] * len(ids)
+    ep.sampler_logprobs += [0.0] * len(ids)
 
 
 def _end_with_error(ep: Episode, error: str) -> None:

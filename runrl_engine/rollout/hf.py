@@ -18,7 +18,14 @@ weights are far larger than the caches, as for SmolLM2's 538 MB); everything els
 where that path is untested) uses the model's own forward. Models with sliding-window, chunked or shared-KV layers
 keep transformers' cache layers. The fast step computes what the transformers forward computes, to float
 rounding (MKL's packed kernels round differently from `F.linear`'s): the tests compare the sampled tokens of
-both paths token for token on the builtin models, and the step's logits with a full forward's.
+both paths token for token on the builtin models, and the step's logits with a full forward's. Under CPU autocast
+(`rollout_dtype: bfloat16`) every step uses the model's own forward, so the whole decode runs at that precision.
+
+Each completion also carries the log-prob of each sampled token under the distribution it was drawn from
+(`sample_with_logprobs`: temperature, top-k and top-p applied), for the update's importance-sampling correction
+(`algorithms/sampler_correction.py`). With float32 sampling they equal the trainer's recomputed log-probs to
+float rounding (the cached decode and the trainer's full forward add in other orders; measured on the builtin
+models in tests/engine/test_sampler_correction.py).
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class DecodeStats:
 class Completion:
     tokens: list[int]  # sampled ids, the stop token included when `finished`
     finished: bool  # ended with a stop token (False: hit max_new_tokens)
+    # the sampler's log-prob of each of `tokens` under the distribution it drew them from (temperature, top-k and
+    # top-p applied; NaN where the engine gave none); None: the backend reports none
+    logprobs: list[float] | None = None
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -80,12 +90,22 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One token per row by inverse-CDF sampling: [B, V] logits and [B] uniforms in [0, 1) -> [B] ids."""
+    return sample_with_logprobs(logits, uniforms, params)[0]
+
+
+def sample_with_logprobs(logits: torch.Tensor, uniforms: torch.Tensor,
+                         params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample`, and [B] float32 log-probs of the picked ids under the distribution they were drawn from: the
+    temperature-scaled, top-k/top-p filtered softmax (vLLM's `processed_logprobs`, what TRL's importance-sampling
+    correction asks vLLM for). Greedy rows: the plain model's log-softmax at the argmax (vLLM's choice too)."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        idx = logits.argmax(dim=-1)
+        return idx, logits.float().log_softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     probs = filter_logits(logits.float(), params).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     idx = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return idx.clamp(max=probs.shape[-1] - 1)
+    idx = idx.clamp(max=probs.shape[-1] - 1)
+    return idx, probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1).log()
 
 
 def draw_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
@@ -263,7 +283,9 @@ class LlamaDecodeStep:
         if (config is None or core is None or lm_head is None or config.model_type not in cls.SUPPORTED
                 or getattr(config, "_attn_implementation", None) != "sdpa" or base.training
                 or not all(isinstance(layer, PreallocatedKVLayer) for layer in cache.layers)
-                or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"):
+                or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"
+                # under CPU autocast (`rollout_dtype`) the packed fp32 matmuls would skip the cast: the model's forward
+                or torch.is_autocast_enabled("cpu")):
             return None
         layers = []
         for layer in core.layers:
@@ -366,6 +388,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     full_mask = torch.ones(n, width + steps, dtype=mask.dtype, device=device)
     full_mask[:, :width] = mask
     sampled = torch.full((n, steps), pad_id, dtype=torch.long, device=device)  # [completion, step]
+    sampled_logp = torch.zeros((n, steps), dtype=torch.float32, device=device)  # the sampler's log-prob of each
     lengths = torch.full((n,), steps, dtype=torch.long)  # completion lengths; rows that stop get theirs set
     active = torch.arange(n, device=device)  # completion index of each row still in the batch
     pos = pos[:, -1:]
@@ -376,8 +399,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
     for t in range(steps):
         row_steps += active.numel()
-        nxt = sample(logits, uniforms[active, t], params)
+        nxt, nxt_logp = sample_with_logprobs(logits, uniforms[active, t], params)
         sampled[active, t] = nxt
+        sampled_logp[active, t] = nxt_logp
         if t == steps - 1:
             break
         done = torch.isin(nxt, stop)
@@ -397,11 +421,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
             out = model(input_ids=nxt.unsqueeze(-1), attention_mask=full_mask[:, :width], position_ids=pos,
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1, :]
-    rows, lens = sampled.cpu().tolist(), lengths.tolist()
+    rows, lens, row_logps = sampled.cpu().tolist(), lengths.tolist(), sampled_logp.cpu().tolist()
     if stats is not None:
         t_end = time.perf_counter()
         stats.add(DecodeStats(prefill_s=t_decode - t_start, decode_s=t_end - t_decode, row_steps=row_steps,
                               pack_s=step.packed.pack_s if step is not None else 0.0, steps=max(lens, default=0)))
     # a row that ran to the last step finished if that step sampled a stop token
     last_stops = torch.isin(sampled[:, -1], stop).tolist() if steps else [False] * n
-    return [Completion(tokens=rows[k][: lens[k]], finished=lens[k] < steps or last_stops[k]) for k in range(n)]
+    return [Completion(tokens=rows[k][: lens[k]], finished=lens[k] < steps or last_stops[k],
+                       logprobs=row_logps[k][: lens[k]]) for k in range(n)]
