@@ -5,7 +5,9 @@
 accepts the documented dict `{observation, reward, done, reward_info_dict?}` or a 4-tuple
 `(observation, reward, done, info)`. An exception, a timeout or a malformed return ends that episode:
 reward 0, `done=True`, `error` set. Requests to different workers run in parallel; each worker runs its own
-environments one call at a time.
+environments one call at a time (`reward_concurrency` does not apply: replies are matched to requests by order,
+and the replay below relies on each environment's calls running in sequence). An `async def step` is awaited on
+the worker's one event loop, kept for the worker's life, so a client the environment keeps stays usable.
 
 When a worker dies or times out, the call that was running fails; every other environment that lived in it
 is rebuilt on the replacement by replaying its row and past actions. Replay assumes the environment is
