@@ -201,6 +201,13 @@ def test_reward_secrets_reach_the_code_only_through_its_environment(tmp_path):
         assert sb.score(["x"], [{}])[0].info["key"] == ""  # not set: nothing leaks from the trainer
 
 
+def test_the_judge_example_without_its_secret_says_how_to_pass_it(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "llm_judge_reward.py"
+    with RewardSandbox(example, num_workers=1, timeout_s=10, concurrency=8) as sb:
+        result = sb.score(["4"], [{"prompt": [{"role": "user", "content": "2+2?"}]}])[0]
+    assert result.reward == 0.0 and "JUDGE_API_KEY is not set: pass it in the run's reward_secrets" in result.error
+
+
 def test_reward_secrets_config_is_checked_and_redacted(tmp_path):
     base = {"model": "builtin:tiny", "prompt_file": "p.jsonl", "reward_file": "r.py"}
     cfg = RunConfig.from_dict({**base, "reward_secrets": {"JUDGE_API_KEY": "sk-abcdef123456"}})
