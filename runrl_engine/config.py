@@ -394,6 +394,9 @@ class RunConfig:
                               "algorithm 'ppo' takes its advantages from a critic instead",
                               where=f"{source}: dynamic_sampling",
                               fix="use `algorithm: grpo` (any advantage_estimator but gae), or dynamic_sampling: false")
+        if self.dynamic_sampling and (self.n_gpus or 1) > 1:
+            raise ConfigError(f"dynamic_sampling runs on one process, and n_gpus={self.n_gpus} starts one per GPU",
+                              where=f"{source}: dynamic_sampling", fix="set n_gpus: 1, or dynamic_sampling: false")
         if self.dynamic_sampling and self.num_generations < 2:
             raise ConfigError("dynamic_sampling keeps groups whose rewards differ, and a group of one never does",
                               where=f"{source}: dynamic_sampling", fix="set num_generations >= 2")

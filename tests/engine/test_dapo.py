@@ -131,6 +131,8 @@ def test_dynamic_sampling_config_keys():
         RunConfig.from_dict({**BASE, "dynamic_sampling": True, "algorithm": "ppo"})
     with pytest.raises(ConfigError, match="dynamic_sampling"):
         RunConfig.from_dict({**BASE, "dynamic_sampling": True, "num_generations": 1})
+    with pytest.raises(ConfigError, match="dynamic_sampling"):  # refused at load (a 422 from the API), not at start
+        RunConfig.from_dict({**BASE, "dynamic_sampling": True, "n_gpus": 2})
     with pytest.raises(ConfigError, match="dynamic_sampling_max_rounds"):
         RunConfig.from_dict({**BASE, "dynamic_sampling_max_rounds": 101})
 
@@ -230,3 +232,27 @@ def test_overlong_penalty_reaches_the_training_reward(tmp_path, tiny_model_dir):
     record = result.history[0]
     assert record["overlong/penalty_mean"] == pytest.approx(sum(penalties) / 16)
     assert record["overlong/penalised_fraction"] == pytest.approx(sum(p < 0 for p in penalties) / 16)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_resumes_exactly(tmp_path, tiny_model_dir):
+    """Refill prompts depend only on (seed, step, round): a run resumed from step 2 draws step 3's refills, and
+    trains on them, as the uninterrupted run did."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    task = {**_task(tmp_path, [i % 2 == 0 for i in range(16)]), "max_steps": 3, "overlong_penalty": True}
+    straight = train(task, output_dir=tmp_path / "straight")
+    out = tmp_path / "resumed"
+    train({**task, "save_every": 1}, output_dir=out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    resumed = train({**task, "save_every": 1}, output_dir=out, resume=True)
+    assert [h["step"] for h in resumed.history] == [3]
+    keys = [k for k in straight.history[-1] if k.startswith(("dynamic_sampling/", "overlong/"))] + ["reward_mean"]
+    assert straight.history[-1]["dynamic_sampling/refill_prompts"] > 0
+    assert {k: resumed.history[-1][k] for k in keys} == {k: straight.history[-1][k] for k in keys}
+    ws, wr = load_file(str(tmp_path / "straight" / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    for k in ws:
+        torch.testing.assert_close(wr[k], ws[k], atol=1e-6, rtol=1e-5)
