@@ -181,7 +181,8 @@ def test_one_event_loop_per_worker_for_rewards_and_environments(tmp_path):
             assert [s.error for s in steps] == [None, None] and [s.reward for s in steps] == [1.0, 1.0]
 
 
-def test_reward_secrets_reach_the_code_only_through_its_environment(tmp_path):
+@pytest.mark.parametrize("isolation", ["auto", "subprocess"])
+def test_reward_secrets_reach_the_code_only_through_its_environment(tmp_path, isolation):
     src = """
         import os
         def reward_fn(completion, **kw):
@@ -191,13 +192,13 @@ def test_reward_secrets_reach_the_code_only_through_its_environment(tmp_path):
                          "argv": " ".join(__import__("sys").argv)}
     """
     secret = "sk-judge-0123456789abcdef"
-    with RewardSandbox(write(tmp_path, src), num_workers=1, timeout_s=10,
+    with RewardSandbox(write(tmp_path, src), num_workers=1, timeout_s=10, isolation=isolation,
                        secret_env={"JUDGE_API_KEY": secret}) as sb:
         result = sb.score(["x"], [{}])[0]
     assert result.error is None
     assert result.info["key"] == "[REDACTED]"  # it was there (the info text is redacted on its way out)
     assert result.info["in_initial_env"] == 0.0 and secret not in result.info["argv"]
-    with RewardSandbox(write(tmp_path, src, "plain.py"), num_workers=1, timeout_s=10) as sb:
+    with RewardSandbox(write(tmp_path, src, "plain.py"), num_workers=1, timeout_s=10, isolation=isolation) as sb:
         assert sb.score(["x"], [{}])[0].info["key"] == ""  # not set: nothing leaks from the trainer
 
 
