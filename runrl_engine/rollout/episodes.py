@@ -164,8 +164,11 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
             for ep, comp in zip(live, completions):
                 ep.tokens += comp.tokens
                 ep.mask += [1] * len(comp.tokens)
-                ep.sampler_logprobs += (comp.logprobs if comp.logprobs is not None
-                                        and len(comp.logprobs) == len(comp.tokens) else [math.nan] * len(comp.tokens))
+                # a backend's log-probs of what it sampled (one that reports none, e.g. a registered backend
+                # returning its own completion objects: NaN, no correction)
+                logprobs = getattr(comp, "logprobs", None)
+                ep.sampler_logprobs += (logprobs if logprobs is not None and len(logprobs) == len(comp.tokens)
+                                        else [math.nan] * len(comp.tokens))
                 ep.last_turn_end = len(ep.tokens) - 1
                 ep.turns += 1
                 ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
