@@ -100,7 +100,8 @@ def sampler_correction(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
     (the loss has them at 0 anyway).
     """
     if level not in CORRECTION_LEVELS:
-        raise ValueError(f"unknown importance_sampling_correction_level {level!r}; valid: {', '.join(CORRECTION_LEVELS)}")
+        raise ValueError(f"unknown importance_sampling_correction_level {level!r}; "
+                         f"valid: {', '.join(CORRECTION_LEVELS)}")
     keep = mask.bool()
     log_ratio = sampler_log_ratio(trainer_logp, sampler_logp, mask)
     n_tok = keep.sum() if num_tokens is None else num_tokens

@@ -316,9 +316,10 @@ def test_fp32_run_has_no_mismatch_and_weights_of_one(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow  # three short runs: ~15 s on an idle 2-core machine
 def test_bf16_sampling_shows_the_mismatch_and_the_correction_changes_the_update(tmp_path, tiny_model_dir):
+    variants = {"none": {}, "mis": dict(importance_sampling_correction="mis", importance_sampling_cap=1.0),
+                "tis": dict(importance_sampling_correction="tis", max_steps=2)}
     runs = {name: train(cfg(rollout_dtype="bfloat16", **over), output_dir=tmp_path / name).history
-            for name, over in {"none": {}, "mis": dict(importance_sampling_correction="mis", importance_sampling_cap=1.0),
-                               "tis": dict(importance_sampling_correction="tis", max_steps=2)}.items()}
+            for name, over in variants.items()}
     none, mis, tis = runs["none"][0], runs["mis"][0], runs["tis"]
     assert none["sampling/logp_diff_mean"] > FP32_TOLERANCE and none["sampling/kl"] > 0
     # the same rollouts (same seed and precision), so the same mismatch; mis with cap 1 drops every token whose
