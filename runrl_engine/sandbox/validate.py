@@ -7,7 +7,8 @@ mistakes in the user's code: they come back as `{"valid": false, "error", "error
 Without sample rows the code is called once with an empty row, and what that call does is a warning, not a
 verdict: code that reads its row's fields (`kwargs["expected"]`, a required `answer` parameter) rightly fails
 without them. The report then says so (`details.exercised_on_rows: false` and a `note`), and `valid` stands for
-the static checks and the load alone.
+the static checks, the load and the call's use of resources: running out of memory, time, or a worker that died
+(`RESOURCE_FAILURES`) does not depend on a row's fields and stays an error.
 
 Not covered: prompt and SFT files (`runrl_engine.data`).
 """
@@ -25,6 +26,8 @@ from runrl_engine.sandbox.static import _normal_mode, inspect_user_code
 DUMMY_COMPLETION = "This is a sample completion used to check the reward function. <answer>42</answer>"
 DUMMY_ACTION = "This is a sample action used to check the environment."
 MAX_SAMPLES = 3
+# Call errors that no missing row field explains: still errors when the code ran on an empty row.
+RESOURCE_FAILURES = ("MemoryError", "timed out after", "the worker process died", "killed by SIG")
 NOT_EXERCISED = ("no sample rows were given, so the code was not exercised on your rows' fields: it passed the "
                  "static checks and loaded, and a call with an empty row is reported under warnings only; give a "
                  "prompt file (prompt_file_id, or --prompts) to run it on up to 3 of its rows")
@@ -70,8 +73,10 @@ def validate_user_code(source: str, *, mode: str = "function", sample_rows: list
                    exercised_on_rows=exercised)
     if not exercised:  # an empty row lacks the user's fields: its call's errors are not the code's defects
         details["note"] = NOT_EXERCISED
-        details["warnings"] = [*details["warnings"], *(f"with an empty row (no sample rows): {e}" for e in errors)]
-        return _report([], details)
+        resource = [e for e in errors if any(mark in e for mark in RESOURCE_FAILURES)]
+        details["warnings"] = [*details["warnings"],
+                               *(f"with an empty row (no sample rows): {e}" for e in errors if e not in resource)]
+        return _report(resource, details)
     return _report(errors, details)
 
 

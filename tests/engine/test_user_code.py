@@ -176,6 +176,14 @@ def test_validate_without_rows_does_not_blame_code_for_missing_row_fields(src):
     assert bad["valid"] is False and bad["details"]["exercised_on_rows"] is True
 
 
+def test_validate_without_rows_still_fails_code_that_runs_out_of_time():
+    """Resource failures do not come from a missing row field: without rows they are still errors."""
+    slow = "import time\ndef reward_fn(completion, **kwargs):\n    time.sleep(30)\n    return 1.0\n"
+    report = validate_user_code(slow, timeout_s=1)
+    assert report["valid"] is False and "timed out after" in report["error"], report
+    assert report["details"]["exercised_on_rows"] is False
+
+
 @pytest.mark.parametrize("src, stage, text", [
     ("def reward_fn(c, **kw)\n    return 1\n", "static", "syntax error"),
     ("x = 1\n", "static", "no `reward_fn`"),
