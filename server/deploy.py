@@ -6,10 +6,16 @@ Two halves in one module:
   deployment in its own process group on a free loopback port, watches it become ready (`pending` ->
   `active`) or die (`failed` with the last lines of its stderr), and stops it on delete (`deleted`).
   Deployments that were live when the server stopped are started again on the next start.
-- `main()` (the subprocess, `python -m server.deploy --model-dir DIR --port P`): loads the model with
-  transformers and serves `GET /health`, `GET /v1/models` and `POST /v1/chat/completions` (plain, or
-  streaming as `text/event-stream` chunks ending with `data: [DONE]`), prompts built with the tokenizer's
-  chat template. One generation at a time.
+- `main()` (the subprocess, `python -m server.deploy --model-dir DIR --port P [--base-model ID]`): loads the
+  model (`runrl_engine.serving.load_for_serving`: a full `final/`, or a LoRA adapter merged into its base at
+  load; bfloat16 on a GPU, float32 on CPU) and serves `GET /health` (with the batcher's counters),
+  `GET /v1/models` and `POST /v1/chat/completions` (plain, or streaming as `text/event-stream` chunks ending
+  with `data: [DONE]`), prompts built with the tokenizer's chat template. Concurrent requests are decoded
+  together (`runrl_engine.serving.Batcher`: continuous batching, up to `--max-batch-size` completions; a request
+  joins the running batch at the next decode step). `max_tokens`/`max_completion_tokens`, `temperature`,
+  `top_p`, `stop`, `n`, `seed` and `stream_options.include_usage` are honoured per request and checked
+  (`parse_chat`): a bad value, an unknown key, or a feature this server lacks (`tools`, `logprobs`, penalties,
+  `response_format` other than text, ...) is a 400 in OpenAI's error shape naming the `param`.
 
 The public `api_url` is `{base}/api/v1/deployments/{id}`: the API proxies `{api_url}/v1/chat/completions`
 to the subprocess, so inference uses the same keys, scopes and quotas as the rest of the API.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -78,6 +85,12 @@ class DeploymentManager:
     def model_dir(self, run_id: int) -> Path:
         return self.runs_dir / str(run_id) / "final"
 
+    def has_model(self, run_id: int) -> bool:
+        """Whether the run's `final/` holds a model: full (`config.json`) or a LoRA adapter (`adapter_config.json`,
+        `merge_lora: false`; served on its base model)."""
+        final = self.model_dir(run_id)
+        return (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
+
     def token(self, deployment_id: int) -> str | None:
         """The secret the deployment's running model server demands (None when none runs here)."""
         with self._lock:
@@ -92,8 +105,9 @@ class DeploymentManager:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                                             if p), TOKEN_ENV: token, PARENT_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
+            base = ["--base-model", row["base_model"]] if row["base_model"] else []
             proc = subprocess.Popen([*self.command, "--model-dir", str(self.model_dir(row["run_id"])), "--port",
-                                     str(port), "--name", f"run-{row['run_id']}"], stdout=log, stderr=log,
+                                     str(port), "--name", f"run-{row['run_id']}", *base], stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         with self._lock:
             self._procs[deployment_id] = proc
@@ -230,39 +244,142 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def build_model_app(model_dir: str, name: str) -> Any:
-    import torch
+class BadRequest(Exception):
+    """A chat-completions request the model server refuses: 400, OpenAI's error shape, naming `param`."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+DEFAULT_MAX_TOKENS = 1024  # when a request sets neither max_tokens nor max_completion_tokens (less near the context)
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Accepted and without effect here: routing/bookkeeping keys of OpenAI's API.
+IGNORED = ("model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort")
+# Refused unless absent or at their no-op value: what this server does not implement.
+UNSUPPORTED: dict[str, Any] = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                               "function_call": (None, "none"), "logprobs": (None, False), "top_logprobs": (None,),
+                               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                               "response_format": (None, {"type": "text"}), "audio": (None,),
+                               "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,)}
+SAMPLING_KEYS = ("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed",
+                 "stream", "stream_options")
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise BadRequest(key, f"`{key}` must be a number between {low:g} and {high:g} (got {value!r})")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BadRequest(key, f"`{key}` must be an integer {bound} (got {value!r})")
+    return value
+
+
+def _content(message: dict[str, Any], i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        raise BadRequest(f"messages[{i}].content", f"`messages[{i}].content`: only text parts are supported")
+    raise BadRequest(f"messages[{i}].content", f"`messages[{i}].content` must be a string or a list of text parts")
+
+
+def parse_chat(body: Any, max_n: int) -> dict[str, Any]:
+    """Check an OpenAI chat-completions body; returns messages, the sampling settings and the stream options.
+    `max_tokens` is None when the request sets none (the caller knows the prompt's length and the context)."""
+    if not isinstance(body, dict):
+        raise BadRequest(None, "the request body must be a JSON object")
+    unknown = sorted(set(body) - set(SAMPLING_KEYS) - set(IGNORED) - set(UNSUPPORTED))
+    if unknown:
+        raise BadRequest(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}")
+    for key, allowed in UNSUPPORTED.items():
+        if key in body and body[key] not in allowed:
+            raise BadRequest(key, f"`{key}` is not supported by this deployment")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "`messages` must be a non-empty list of {role, content}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role", f"`messages[{i}].role` must be one of {', '.join(ROLES)}")
+        if m.get("tool_calls"):
+            raise BadRequest(f"messages[{i}].tool_calls", f"`messages[{i}].tool_calls`: tool calls are not supported "
+                                                          "by this deployment")
+        turns.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise BadRequest("stop", f"`stop` must be a non-empty string or a list of at most {MAX_STOP} of them")
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream", "`stream` must be true or false")
+    if options is not None and (not stream or not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest("stream_options", "`stream_options` is an object ({\"include_usage\": bool}) and only "
+                                           "allowed with `stream: true`")
+    seed = _integer(body, "seed", -2**63, 2**63 - 1)
+    return {"messages": turns, "max_tokens": max_tokens, "temperature": _number(body, "temperature", 1.0, 0, 2),
+            "top_p": _number(body, "top_p", 1.0, 0, 1), "stop": tuple(stops), "seed": seed,
+            "n": _integer(body, "n", 1, max_n) or 1, "stream": bool(stream),
+            "include_usage": bool((options or {}).get("include_usage"))}
+
+
+def build_model_app(model_dir: str, name: str, base_model: str | None = None, max_batch_size: int = 16) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
-    lock = threading.Lock()
+    from runrl_engine.config import RunConfig
+    from runrl_engine.models import load_tokenizer
+    from runrl_engine.serving import Batcher, Job, Sampling, load_for_serving
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+    loaded = load_for_serving(model_dir, base_model)
+    # the HTTP side encodes with a tokenizer of its own: a fast tokenizer is not safe to share across threads
+    encoder = load_tokenizer(RunConfig(model=model_dir))
+    batcher = Batcher(loaded, max_batch_size, log=lambda line: print(line, file=sys.stderr, flush=True))
+    batcher.start()
 
-    def prepare(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise ValueError("`messages` must be a non-empty list of {role, content}")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        temperature = float(body.get("temperature", 1.0))
-        gen = {"max_new_tokens": max(1, min(int(body.get("max_tokens") or body.get("max_completion_tokens") or 128),
-                                            4096)),
-               "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
-        if temperature > 0:
-            gen.update(temperature=temperature, top_p=float(body.get("top_p", 1.0)))
-        return dict(inputs), gen
+    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> Any:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                            status_code=status)
+
+    def encode(req: dict[str, Any]) -> list[int]:
+        try:
+            text = encoder.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the model's chat template refused the conversation (jinja's raise_exception)
+            raise BadRequest("messages", f"the model's chat template refused the messages: {exc}") from None
+        prompt = encoder(text, add_special_tokens=False)["input_ids"]
+        room = loaded.context - len(prompt)
+        if room < 1:
+            raise BadRequest("messages", f"the prompt is {len(prompt)} tokens; the model's context is "
+                                         f"{loaded.context} tokens")
+        if req["max_tokens"] is None:
+            req["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+        elif req["max_tokens"] > room:
+            raise BadRequest("max_tokens", f"max_tokens {req['max_tokens']} and the prompt's {len(prompt)} tokens "
+                                           f"exceed the model's context of {loaded.context} tokens")
+        return prompt
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "model": name, **loaded.describe(), "batching": batcher.stats()})
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "runrl"}]})
@@ -270,49 +387,99 @@ def build_model_app(model_dir: str, name: str) -> Any:
     async def chat(request: Request) -> Any:
         try:
             body = json.loads(await request.body())
-            inputs, gen = prepare(body)
-        except (ValueError, TypeError) as exc:
-            return error(400, str(exc))
-        created, cid = int(time.time()), f"chatcmpl-{os.urandom(8).hex()}"
-        base = {"id": cid, "created": created, "model": body.get("model") or name}
-        if body.get("stream"):
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        except ValueError:
+            return error(400, "the request body is not valid JSON")
+        try:
+            req = parse_chat(body, batcher.max_batch_size)
+            prompt = encode(req)
+        except BadRequest as exc:
+            return error(400, exc.message, exc.param)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-            def run() -> None:
-                with lock, torch.no_grad():
-                    model.generate(**inputs, **gen, streamer=streamer)
+        def deliver(event: Any) -> None:  # on the batcher thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed (shutdown)
+                pass
 
-            threading.Thread(target=run, daemon=True).start()
+        n = req["n"]
+        job = Job(prompt=prompt, n=n, on_event=deliver,
+                  sampling=Sampling(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                                    stop=req["stop"], seed=req["seed"]))
+        batcher.submit(job)
+        base = {"id": f"chatcmpl-{os.urandom(12).hex()}", "created": int(time.time()),
+                "model": body.get("model") if isinstance(body.get("model"), str) else name}
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
 
-            def chunks() -> Any:
-                first = {"role": "assistant", "content": ""}
-                yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [{'index': 0, 'delta': first, 'finish_reason': None}]})}\n\n"
-                for piece in streamer:
-                    if piece:
-                        delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-                        yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [delta]})}\n\n"
-                end = {"index": 0, "delta": {}, "finish_reason": "stop"}
-                yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [end]})}\n\n"
-                yield "data: [DONE]\n\n"
+        if req["stream"]:
+            def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+                data = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
+                if req["include_usage"] and "usage" not in extra:
+                    data["usage"] = None
+                return f"data: {json.dumps(data)}\n\n"
+
+            async def chunks() -> Any:
+                try:
+                    for i in range(n):
+                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])
+                    left = n
+                    while left:
+                        ev = await events.get()
+                        if ev.finish == "error":
+                            err = {"message": ev.delta, "type": "server_error", "param": None, "code": None}
+                            yield f"data: {json.dumps({'error': err})}\n\n"
+                            break
+                        if ev.delta:
+                            yield chunk([{"index": ev.index, "delta": {"content": ev.delta}, "logprobs": None,
+                                          "finish_reason": None}])
+                        if ev.finish:
+                            left -= 1
+                            usage["completion_tokens"] += ev.tokens
+                            yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
+                                          "finish_reason": ev.finish}])
+                    else:
+                        if req["include_usage"]:
+                            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                            yield chunk([], usage=usage)
+                    yield "data: [DONE]\n\n"
+                finally:
+                    job.cancel()  # a client that went away stops its rows at the next step; no-op once finished
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
 
-        def run_plain() -> tuple[str, int, int, str]:
-            with lock, torch.no_grad():
-                out = model.generate(**inputs, **gen)
-            new = out[0, inputs["input_ids"].shape[1]:]
-            finish = "length" if len(new) >= gen["max_new_tokens"] else "stop"
-            return tokenizer.decode(new, skip_special_tokens=True), inputs["input_ids"].shape[1], len(new), finish
+        async def watch_disconnect() -> None:  # a client that went away stops its rows at the next step
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
 
-        text, n_prompt, n_new, finish = await asyncio.to_thread(run_plain)
+        watcher = asyncio.ensure_future(watch_disconnect())
+        texts, finish = [""] * n, [None] * n
+        try:
+            while any(f is None for f in finish):
+                ev = await events.get()
+                if ev.finish == "error":
+                    return error(500, ev.delta, kind="server_error")
+                texts[ev.index] += ev.delta
+                if ev.finish:
+                    finish[ev.index] = ev.finish
+                    usage["completion_tokens"] += ev.tokens
+        finally:
+            watcher.cancel()
+            job.cancel()
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return JSONResponse({**base, "object": "chat.completion",
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish}],
-                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
-                                       "total_tokens": n_prompt + n_new}})
+                             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                                          "logprobs": None, "finish_reason": finish[i]} for i in range(n)],
+                             "usage": usage})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        batcher.close()
 
     return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                             Route("/v1/chat/completions", chat, methods=["POST"])])
+                             Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,6 +488,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="runrl-model")
+    parser.add_argument("--base-model", default=None,
+                        help="the run's model id: the base of an adapter-only final/ when the base its "
+                             "adapter_config.json records is not on this machine")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="completions decoded together at most (requests beyond it wait for a free row)")
     args = parser.parse_args(argv)
     _die_with_parent()
     token = os.environ.pop(TOKEN_ENV, "")
@@ -329,8 +501,8 @@ def main(argv: list[str] | None = None) -> None:
                  "`Authorization: Bearer <secret>`")
     import uvicorn
 
-    uvicorn.run(require_token(build_model_app(args.model_dir, args.name), token), host=args.host, port=args.port,
-                log_level="warning")
+    app = build_model_app(args.model_dir, args.name, args.base_model, args.max_batch_size)
+    uvicorn.run(require_token(app, token), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ answer (`text/event-stream`) is passed through with a keepalive (an empty line) 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, AsyncIterator
 
 import httpx
@@ -50,8 +52,8 @@ def _checks(svc: Any, p: Principal, run_id: Any) -> tuple[dict[str, Any] | None,
     reasons = []
     if run["status"] != "COMPLETED":
         reasons.append(f"run {run_id} is {run['status']}; only COMPLETED runs can be deployed")
-    elif not (svc.deployments.model_dir(run_id) / "config.json").exists():
-        reasons.append(f"run {run_id} has no final model (final/config.json is missing)")
+    elif not svc.deployments.has_model(run_id):
+        reasons.append(f"run {run_id} has no final model (final/ holds neither config.json nor adapter_config.json)")
     live = svc.store.one("SELECT id FROM deployments WHERE run_id = ? AND status IN ('pending', 'active')", (run_id,))
     if live:
         reasons.append(f"run {run_id} is already deployed (deployment {live['id']})")
@@ -63,8 +65,7 @@ async def check(request: Request, p: Principal) -> Response:
     body = await read_json(request)
     run, reasons = _checks(svc, p, body.get("run_id"))
     return ok({"run_id": run["id"], "deployable": not reasons, "can_deploy": not reasons, "reasons": reasons,
-               "base_model": run["model"], "model_path_exists": (svc.deployments.model_dir(run["id"]) / "config.json")
-               .exists()})
+               "base_model": run["model"], "model_path_exists": svc.deployments.has_model(run["id"])})
 
 
 async def create(request: Request, p: Principal) -> Response:
@@ -115,6 +116,27 @@ async def delete(request: Request, p: Principal) -> Response:
     return ok(deployment_object(svc, row, _base(request)), message="Deployment deleted")
 
 
+async def _send_unless_gone(request: Request, client: httpx.AsyncClient,
+                            upstream_req: httpx.Request) -> httpx.Response | None:
+    """`client.send(upstream_req)`, or None when the caller disconnects before the model server answers (a plain
+    completion answers only once complete): the send is then cancelled, which closes its connection, and the model
+    server drops that request's rows from its batch. A streamed answer's disconnect is StreamingResponse's."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    send, watch = asyncio.ensure_future(client.send(upstream_req, stream=True)), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({send, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not send.done():
+            send.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await send
+    return None if send.cancelled() else send.result()
+
+
 async def _proxy(request: Request, p: Principal, method: str, path: str) -> Response:
     """Forward to the deployment's model server, streaming the answer back unchanged."""
     row = _owned(request, p)
@@ -129,10 +151,13 @@ async def _proxy(request: Request, p: Principal, method: str, path: str) -> Resp
                                         headers={"Content-Type": "application/json",
                                                  "Authorization": f"Bearer {token}"})
     try:
-        upstream = await client.send(upstream_req, stream=True)
+        upstream = await _send_unless_gone(request, client, upstream_req)
     except httpx.HTTPError as exc:
         await client.aclose()
         raise ApiError(503, f"The model server is not reachable: {exc}") from None
+    if upstream is None:  # the caller hung up first: the closed connection stops the model server's generation
+        await client.aclose()
+        return Response(status_code=499)
     if upstream.status_code == 401:  # not our model server (the port was reused) or a stale secret
         await upstream.aclose()
         await client.aclose()

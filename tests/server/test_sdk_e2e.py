@@ -123,7 +123,9 @@ def test_deployment_serves_chat_completions(e2e):
         assert events[-1] == "[DONE]"
         chunks = [__import__("json").loads(e) for e in events[:-1]]
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        # sampled: the end of turn (stop) or the 8th token (length), said on the last chunk only
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
         assert c.post(f"{dep.api_url}/v1/chat/completions", json={"messages": "hi"}).status_code == 400
         assert c.get(f"{dep.api_url}/v1/models").json()["data"][0]["id"] == f"run-{run.id}"
         other = live.key("stranger")
