@@ -3,8 +3,10 @@
 The archive is written as it is sent (tar headers and file bytes in 1 MiB chunks through a streaming gzip at
 level 1, since weights barely compress), so the server holds one chunk at a time whatever the model's size; no
 temporary copy is made. Only regular files under `final/` are included, by their path relative to it: symbolic
-links and anything else are skipped, never followed. The run must be the caller's (else 404) and COMPLETED with a
-`final/config.json` (else 409, with the reason). Not covered: resuming a partial download (no Range support).
+links and anything else are skipped, never followed. The run must be the caller's and COMPLETED with a model in
+`final/`: a full one (`config.json`) or a LoRA adapter (`adapter_config.json`, `merge_lora: false`). Otherwise there
+is no model to download: 404, with the reason when the run is the caller's (another user's run is a plain 404, as
+everywhere). Not covered: resuming a partial download (no Range support).
 """
 
 from __future__ import annotations
@@ -68,11 +70,11 @@ async def download_model(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
     final = run_dir(request, row) / "final"
     if row["status"] != "COMPLETED":
-        raise ApiError(409, f"Run {row['id']} is {row['status']}; only a COMPLETED run has a model to download",
-                       details={"run_id": f"run {row['id']} is {row['status']}"})
-    if not (final / "config.json").is_file():
-        raise ApiError(409, f"Run {row['id']} has no final model (final/config.json is missing)",
-                       details={"run_id": "no final/config.json"})
+        raise ApiError(404, f"Run {row['id']} has no model yet: it is {row['status']}, and only a COMPLETED run has "
+                            "one to download", details={"run_id": f"run {row['id']} is {row['status']}"})
+    if not ((final / "config.json").is_file() or (final / "adapter_config.json").is_file()):
+        raise ApiError(404, f"Run {row['id']} has no final model (final/ holds neither config.json nor "
+                            "adapter_config.json)", details={"run_id": "no model in final/"})
     files = model_files(final)
     return StreamingResponse(tar_gz(files), media_type="application/gzip", headers={
         "Content-Disposition": f'attachment; filename="run-{row["id"]}-model.tar.gz"', "Cache-Control": "no-store"})
@@ -81,5 +83,5 @@ async def download_model(request: Request, p: Principal) -> Response:
 ROUTES = [
     api("/runs/{run_id}/model", download_model, ["GET"], "read", summary="Download the run's final model (.tar.gz)",
         media={"application/gzip": string(format="binary", description="final/ as a gzip-compressed tar")},
-        errors=(409,)),
+        errors=(404,)),
 ]

@@ -46,11 +46,17 @@ def test_download_streams_final_files_and_refuses_others(live):
                                        "reward_file_id": files[1], "run_name": "sleep=0.2,code=1"}).json()["data"]["id"]
         wait_status(c, failed, {"FAILED"})
         r = c.get(f"/runs/{failed}/model")
-        assert r.status_code == 409 and r.json()["error"] == "conflict" and "FAILED" in r.json()["message"], r.text
-    (final / "config.json").unlink()
+        assert r.status_code == 404 and "FAILED" in r.json()["message"], r.text  # the owner is told why
+    (final / "config.json").rename(final / "adapter_config.json")  # an adapter-only final/ (merge_lora: false)
+    with live.client(live.key("alice")) as c:
+        with c.stream("GET", f"/runs/{run_id}/model") as r:
+            assert r.status_code == 200, r.read()
+            names = tarfile.open(fileobj=io.BytesIO(r.read()), mode="r:gz").getnames()
+        assert "final/adapter_config.json" in names
+    (final / "adapter_config.json").unlink()
     with live.client(live.key("alice")) as c:
         r = c.get(f"/runs/{run_id}/model")
-        assert r.status_code == 409 and "final/config.json" in r.json()["message"], r.text
+        assert r.status_code == 404 and "final/ holds neither" in r.json()["message"], r.text
     with live.client(live.key("bob")) as c:
         assert c.get(f"/runs/{run_id}/model").status_code == 404  # another user's run does not exist for bob
     with live.client(None) as c:
