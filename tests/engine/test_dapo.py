@@ -234,7 +234,6 @@ def test_overlong_penalty_reaches_the_training_reward(tmp_path, tiny_model_dir):
     assert record["overlong/penalised_fraction"] == pytest.approx(sum(p < 0 for p in penalties) / 16)
 
 
-@pytest.mark.slow
 def test_dynamic_sampling_resumes_exactly(tmp_path, tiny_model_dir):
     """Refill prompts depend only on (seed, step, round): a run resumed from step 2 draws step 3's refills, and
     trains on them, as the uninterrupted run did."""
