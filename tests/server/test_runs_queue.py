@@ -314,6 +314,12 @@ def test_server_shutdown_sends_running_runs_back_to_the_queue(make_live, setting
         run_id = c.post("/runs", json=body(p, r, run_name="sleep=60,code=0")).json()["data"]["id"]
         running = wait_status(c, run_id, {"RUNNING"})
         pid = live.app.state.services.store.run(run_id)["pid"]
+        # the stand-in has trained (written its first metrics), so the next start is a resume: before that there
+        # is nothing to resume from and a plain start is right (under load the process may not have begun yet)
+        metrics, deadline = live.settings.runs_dir / str(run_id) / "metrics.jsonl", time.time() + 30
+        while not metrics.exists():
+            assert time.time() < deadline, "the stand-in trainer never wrote metrics.jsonl"
+            time.sleep(0.05)
     live.stop()
     store = Store(live.settings.db_path)
     row = store.run(run_id)
