@@ -23,20 +23,12 @@ import runrl
 from server.client import _sse_events
 from server.settings import Settings
 from server.store import Store, now_iso
-from tests.server.conftest import PROMPTS, REWARD, wait_status
+from tests.server.conftest import wait_status
+from tests.server.test_runs_queue import body, upload
 
 KEEPALIVE = ""  # an empty line (server/sse.py)
 
 
-def upload(c: httpx.Client) -> tuple[str, str]:
-    p = c.post("/files", files={"file": ("p.jsonl", PROMPTS.encode())}, data={"type": "prompt"}).json()["data"]
-    r = c.post("/files", json={"type": "reward_function", "name": "r", "content": REWARD}).json()["data"]
-    return p["id"], r["id"]
-
-
-def body(p: str, r: str, **extra) -> dict:
-    return {"model": "builtin:tiny", "type": "reward_function", "prompt_file_id": p, "reward_file_id": r,
-            "completion_length": 128, **extra}
 
 
 def key_requests(c: httpx.Client, name: str) -> int:
