@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +27,8 @@ from server.settings import Settings
 from server.store import Store
 from server.worker import killed_by
 from tests.server.conftest import PROMPTS, free_port, wait_status
-from tests.server.test_runs_queue import _alive, _running, body, upload
+from tests.server.test_runs_queue import _alive, _running, body, spawn_server, upload
 
-REPO = Path(__file__).resolve().parents[2]
 # each reward call sleeps, so a step takes about a second: the tests kill the run after step 2, well before the end
 SLOW_REWARD = ("import time\ndef reward_fn(completion, **kwargs):\n    time.sleep(0.3)\n"
                "    return float(kwargs.get('expected', '') in completion)\n")
@@ -79,16 +77,7 @@ def resumed_at(run_dir: Path) -> int:
 
 
 def spawn(data: Path, port: int, *allowed_destinations: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", REAL_SERVER, str(data), str(port), *allowed_destinations], cwd=REPO)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server subprocess did not start")
+    return spawn_server([REAL_SERVER, str(data), str(port), *allowed_destinations], port)
 
 
 @pytest.mark.slow

@@ -351,7 +351,12 @@ uvicorn.run(create_app(s), host='127.0.0.1', port=int(sys.argv[2]), log_level='w
 
 
 def _spawn_server(data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(data_dir), str(port), STAND_IN], cwd=REPO)
+    return spawn_server([SERVER_SCRIPT, str(data_dir), str(port), STAND_IN], port)
+
+
+def spawn_server(script_and_args: list[str], port: int) -> subprocess.Popen:
+    """`python -c SCRIPT ARGS...` serving on `port`, once its /health answers."""
+    proc = subprocess.Popen([sys.executable, "-c", *script_and_args], cwd=REPO)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
