@@ -18,6 +18,7 @@ import uvicorn
 from server.app import create_app
 from server.cli import create_key
 from server.settings import Settings
+from server.store import Store, now_iso
 
 
 def free_port() -> int:
@@ -116,6 +117,14 @@ def make_live(tmp_path: Path) -> Iterator[Any]:
     yield make
     for srv in started:
         srv.stop()
+
+
+def completed_run(store: Store, user: str = "alice") -> int:
+    """A COMPLETED builtin:tiny run row of `user`, written straight to the store (its final/ is the caller's)."""
+    now = now_iso()
+    return store.insert("runs", {"user_id": store.get_or_create_user(user), "status": "COMPLETED",
+                                 "type": "reward_function", "model": "builtin:tiny", "parameters": {}, "config": {},
+                                 "created_at": now, "updated_at": now, "completed_at": now})
 
 
 def wait_status(client: httpx.Client, run_id: int, statuses: set[str], timeout: float = 60) -> dict[str, Any]:

@@ -22,8 +22,8 @@ import runrl
 
 from server.client import _sse_events
 from server.settings import Settings
-from server.store import Store, now_iso
-from tests.server.conftest import wait_status
+from server.store import Store
+from tests.server.conftest import completed_run, wait_status
 from tests.server.test_runs_queue import body, upload
 
 KEEPALIVE = ""  # an empty line (server/sse.py)
@@ -127,10 +127,7 @@ def test_deployment_chat_stream_gets_keepalives_between_events_only(make_live, s
     live = make_live(replace(settings, sse_keepalive_s=0.2,
                              deploy_command=(sys.executable, "-c", STREAMING_MODEL_SERVER)))
     store = live.app.state.services.store
-    run_id = store.insert("runs", {"user_id": store.get_or_create_user("alice"), "status": "COMPLETED",
-                                   "type": "reward_function", "model": "builtin:tiny", "parameters": {},
-                                   "config": {}, "created_at": now_iso(), "updated_at": now_iso(),
-                                   "completed_at": now_iso()})
+    run_id = completed_run(store)
     final = Path(live.settings.runs_dir) / str(run_id) / "final"
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.store import Store, now_iso
-from tests.server.conftest import free_port
+from server.store import Store
+from tests.server.conftest import completed_run, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -25,9 +25,7 @@ MESSAGES = [{"role": "user", "content": "Say hi"}]
 
 def _completed_run(store: Store, runs_dir: Path, model_dir: Path, user: str = "alice") -> int:
     """A COMPLETED run whose `final/` is the builtin tiny model (what a finished run leaves)."""
-    run_id = store.insert("runs", {"user_id": store.get_or_create_user(user), "status": "COMPLETED",
-                                   "type": "reward_function", "model": "builtin:tiny", "parameters": {}, "config": {},
-                                   "created_at": now_iso(), "updated_at": now_iso(), "completed_at": now_iso()})
+    run_id = completed_run(store, user)
     shutil.copytree(model_dir, runs_dir / str(run_id) / "final")
     return run_id
 

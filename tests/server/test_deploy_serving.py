@@ -21,8 +21,7 @@ from runrl_engine.checkpoint import export_final
 from runrl_engine.rollout.hf import SamplingParams, generate
 from runrl_engine.serving import load_for_serving
 from server.settings import Settings
-from server.store import now_iso
-from tests.server.conftest import PROMPTS, REWARD, start_server
+from tests.server.conftest import PROMPTS, REWARD, completed_run, start_server
 from tests.server.test_deploy_auth import _deploy
 
 ASK = [{"role": "user", "content": "Say hi"}]
@@ -33,9 +32,7 @@ def _adapter_run(store: Any, runs_dir: Path, tiny_model_dir: Path, user: str = "
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_id = store.insert("runs", {"user_id": store.get_or_create_user(user), "status": "COMPLETED",
-                                   "type": "reward_function", "model": "builtin:tiny", "parameters": {}, "config": {},
-                                   "created_at": now_iso(), "updated_at": now_iso(), "completed_at": now_iso()})
+    run_id = completed_run(store, user)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -219,9 +216,7 @@ def test_the_openai_client_sees_a_bad_request(dep):
 def test_a_run_without_any_final_model_is_not_deployable(dep):
     live = dep["live"]
     store = live.app.state.services.store
-    run_id = store.insert("runs", {"user_id": store.get_or_create_user("alice"), "status": "COMPLETED",
-                                   "type": "reward_function", "model": "builtin:tiny", "parameters": {}, "config": {},
-                                   "created_at": now_iso(), "updated_at": now_iso(), "completed_at": now_iso()})
+    run_id = completed_run(store)
     (live.settings.runs_dir / str(run_id) / "final").mkdir(parents=True)
     with live.client(dep["key"]) as c:
         r = c.post("/deployments", json={"run_id": run_id})

@@ -8,15 +8,12 @@ import io
 import os
 import tarfile
 
-from server.store import now_iso
-from tests.server.conftest import PROMPTS, REWARD, wait_status
+from tests.server.conftest import PROMPTS, REWARD, completed_run, wait_status
 
 
 def _completed(live, user: str = "alice") -> int:
     store = live.app.state.services.store
-    run_id = store.insert("runs", {"user_id": store.get_or_create_user(user), "status": "COMPLETED",
-                                   "type": "reward_function", "model": "builtin:tiny", "parameters": {}, "config": {},
-                                   "created_at": now_iso(), "updated_at": now_iso(), "completed_at": now_iso()})
+    run_id = completed_run(store, user)
     final = live.settings.runs_dir / str(run_id) / "final"
     (final / "sub").mkdir(parents=True)
     (final / "config.json").write_text('{"model_type": "llama"}')

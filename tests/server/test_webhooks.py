@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from server.settings import Settings
-from server.store import Store, now_iso
+from server.store import Store
 from server.webhooks import DROPPED, sign, signature_header, verify
-from tests.server.conftest import PROMPTS, REWARD, free_port, wait_status
+from tests.server.conftest import PROMPTS, REWARD, completed_run, free_port, wait_status
 
 RUN_EVENTS = ["run.status_changed", "run.completed", "run.failed"]
 
@@ -450,10 +450,7 @@ def test_deployment_status_changed(make_live, hook_settings, receiver):
     store = live.app.state.services.store
     with live.client(live.key("alice")) as c:
         hook = register(c, receiver.url("/deploy"), ["deployment.status_changed"])
-        run_id = store.insert("runs", {"user_id": store.get_or_create_user("alice"), "status": "COMPLETED",
-                                       "type": "reward_function", "model": "builtin:tiny", "parameters": {},
-                                       "config": {}, "created_at": now_iso(), "updated_at": now_iso(),
-                                       "completed_at": now_iso()})
+        run_id = completed_run(store)
         final = Path(live.settings.runs_dir) / str(run_id) / "final"
         final.mkdir(parents=True)
         (final / "config.json").write_text("{}")
