@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import typing
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ from runrl_engine.config import RESUMABLE_KEYS, RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.rollout.backends import PagedBackend, vllm_token_logprobs
 from runrl_engine.rollout.hf import SamplingParams, generate, sample, sample_with_logprobs
+from tests.engine.test_trainer import cfg as trainer_cfg
 
-ROOT = Path(__file__).resolve().parents[2]
-QS = ROOT / "configs" / "data" / "quickstart"
 LN2, LN3 = math.log(2.0), math.log(3.0)
 # fp32 sampling against the trainer's full forward: the cached decode adds in another order. Measured on
 # builtin:tiny and builtin:small, max |difference| 1.4e-6 (mean 2e-7); asserted with a margin.
@@ -298,11 +296,7 @@ def test_config_keys_choices_and_resume():
 # ---- real runs ---------------------------------------------------------------------------------------------------
 
 def cfg(**over):
-    base = dict(model="builtin:tiny", prompt_file=str(QS / "prompts.jsonl"), reward_file=str(QS / "reward.py"),
-                completion_length=8, max_steps=1, prompts_per_step=2, num_generations=4, micro_batch_size=8,
-                learning_rate=3e-3, eval_every=0, save_every=0, seed=0)
-    base.update(over)
-    return base
+    return trainer_cfg(**{"max_steps": 1, **over})  # test_trainer's tiny quickstart run, one step
 
 
 def test_fp32_run_has_no_mismatch_and_weights_of_one(tmp_path, tiny_model_dir):
