@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
@@ -31,8 +30,9 @@ from server.deploy import DeploymentManager
 from server.routes import deployments, files, health, keys, run_model, runs, search, shared, tools, validation, webhooks
 from server.routes.validation import ValidationPool
 from server import openapi
+from server.services import Services
 from server.settings import Settings
-from server.store import ResponseCache, Store
+from server.store import Store
 from server.webhooks import Dispatcher
 from server.worker import Worker
 
@@ -41,22 +41,6 @@ API_PREFIX = "/api/v1"
 RESOURCE_ROUTES = [health.ROUTES, keys.ROUTES, files.ROUTES, validation.ROUTES, runs.ROUTES, tools.ROUTES,
                    shared.ROUTES, search.ROUTES, deployments.ROUTES, webhooks.ROUTES, run_model.ROUTES]
 USAGE_FLUSH_S = 5.0
-
-
-@dataclass
-class Services:
-    """Everything a route needs, built once per app (no module-level state)."""
-
-    settings: Settings
-    store: Store
-    auth: Authenticator
-    limiter: RateLimiter
-    queue: RunQueue
-    worker: Worker
-    deployments: DeploymentManager
-    validation: ValidationPool
-    webhooks: Dispatcher
-    cache: ResponseCache = field(default_factory=ResponseCache)
 
 
 def build_services(settings: Settings) -> Services:

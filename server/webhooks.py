@@ -54,6 +54,7 @@ from runrl_engine.netpolicy import AsyncGuardedTransport, DestinationDenied, Des
 from server.routes.deployments import deployment_object
 from server.routes.runs import run_object
 from server.routes.tools import SERVER_HINT
+from server.services import Services
 from server.settings import Settings
 from server.store import Store, now_iso
 
@@ -131,7 +132,7 @@ class Dispatcher:
         self.settings = settings
         self.policy = DestinationPolicy(allow_private=settings.allow_private_destinations,
                                         allowed=tuple(settings.allowed_destinations), hint=SERVER_HINT)
-        self._services: Any = None
+        self._services: Services | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._transport: AsyncGuardedTransport | None = None
@@ -140,7 +141,7 @@ class Dispatcher:
         self._slots: asyncio.Semaphore | None = None
         self._per_hook: dict[int, asyncio.Semaphore] = {}
 
-    async def start(self, services: Any) -> None:
+    async def start(self, services: Services) -> None:
         import httpx
 
         self._services = services
@@ -168,7 +169,7 @@ class Dispatcher:
     def emit(self, kind: str, obj_id: int, status: str) -> None:
         """The `Store.notify` listener: queue a delivery to each of the owner's webhooks subscribed to the
         events of this change. Cheap when the owner has none (two indexed reads)."""
-        if self._loop is None or kind not in ("run", "deployment"):
+        if self._loop is None or self._services is None or kind not in ("run", "deployment"):
             return
         row = self.store.one(f"SELECT * FROM {'runs' if kind == 'run' else 'deployments'} WHERE id = ?", (obj_id,))
         if row is None:

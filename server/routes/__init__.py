@@ -21,6 +21,7 @@ from starlette.routing import Route
 from server.auth import Principal
 from server.errors import INT64_MAX, ApiError
 from server.openapi import JSON, Body, Operation, Param, enum, query_int
+from server.services import Services
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 MAX_PER_PAGE = 100
@@ -52,8 +53,10 @@ def api(path: str, handler: Handler, methods: list[str], scope: str, *, summary:
     return Route(path, endpoint, methods=methods)
 
 
-def services(request: Request) -> Any:
-    return request.app.state.services
+def services(request: Request) -> Services:
+    """The app's services (server/services.py), typed."""
+    services: Services = request.app.state.services
+    return services
 
 
 def parse_id(raw: str) -> int | None:

@@ -21,6 +21,7 @@ from server.errors import ApiError, not_found, ok, read_json
 from server.hub_push import hub_fields
 from server.openapi import Body, array, integer, obj, page_of, query_str, ref, string
 from server.routes import PAGING, api, paged, paging, path_id, services
+from server.services import Services
 from server.sse import with_keepalives
 from server.store import now_iso
 
@@ -31,7 +32,7 @@ def _base(request: Request) -> str:
     return (services(request).settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def deployment_object(svc: Any, row: dict[str, Any], base: str) -> dict[str, Any]:
+def deployment_object(svc: Services, row: dict[str, Any], base: str) -> dict[str, Any]:
     run = svc.store.run(row["run_id"])
     obj = {"id": row["id"], "run_id": row["run_id"], "base_model": row["base_model"],
            "api_url": f"{base}/api/v1/deployments/{row['id']}" if row["status"] == "active" else "",
@@ -43,7 +44,7 @@ def deployment_object(svc: Any, row: dict[str, Any], base: str) -> dict[str, Any
     return {**obj, "deployment": dict(obj)}  # SDK 0.2.0 read `data.deployment`; 0.2.1+ reads `data`
 
 
-def _checks(svc: Any, p: Principal, run_id: Any) -> tuple[dict[str, Any] | None, list[str]]:
+def _checks(svc: Services, p: Principal, run_id: Any) -> tuple[dict[str, Any] | None, list[str]]:
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         raise ApiError(422, "Validation failed", details={"run_id": "is required (an integer run id)"})
     run = svc.store.run(run_id, p.user_id)

@@ -26,6 +26,7 @@ from server.auth import Principal
 from server.errors import ApiError, check_text, not_found, ok, read_json
 from server.openapi import Body, Param, enum, nullable, obj, page_of, query_bool, query_int, query_str, ref, string
 from server.routes import PAGING, api, bool_param, field, int_param, paged, paging, services, sort_clause, sorting
+from server.services import Services
 from server.store import now_iso
 
 FILE_TYPES = ("prompt", "reward_function", "environment", "sft")
@@ -80,7 +81,7 @@ def _check_name(value: Any, fieldname: str = "name") -> str:
     return value.strip()
 
 
-def _too_large(svc: Any) -> ApiError:
+def _too_large(svc: Services) -> ApiError:
     mb = svc.settings.max_upload_bytes / (1024 * 1024)
     return ApiError(422, f"File is too large: the limit is {mb:g} MB", details={"file": f"must be at most {mb:g} MB"})
 
@@ -121,7 +122,7 @@ class StagedFiles:
 
 
 @contextmanager
-def staged_files(svc: Any) -> Iterator[StagedFiles]:
+def staged_files(svc: Services) -> Iterator[StagedFiles]:
     stage = StagedFiles(svc.settings.files_dir)
     try:
         yield stage
@@ -140,7 +141,7 @@ def new_file_row(stage: StagedFiles, user_id: int, name: str, ftype: str, data: 
             "updated_at": now}
 
 
-def insert_file(svc: Any, user_id: int, name: str, ftype: str, data: bytes, original_filename: str | None,
+def insert_file(svc: Services, user_id: int, name: str, ftype: str, data: bytes, original_filename: str | None,
                 mime: str | None = None) -> dict[str, Any]:
     with staged_files(svc) as stage:
         row = new_file_row(stage, user_id, name, ftype, data, original_filename, mime)
@@ -150,7 +151,7 @@ def insert_file(svc: Any, user_id: int, name: str, ftype: str, data: bytes, orig
     return svc.store.file(row["id"])
 
 
-def file_path(svc: Any, row: dict[str, Any]) -> Path:
+def file_path(svc: Services, row: dict[str, Any]) -> Path:
     return svc.settings.files_dir / row["storage"]
 
 
@@ -224,7 +225,7 @@ async def retrieve(request: Request, p: Principal) -> Response:
     return ok(file_object(owned_file(request, p), request))
 
 
-def read_text(svc: Any, row: dict[str, Any]) -> str:
+def read_text(svc: Services, row: dict[str, Any]) -> str:
     try:
         return file_path(svc, row).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -232,7 +233,7 @@ def read_text(svc: Any, row: dict[str, Any]) -> str:
                        details={"file": "not text"}) from None
 
 
-def preview_of(svc: Any, row: dict[str, Any], lines: int) -> dict[str, Any]:
+def preview_of(svc: Services, row: dict[str, Any], lines: int) -> dict[str, Any]:
     text = read_text(svc, row)
     all_lines = text.splitlines()
     if row["type"] in ("prompt", "sft"):

@@ -19,11 +19,12 @@ from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
 from server.openapi import Body, array, boolean, enum, integer, nullable, obj, ref, string
 from server.routes import api, field, parse_id, services
+from server.services import Services
 
 WARNING = "Store this token safely. You will not be able to see it again."
 
 
-def key_object(row: dict[str, Any], svc: Any) -> dict[str, Any]:
+def key_object(row: dict[str, Any], svc: Services) -> dict[str, Any]:
     used, _ = svc.limiter.used(row["id"])
     return {"id": row["id"], "name": row["name"], "scopes": row["scopes"], "masked_key": auth.masked(row),
             "active": bool(row["active"]), "requests_per_hour": row["requests_per_hour"],
@@ -32,7 +33,7 @@ def key_object(row: dict[str, Any], svc: Any) -> dict[str, Any]:
             "created_at": row["created_at"], "expires_at": row["expires_at"], "last_used_at": row["last_used_at"]}
 
 
-def _own_key(svc: Any, key_id: str, p: Principal) -> dict[str, Any]:
+def _own_key(svc: Services, key_id: str, p: Principal) -> dict[str, Any]:
     numeric = parse_id(key_id)
     row = None if numeric is None else svc.store.one("SELECT * FROM api_keys WHERE id = ? AND user_id = ?",
                                                      (numeric, p.user_id))
@@ -48,7 +49,7 @@ def _rate(body: dict[str, Any]) -> int | None:
     return value
 
 
-def _caller(svc: Any, p: Principal) -> dict[str, Any]:
+def _caller(svc: Services, p: Principal) -> dict[str, Any]:
     row = svc.store.one("SELECT * FROM api_keys WHERE id = ?", (p.key_id,))
     if row is None:
         raise ApiError(401, "Invalid API key")  # deleted since it authenticated

@@ -37,6 +37,7 @@ from server.queue import ACTIVE, RunStatus
 from server.routes import PAGING, api, paged, paging, services, sort_clause, sorting
 from server.routes.files import file_path, file_ref
 from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
+from server.services import Services
 from server.store import now_iso
 
 RUN_TYPES = ("reward_function", "environment")
@@ -64,14 +65,14 @@ RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, crea
 
 HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # no "..", no leading "/" "~" "."
 
-def _by_id(svc: Any, sql: str, ids: set[Any]) -> dict[Any, dict[str, Any]]:
+def _by_id(svc: Services, sql: str, ids: set[Any]) -> dict[Any, dict[str, Any]]:
     if not ids:
         return {}
     rows = svc.store.all(sql.format(marks=", ".join("?" for _ in ids)), list(ids))
     return {r["id"]: r for r in rows}
 
 
-def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_objects(svc: Services, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run objects for `rows`, with their files and tools fetched in two queries for the whole list."""
     file_ids = {r[k] for r in rows for k in ("prompt_file_id", "reward_file_id", "sft_file_id") if r[k]}
     files = _by_id(svc, "SELECT id, name, type, deleted_at FROM files WHERE id IN ({marks})", file_ids)
@@ -110,7 +111,7 @@ def run_objects(svc: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_object(svc: Any, row: dict[str, Any]) -> dict[str, Any]:
+def run_object(svc: Services, row: dict[str, Any]) -> dict[str, Any]:
     return run_objects(svc, [row])[0]
 
 
@@ -120,7 +121,7 @@ def _parse(stamp: str) -> datetime:
 
 # ---- create -----------------------------------------------------------------------------------------------
 
-def _file_for(svc: Any, p: Principal, body: dict[str, Any], name: str, types: tuple[str, ...],
+def _file_for(svc: Services, p: Principal, body: dict[str, Any], name: str, types: tuple[str, ...],
               errors: dict[str, str], required: bool) -> dict[str, Any] | None:
     file_id = body.get(name)
     if file_id in (None, ""):
@@ -167,7 +168,7 @@ def _check_api_fields(body: dict[str, Any], errors: dict[str, str], hosted_range
             errors[key] = "must be a string"
 
 
-def _tools(svc: Any, p: Principal, body: dict[str, Any], errors: dict[str, str]) -> list[dict[str, Any]]:
+def _tools(svc: Services, p: Principal, body: dict[str, Any], errors: dict[str, str]) -> list[dict[str, Any]]:
     ids = body.get("tool_ids") or []
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         errors["tool_ids"] = "must be a list of tool ids (integers)"

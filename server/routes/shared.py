@@ -23,6 +23,7 @@ from server.openapi import Body, Param, array, enum, nullable, obj, page_of, que
 from server.routes import PAGING, api, field, paged, paging, services
 from server.routes.files import (StagedFiles, file_path, file_ref, new_file_row, preview_of, read_text,
                                  staged_files)
+from server.services import Services
 from server.store import now_iso
 
 VISIBILITIES = ("public", "unlisted", "private")
@@ -32,7 +33,7 @@ FILE_KEYS = (("prompt_file_id", "prompt", ("prompt",)), ("reward_file_id", "rewa
 CODE_SNIPPET_LINES = 60
 
 
-def config_object(svc: Any, row: dict[str, Any], p: Principal, base: str) -> dict[str, Any]:
+def config_object(svc: Services, row: dict[str, Any], p: Principal, base: str) -> dict[str, Any]:
     likes = svc.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
     liked = svc.store.one("SELECT 1 AS x FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
                           (row["uuid"], p.user_id)) is not None
@@ -68,13 +69,13 @@ def _owned(request: Request, p: Principal) -> dict[str, Any]:
     return row
 
 
-def _copy_row(svc: Any, stage: StagedFiles, row: dict[str, Any], user_id: int) -> dict[str, Any]:
+def _copy_row(svc: Services, stage: StagedFiles, row: dict[str, Any], user_id: int) -> dict[str, Any]:
     """The row of a copy of file `row` for `user_id`, its bytes staged; insert it in the transaction."""
     data = file_path(svc, row).read_bytes()
     return new_file_row(stage, user_id, row["name"], row["type"], data, row["original_filename"], row["mime_type"])
 
 
-def _resolve_file(svc: Any, p: Principal, key: str, types: tuple[str, ...], file_id: Any) -> dict[str, Any] | None:
+def _resolve_file(svc: Services, p: Principal, key: str, types: tuple[str, ...], file_id: Any) -> dict[str, Any] | None:
     """The caller's own file, or a file another user shares through a readable recipe (to be copied)."""
     if file_id in (None, ""):
         return None
