@@ -186,29 +186,68 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, extra):
     """2 processes x 1 prompt each == 1 process x 2 prompts (accelerate, gloo on CPU). Under PPO this also checks
     that advantages are whitened with the statistics of both processes' tokens; with `scale_rewards: batch`, that
     the std divides by is both processes' rewards' (each process holds one group: its own std would differ)."""
-    import yaml
-
-    config = tmp_path / "c.yaml"
-    # a decaying schedule: each process must step it once per optimizer step, not once per process
-    config.write_text(yaml.safe_dump(cfg(max_steps=1, lr_scheduler="linear", **extra)))
+    config = two_process_config(tmp_path, extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "runrl_engine.cli", "train", str(config), "--output", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 2 process(es)" in (tmp_path / "two" / "logs.txt").read_text()
+    assert_equals_one_process(tmp_path, tmp_path / "two", tiny_model_dir, extra)
+
+
+def two_process_config(tmp_path: Path, extra: dict) -> Path:
+    """The config both processes train in `test_two_processes_equal_one` (and the two-node test)."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    # a decaying schedule: each process must step it once per optimizer step, not once per process
+    config.write_text(yaml.safe_dump(cfg(max_steps=1, lr_scheduler="linear", **extra)))
+    return config
+
+
+def assert_equals_one_process(tmp_path: Path, two: Path, tiny_model_dir: Path, extra: dict) -> None:
+    """`two` was trained on 2 processes from `two_process_config(tmp_path, extra)`: its metrics and weights equal a
+    1-process run of the same config (trained here), and the weights moved."""
+    assert "on 2 process(es)" in (two / "logs.txt").read_text()
     one = train(cfg(max_steps=1, lr_scheduler="linear", **extra), output_dir=tmp_path / "one")
-    two_metrics = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    two_metrics = json.loads((two / "metrics.jsonl").read_text().splitlines()[0])
     assert two_metrics["reward_mean"] == pytest.approx(one.history[0]["reward_mean"])
     for key in ("loss", "value_loss", "explained_variance", "advantage/advantage_std_raw", "learning_rate"):
         if key in one.history[0] or key == "loss":
             assert two_metrics[key] == pytest.approx(one.history[0][key], abs=1e-5), key
-    w1, w2, base = weights(tmp_path / "one"), weights(tmp_path / "two"), load_file(str(tiny_model_dir / "model.safetensors"))
+    w1, w2, base = weights(tmp_path / "one"), weights(two), load_file(str(tiny_model_dir / "model.safetensors"))
     for k in w1:
         step = (w1[k] - base[k]).abs().max()
         assert step > 1e-4
         torch.testing.assert_close(w2[k], w1[k], atol=step.item() * 0.05, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one(tmp_path, tiny_model_dir):
+    """Multi-node through `runrl launch` (issue 19): two node launchers on this machine (`--num_machines 2
+    --machine_rank 0|1`, one process each, rendezvous on loopback, gloo) train as one 2-process job, and the result
+    equals the 1-process run. Both write to one --output, as nodes do on a shared file system. The collectives are
+    those of `test_two_processes_equal_one`; what this adds is the cross-node launch: global ranks from
+    machine_rank, one main process of two local rank 0s."""
+    from tests.engine.test_tool_runs import free_port
+
+    config, port = two_process_config(tmp_path, {}), free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "runrl_engine.cli", "launch", "--multi_gpu", "--num_machines", "2",
+                               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "train", str(config), "--output", str(tmp_path / "two")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{output[-3000:]}"
+    assert_equals_one_process(tmp_path, tmp_path / "two", tiny_model_dir, {})
 
 
 def test_held_out_file_greedy_eval_at_start(tmp_path, tiny_model_dir):
