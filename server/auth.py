@@ -103,14 +103,14 @@ def create_key(store: Store, user_id: int, name: str, scopes: list[str],
     """Insert a new key; returns (row, token). The token is shown once and stored only as a hash."""
     for _ in range(5):
         prefix, secret = _random(8), _random(32)
-        if store.key_by_prefix(prefix) is None:
+        if store.keys.by_prefix(prefix) is None:
             break
     token = f"rl_{prefix}_{secret}"
-    key_id = store.insert("api_keys", {
+    row = store.keys.create({
         "user_id": user_id, "name": name, "prefix": prefix, "key_hash": hash_token(token), "last4": secret[-4:],
         "scopes": scopes, "active": 1, "requests_per_hour": requests_per_hour, "expires_at": expires_at,
         "created_at": now_iso()})
-    return store.one("SELECT * FROM api_keys WHERE id = ?", (key_id,)), token
+    return row, token
 
 
 def masked(row: dict[str, Any]) -> str:
@@ -141,7 +141,7 @@ class Authenticator:
             hit = self._cache.get(prefix)
         if hit and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
-        row = self.store.key_by_prefix(prefix)
+        row = self.store.keys.by_prefix(prefix)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

@@ -58,7 +58,7 @@ def create_key(*, name: str, scopes: list[str], user: str = "admin", data_dir: s
     settings = Settings(data_dir=Path(data_dir).expanduser().resolve())
     store = Store(settings.db_path)
     try:
-        user_id = store.get_or_create_user(user)
+        user_id = store.users.get_or_create(user)
         _, token = auth.create_key(store, user_id, name, scopes)
     finally:
         store.close()
@@ -93,17 +93,11 @@ def _key_row(row: dict[str, Any]) -> dict[str, Any]:
             "expires_at": row["expires_at"], "last_used_at": row["last_used_at"]}
 
 
-_KEYS_SQL = "SELECT k.*, u.name AS user FROM api_keys k JOIN users u ON u.id = k.user_id"
-
-
 def list_keys(*, data_dir: str | Path = "~/.runrl", user: str | None = None) -> list[dict[str, Any]]:
     """Every key of the store (or of `user`), oldest first."""
     store = _open_store(data_dir)
     try:
-        if user is None:
-            rows = store.all(f"{_KEYS_SQL} ORDER BY k.id")
-        else:
-            rows = store.all(f"{_KEYS_SQL} WHERE u.name = ? ORDER BY k.id", (user,))
+        rows = store.keys.all_with_owner(user)
     finally:
         store.close()
     return [_key_row(r) for r in rows]
@@ -113,11 +107,11 @@ def _find_key(store: Store, key: str) -> dict[str, Any]:
     """A key by its id, its token, its masked form or its 8-character prefix."""
     text = key.strip()
     if text.isdigit():
-        row = store.one(f"{_KEYS_SQL} WHERE k.id = ?", (int(text),))
+        row = store.keys.with_owner(key_id=int(text))
     else:
         parts = text.split("_")
         prefix = parts[1] if len(parts) >= 2 and parts[0] == "rl" else text
-        row = store.one(f"{_KEYS_SQL} WHERE k.prefix = ?", (prefix,))
+        row = store.keys.with_owner(prefix=prefix)
     if row is None:
         raise _user_error("no such API key", where=key, fix="pass an id or a key prefix that runrl keys list shows")
     return row
@@ -155,8 +149,8 @@ def update_key(key: str, *, data_dir: str | Path = "~/.runrl", name: str | None 
     try:
         row = _find_key(store, key)
         if values:
-            store.update("api_keys", "id", row["id"], values)
-        return _key_row(store.one(f"{_KEYS_SQL} WHERE k.id = ?", (row["id"],)))
+            store.keys.update(row["id"], values)
+        return _key_row(store.keys.with_owner(key_id=row["id"]))  # type: ignore[arg-type]  (found above)
     finally:
         store.close()
 

@@ -80,7 +80,7 @@ class RateLimiter:
         if not pending:
             return
         try:
-            store.add_key_usage(pending)
+            store.keys.add_usage(pending)
         except Exception:  # keep the counts for the next flush (e.g. "database is locked")
             with self._lock:
                 for key_id, (n, last) in pending.items():

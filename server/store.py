@@ -138,6 +138,9 @@ class Store:
         self._writes = 0
         # Status-change listeners (webhooks): called as listener(kind, id, status) by `notify`
         self.listeners: list[Callable[[str, int, str], None]] = []
+        # The repositories: one per resource, each the only place its tables' SQL is written
+        self.users = Users(self)
+        self.keys = Keys(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -225,22 +228,9 @@ class Store:
         rows = self.all(f"{sql} ORDER BY {order_by} LIMIT ? OFFSET ?", [*args, per_page, (page - 1) * per_page])
         return rows, int(total or 0)
 
-    # ---- users and keys ------------------------------------------------------------------------------------
+    # ---- shorthands kept for the queue, the worker, the CLI and tests -------------------------------------
     def get_or_create_user(self, name: str) -> int:
-        with self.tx() as db:
-            row = db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
-            if row:
-                return int(row[0])
-            return int(db.execute("INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now_iso())).lastrowid)
-
-    def key_by_prefix(self, prefix: str) -> dict[str, Any] | None:
-        return self.one("SELECT * FROM api_keys WHERE prefix = ?", (prefix,))
-
-    def add_key_usage(self, counts: dict[int, tuple[int, str]]) -> None:
-        """Flush request counters: key id -> (requests since last flush, last-used timestamp)."""
-        with self.tx() as db:
-            db.executemany("UPDATE api_keys SET total_requests = total_requests + ?, last_used_at = ? WHERE id = ?",
-                           [(n, ts, key_id) for key_id, (n, ts) in counts.items()])
+        return self.users.get_or_create(name)
 
     # ---- runs ----------------------------------------------------------------------------------------------
     def add_history(self, run_id: int, status: str, message: str) -> None:
@@ -263,3 +253,71 @@ class Store:
         rows = self.all("SELECT id FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING') AND "
                         "(prompt_file_id = ? OR reward_file_id = ? OR sft_file_id = ?)", (file_id,) * 3)
         return [r["id"] for r in rows]
+
+
+# ---- repositories ----------------------------------------------------------------------------------------------
+class Users:
+    """Accounts: a name and an id; keys, files, runs, ... belong to a user id."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get_or_create(self, name: str) -> int:
+        with self.store.tx() as db:
+            row = db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+            if row:
+                return int(row[0])
+            return int(db.execute("INSERT INTO users (name, created_at) VALUES (?, ?)", (name, now_iso())).lastrowid)
+
+    def public(self, user_id: int) -> dict[str, Any] | None:
+        """What other users may see of a user: id and name."""
+        return self.store.one("SELECT id, name FROM users WHERE id = ?", (user_id,))
+
+
+class Keys:
+    """API keys (hashes only; server/auth.py makes and checks tokens) and their usage counters. `owner` rows carry
+    the owning user's name as `user` (the admin CLI's view)."""
+
+    _WITH_OWNER = "SELECT k.*, u.name AS user FROM api_keys k JOIN users u ON u.id = k.user_id"
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, key_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.store.one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        return self.store.one("SELECT * FROM api_keys WHERE id = ? AND user_id = ?", (key_id, user_id))
+
+    def by_prefix(self, prefix: str) -> dict[str, Any] | None:
+        return self.store.one("SELECT * FROM api_keys WHERE prefix = ?", (prefix,))
+
+    def of_user(self, user_id: int) -> list[dict[str, Any]]:
+        return self.store.all("SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (user_id,))
+
+    def create(self, values: dict[str, Any]) -> dict[str, Any]:
+        key_id = self.store.insert("api_keys", values)
+        return self.get(key_id)  # type: ignore[return-value]  (just inserted)
+
+    def update(self, key_id: int, values: dict[str, Any]) -> None:
+        self.store.update("api_keys", "id", key_id, values)
+
+    def delete(self, key_id: int) -> None:
+        self.store.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+
+    def add_usage(self, counts: dict[int, tuple[int, str]]) -> None:
+        """Flush request counters: key id -> (requests since last flush, last-used timestamp)."""
+        with self.store.tx() as db:
+            db.executemany("UPDATE api_keys SET total_requests = total_requests + ?, last_used_at = ? WHERE id = ?",
+                           [(n, ts, key_id) for key_id, (n, ts) in counts.items()])
+
+    def with_owner(self, *, key_id: int | None = None, prefix: str | None = None) -> dict[str, Any] | None:
+        """One key by id or by prefix, with its owner's name."""
+        if key_id is not None:
+            return self.store.one(f"{self._WITH_OWNER} WHERE k.id = ?", (key_id,))
+        return self.store.one(f"{self._WITH_OWNER} WHERE k.prefix = ?", (prefix,))
+
+    def all_with_owner(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Every key (or `user`'s), oldest first, with its owner's name."""
+        if user is None:
+            return self.store.all(f"{self._WITH_OWNER} ORDER BY k.id")
+        return self.store.all(f"{self._WITH_OWNER} WHERE u.name = ? ORDER BY k.id", (user,))

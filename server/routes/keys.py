@@ -35,8 +35,7 @@ def key_object(row: dict[str, Any], svc: Services) -> dict[str, Any]:
 
 def _own_key(svc: Services, key_id: str, p: Principal) -> dict[str, Any]:
     numeric = parse_id(key_id)
-    row = None if numeric is None else svc.store.one("SELECT * FROM api_keys WHERE id = ? AND user_id = ?",
-                                                     (numeric, p.user_id))
+    row = None if numeric is None else svc.store.keys.get(numeric, p.user_id)
     if row is None:
         raise not_found("API key")
     return row
@@ -50,7 +49,7 @@ def _rate(body: dict[str, Any]) -> int | None:
 
 
 def _caller(svc: Services, p: Principal) -> dict[str, Any]:
-    row = svc.store.one("SELECT * FROM api_keys WHERE id = ?", (p.key_id,))
+    row = svc.store.keys.get(p.key_id)
     if row is None:
         raise ApiError(401, "Invalid API key")  # deleted since it authenticated
     return row
@@ -102,7 +101,7 @@ async def create(request: Request, p: Principal) -> Response:
 
 async def list_keys(request: Request, p: Principal) -> Response:
     svc = services(request)
-    rows = svc.store.all("SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (p.user_id,))
+    rows = svc.store.keys.of_user(p.user_id)
     return ok([key_object(r, svc) for r in rows])
 
 
@@ -130,16 +129,16 @@ async def update(request: Request, p: Principal) -> Response:
         if _later(values["expires_at"], row["expires_at"]) and not admin:
             raise _refuse("expires_at", "only an admin key extends or removes an expiry")
     if values:
-        svc.store.update("api_keys", "id", row["id"], values)
+        svc.store.keys.update(row["id"], values)
         svc.auth.invalidate()
-    return ok(key_object(svc.store.one("SELECT * FROM api_keys WHERE id = ?", (row["id"],)), svc),
+    return ok(key_object(svc.store.keys.get(row["id"]), svc),  # type: ignore[arg-type]  (_own_key found it)
               message="API key updated")
 
 
 async def delete(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _own_key(svc, request.path_params["key_id"], p)
-    svc.store.execute("DELETE FROM api_keys WHERE id = ?", (row["id"],))
+    svc.store.keys.delete(row["id"])
     svc.auth.invalidate()
     return ok({"id": row["id"], "deleted": True}, message="API key deleted")
 
