@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -83,6 +83,38 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 JSON_COLUMNS = {"scopes", "parameters", "config", "secrets", "tool_ids", "configuration", "events"}
 
 
+class Sort(NamedTuple):
+    """A listing's order as the request asked for it (server/routes `sort_clause`): `key` is one of the
+    repository's sort keys (FILE_SORTS, RUN_SORTS, TOOL_SORTS), which map it to a column."""
+
+    key: str
+    descending: bool
+
+
+class DuplicateName(ValueError):
+    """A write that would give an owner two tools of the same name (the UNIQUE(user_id, name) constraint)."""
+
+
+# `sort` keys of the listings and their columns; ties break on rowid, in the same direction.
+FILE_SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "file_size": "file_size",
+              "updated_at": "updated_at"}
+# RunRL's runs "sort same as files"; a run has no name or size, so its own times and fields
+RUN_SORTS = {"created_at": "created_at", "updated_at": "updated_at", "started_at": "started_at",
+             "completed_at": "completed_at", "id": "id", "status": "status", "model": "model"}
+TOOL_SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
+              "updated_at": "updated_at"}
+
+
+def _order(columns: dict[str, str], sort: Sort) -> str:
+    direction = "DESC" if sort.descending else "ASC"
+    return f"{columns[sort.key]} {direction}, rowid {direction}"
+
+
+def _contains(text: str) -> str:
+    """A LIKE pattern (with ESCAPE '\\') matching `text` anywhere, its own `%`, `_` and `\\` taken literally."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -141,6 +173,8 @@ class Store:
         # The repositories: one per resource, each the only place its tables' SQL is written
         self.users = Users(self)
         self.keys = Keys(self)
+        self.files = Files(self)
+        self.tools = Tools(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -244,16 +278,6 @@ class Store:
             return self.one("SELECT * FROM runs WHERE id = ?", (run_id,))
         return self.one("SELECT * FROM runs WHERE id = ? AND user_id = ?", (run_id, user_id))
 
-    def file(self, file_id: str, user_id: int | None = None) -> dict[str, Any] | None:
-        if user_id is None:
-            return self.one("SELECT * FROM files WHERE id = ? AND deleted_at IS NULL", (file_id,))
-        return self.one("SELECT * FROM files WHERE id = ? AND user_id = ? AND deleted_at IS NULL", (file_id, user_id))
-
-    def active_runs_using_file(self, file_id: str) -> list[int]:
-        rows = self.all("SELECT id FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING') AND "
-                        "(prompt_file_id = ? OR reward_file_id = ? OR sft_file_id = ?)", (file_id,) * 3)
-        return [r["id"] for r in rows]
-
 
 # ---- repositories ----------------------------------------------------------------------------------------------
 class Users:
@@ -321,3 +345,135 @@ class Keys:
         if user is None:
             return self.store.all(f"{self._WITH_OWNER} ORDER BY k.id")
         return self.store.all(f"{self._WITH_OWNER} WHERE u.name = ? ORDER BY k.id", (user,))
+
+
+class Files:
+    """Uploaded files' metadata (their bytes are under the files dir, server/routes/files.py). `get` sees live
+    files only; a soft-deleted file keeps its row (`deleted_at`) for the runs and recipes that name it."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, file_id: str, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.store.one("SELECT * FROM files WHERE id = ? AND deleted_at IS NULL", (file_id,))
+        return self.store.one("SELECT * FROM files WHERE id = ? AND user_id = ? AND deleted_at IS NULL",
+                              (file_id, user_id))
+
+    def get_any(self, file_id: str) -> dict[str, Any] | None:
+        """The row, deleted or not."""
+        return self.store.one("SELECT * FROM files WHERE id = ?", (file_id,))
+
+    def refs(self, file_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """id -> (id, name, type, deleted_at) of each of `file_ids` that has a row, deleted or not."""
+        if not file_ids:
+            return {}
+        marks = ", ".join("?" for _ in file_ids)
+        rows = self.store.all(f"SELECT id, name, type, deleted_at FROM files WHERE id IN ({marks})", list(file_ids))
+        return {r["id"]: r for r in rows}
+
+    def list(self, user_id: int, *, ftype: str | None, search: str | None, sort: Sort, page: int, per_page: int
+             ) -> tuple[list[dict[str, Any]], int]:
+        """One page of the user's live files (of `ftype`; `search` in the name or original filename)."""
+        sql, args = "SELECT * FROM files WHERE user_id = ? AND deleted_at IS NULL", [user_id]
+        if ftype:
+            sql += " AND type = ?"
+            args.append(ftype)
+        if search:
+            sql += " AND (name LIKE ? ESCAPE '\\' OR original_filename LIKE ? ESCAPE '\\')"
+            args += [_contains(search)] * 2
+        return self.store.page(sql, args, _order(FILE_SORTS, sort), page, per_page)
+
+    def search(self, user_id: int, text: str, limit: int) -> list[dict[str, Any]]:
+        """The user's live files whose name or original filename contains `text`, newest first."""
+        like = _contains(text)
+        return self.store.all("SELECT * FROM files WHERE user_id = ? AND deleted_at IS NULL AND (name LIKE ? ESCAPE "
+                              "'\\' OR original_filename LIKE ? ESCAPE '\\') ORDER BY created_at DESC LIMIT ?",
+                              (user_id, like, like, limit))
+
+    def insert(self, row: dict[str, Any]) -> None:
+        self.store.insert("files", row)
+
+    def update(self, file_id: str, values: dict[str, Any]) -> None:
+        self.store.update("files", "id", file_id, values)
+
+    def soft_delete(self, file_id: str) -> None:
+        self.store.update("files", "id", file_id, {"deleted_at": now_iso()})
+
+    def purge(self, file_id: str) -> None:
+        self.store.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
+    def active_runs_using(self, file_id: str) -> list[int]:
+        """Ids of the queued or running runs that read the file."""
+        rows = self.store.all("SELECT id FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING') AND "
+                              "(prompt_file_id = ? OR reward_file_id = ? OR sft_file_id = ?)", (file_id,) * 3)
+        return [r["id"] for r in rows]
+
+
+class Tools:
+    """MCP tool registrations. A user sees their own tools and every public one (`visible`)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, tool_id: int) -> dict[str, Any] | None:
+        return self.store.one("SELECT * FROM tools WHERE id = ?", (tool_id,))
+
+    def visible(self, tool_id: int, user_id: int) -> dict[str, Any] | None:
+        return self.store.one("SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)",
+                              (tool_id, user_id))
+
+    def refs(self, tool_ids: set[int]) -> dict[int, dict[str, Any]]:
+        """id -> (id, name, mcp_url, description) of each of `tool_ids` that still exists."""
+        if not tool_ids:
+            return {}
+        marks = ", ".join("?" for _ in tool_ids)
+        rows = self.store.all(f"SELECT id, name, mcp_url, description FROM tools WHERE id IN ({marks})",
+                              list(tool_ids))
+        return {r["id"]: r for r in rows}
+
+    def list(self, user_id: int, *, owned_only: bool, public_only: bool, verified: bool | None,
+             search: str | None, sort: Sort, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of the tools the user sees, filtered (`verified` None: either)."""
+        sql, args = "SELECT * FROM tools WHERE (user_id = ? OR is_public = 1)", [user_id]
+        if owned_only:
+            sql += " AND user_id = ?"
+            args.append(user_id)
+        if public_only:
+            sql += " AND is_public = 1"
+        if verified is not None:
+            sql += " AND verified = ?"
+            args.append(int(verified))
+        if search:
+            sql += " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\')"
+            args += [_contains(search)] * 2
+        return self.store.page(sql, args, _order(TOOL_SORTS, sort), page, per_page)
+
+    def search(self, user_id: int, text: str, limit: int) -> list[dict[str, Any]]:
+        """The tools the user sees whose name or description contains `text`, newest first."""
+        like = _contains(text)
+        return self.store.all("SELECT * FROM tools WHERE (user_id = ? OR is_public = 1) AND (name LIKE ? ESCAPE "
+                              "'\\' OR description LIKE ? ESCAPE '\\') ORDER BY created_at DESC LIMIT ?",
+                              (user_id, like, like, limit))
+
+    def create(self, values: dict[str, Any]) -> int:
+        """The new tool's id; DuplicateName when the owner has a tool of that name."""
+        try:
+            return self.store.insert("tools", values)
+        except sqlite3.IntegrityError:
+            raise DuplicateName(values["name"]) from None
+
+    def update(self, tool_id: int, values: dict[str, Any]) -> None:
+        """DuplicateName when the new name is another of the owner's tools'."""
+        try:
+            self.store.update("tools", "id", tool_id, values)
+        except sqlite3.IntegrityError:
+            raise DuplicateName(values.get("name")) from None
+
+    def delete(self, tool_id: int) -> None:
+        self.store.execute("DELETE FROM tools WHERE id = ?", (tool_id,))
+
+    def count_use(self, tool_ids: list[int]) -> None:
+        """One more run uses each of the tools."""
+        for tool_id in tool_ids:
+            self.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (tool_id,))

@@ -12,7 +12,7 @@ declare the parameters `paging()` and `sort_clause()` read.
 from __future__ import annotations
 
 import functools
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,6 +22,7 @@ from server.auth import Principal
 from server.errors import INT64_MAX, ApiError
 from server.openapi import JSON, Body, Operation, Param, enum, query_int
 from server.services import Services
+from server.store import Sort
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 MAX_PER_PAGE = 100
@@ -108,21 +109,22 @@ def paging(request: Request) -> tuple[int, int]:
 PAGING = (query_int("page", 1, 1, INT64_MAX // MAX_PER_PAGE), query_int("per_page", 20, 1, MAX_PER_PAGE))
 
 
-def sorting(allowed: dict[str, str], default: str) -> tuple[Param, Param]:
+def sorting(allowed: Collection[str], default: str) -> tuple[Param, Param]:
     """The `sort`/`direction` parameters `sort_clause(request, allowed, default)` reads."""
     return (Param("sort", enum(sorted(allowed), default=default)),
             Param("direction", enum(["asc", "desc"], default="desc")))
 
 
-def sort_clause(request: Request, allowed: dict[str, str], default: str) -> str:
-    """`sort`/`direction` query params -> an ORDER BY clause from a whitelist (never raw user text)."""
+def sort_clause(request: Request, allowed: Collection[str], default: str) -> Sort:
+    """`sort`/`direction` query params -> a `Sort` whose key is one of `allowed` (a repository's sort keys, which
+    it maps to columns: never raw user text)."""
     sort = request.query_params.get("sort") or default
     direction = (request.query_params.get("direction") or "desc").lower()
     if sort not in allowed:
         raise ApiError(422, "Invalid sort", details={"sort": f"one of {sorted(allowed)}"})
     if direction not in ("asc", "desc"):
         raise ApiError(422, "Invalid direction", details={"direction": "asc or desc"})
-    return f"{allowed[sort]} {direction.upper()}, rowid {direction.upper()}"
+    return Sort(sort, direction == "desc")
 
 
 def paged(items: list[Any], page: int, per_page: int, total: int) -> dict[str, Any]:

@@ -27,14 +27,12 @@ from server.errors import ApiError, check_text, not_found, ok, read_json
 from server.openapi import Body, Param, enum, nullable, obj, page_of, query_bool, query_int, query_str, ref, string
 from server.routes import PAGING, api, bool_param, field, int_param, paged, paging, services, sort_clause, sorting
 from server.services import Services
-from server.store import now_iso
+from server.store import FILE_SORTS, now_iso
 
 FILE_TYPES = ("prompt", "reward_function", "environment", "sft")
 CODE_TYPES = ("reward_function", "environment")
 MIME = {"prompt": "application/jsonl", "sft": "application/jsonl", "reward_function": "text/x-python",
         "environment": "text/x-python"}
-SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "file_size": "file_size",
-         "updated_at": "updated_at"}
 MAX_NAME = 255
 
 
@@ -146,9 +144,9 @@ def insert_file(svc: Services, user_id: int, name: str, ftype: str, data: bytes,
     with staged_files(svc) as stage:
         row = new_file_row(stage, user_id, name, ftype, data, original_filename, mime)
         with svc.store.tx():
-            svc.store.insert("files", row)
+            svc.store.files.insert(row)
             stage.commit()
-    return svc.store.file(row["id"])
+    return svc.store.files.get(row["id"])  # type: ignore[return-value]  (just inserted)
 
 
 def file_path(svc: Services, row: dict[str, Any]) -> Path:
@@ -156,7 +154,7 @@ def file_path(svc: Services, row: dict[str, Any]) -> Path:
 
 
 def owned_file(request: Request, p: Principal, file_id: str | None = None) -> dict[str, Any]:
-    row = services(request).store.file(file_id or request.path_params["file_id"], p.user_id)
+    row = services(request).store.files.get(file_id or request.path_params["file_id"], p.user_id)
     if row is None:
         raise not_found("File")
     return row
@@ -207,17 +205,11 @@ async def create(request: Request, p: Principal) -> Response:
 async def list_files(request: Request, p: Principal) -> Response:
     svc = services(request)
     page, per_page = paging(request)
-    sql, args = "SELECT * FROM files WHERE user_id = ? AND deleted_at IS NULL", [p.user_id]
     ftype = request.query_params.get("type")
-    if ftype:
-        sql += " AND type = ?"
-        args.append(_check_type(ftype))
-    search = request.query_params.get("search")
-    if search:
-        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        sql += " AND (name LIKE ? ESCAPE '\\' OR original_filename LIKE ? ESCAPE '\\')"
-        args += [f"%{escaped}%"] * 2
-    rows, total = svc.store.page(sql, args, sort_clause(request, SORTS, "created_at"), page, per_page)
+    rows, total = svc.store.files.list(p.user_id, ftype=_check_type(ftype) if ftype else None,
+                                       search=request.query_params.get("search"),
+                                       sort=sort_clause(request, FILE_SORTS, "created_at"), page=page,
+                                       per_page=per_page)
     return ok(paged([file_object(r, request) for r in rows], page, per_page, total))
 
 
@@ -293,24 +285,24 @@ async def update(request: Request, p: Principal) -> Response:
         if "file_size" in values:
             stage.add(row["storage"], data)
         with svc.store.tx():
-            svc.store.update("files", "id", row["id"], values)
+            svc.store.files.update(row["id"], values)
             stage.commit()
-    return ok(file_object(svc.store.file(row["id"]), request), message="File updated")
+    return ok(file_object(svc.store.files.get(row["id"]), request), message="File updated")
 
 
 async def delete(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = owned_file(request, p)
     force = bool_param(request, "force")
-    active = svc.store.active_runs_using_file(row["id"])
+    active = svc.store.files.active_runs_using(row["id"])
     if active:
         raise ApiError(422, f"File is used by active run(s) {active}; cancel them or wait until they finish",
                        details={"active_runs": active})
     if force:
-        svc.store.execute("DELETE FROM files WHERE id = ?", (row["id"],))
+        svc.store.files.purge(row["id"])
         file_path(svc, row).unlink(missing_ok=True)
     else:
-        svc.store.update("files", "id", row["id"], {"deleted_at": now_iso()})
+        svc.store.files.soft_delete(row["id"])
     return ok({"id": row["id"], "deleted": True, "purged": force}, message="File deleted")
 
 
@@ -322,7 +314,7 @@ UPLOAD = Body(json=obj({"type": enum(FILE_TYPES), "name": NAME, "content": strin
 BYTES = {m: string(format="binary") for m in (*sorted(set(MIME.values())), "application/octet-stream")}
 ROUTES = [
     api("/files", list_files, ["GET"], "read", summary="List your files", returns=page_of(ref("File")),
-        query=[*PAGING, *sorting(SORTS, "created_at"), Param("type", enum(FILE_TYPES)),
+        query=[*PAGING, *sorting(FILE_SORTS, "created_at"), Param("type", enum(FILE_TYPES)),
                query_str("search", "in the name or original filename")]),
     api("/files", create, ["POST"], "write", summary="Upload a file (multipart) or create one from JSON content",
         body=UPLOAD, returns=ref("File"), status=201),

@@ -38,7 +38,7 @@ from server.routes import PAGING, api, paged, paging, services, sort_clause, sor
 from server.routes.files import file_path, file_ref
 from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
 from server.services import Services
-from server.store import now_iso
+from server.store import RUN_SORTS, _order, now_iso
 
 RUN_TYPES = ("reward_function", "environment")
 CACHEABLE = {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}
@@ -131,7 +131,7 @@ def _file_for(svc: Services, p: Principal, body: dict[str, Any], name: str, type
     if not isinstance(file_id, str):
         errors[name] = "must be a file id (string)"
         return None
-    row = svc.store.file(file_id, p.user_id)
+    row = svc.store.files.get(file_id, p.user_id)
     if row is None:
         errors[name] = f"file {file_id} not found"
     elif row["type"] not in types:
@@ -246,11 +246,6 @@ async def create(request: Request, p: Principal) -> Response:
 
 # ---- read / cancel ----------------------------------------------------------------------------------------
 
-# `sort` values of GET /runs (RunRL: "same as files"; a run has no name or size, so its own times and fields).
-SORTS = {"created_at": "created_at", "updated_at": "updated_at", "started_at": "started_at",
-         "completed_at": "completed_at", "id": "id", "status": "status", "model": "model"}
-
-
 def _instant(param: str, value: str) -> str:
     """A date (`2026-12-01`: its midnight, UTC) or an ISO 8601 time (`2026-12-01T10:00:00Z`, an offset such as
     `+02:00`; none means UTC) as stored timestamps are written (`now_iso`: UTC, microseconds, `Z`), so comparing
@@ -292,7 +287,8 @@ async def list_runs(request: Request, p: Principal) -> Response:
         if value:
             sql += f" AND {param} = ?"
             args.append(value)
-    rows, total = svc.store.page(sql, args, sort_clause(request, SORTS, "created_at"), page, per_page)
+    rows, total = svc.store.page(sql, args, _order(RUN_SORTS, sort_clause(request, RUN_SORTS, "created_at")), page,
+                                 per_page)
     response = ok(paged(run_objects(svc, rows), page, per_page, total))
     if all(r["status"] in CACHEABLE for r in rows):
         svc.cache.put(cache_key, generation, response.body)
@@ -351,7 +347,7 @@ ROUTES = [
         query=[*PAGING, query_str("status", "comma-separated statuses, e.g. RUNNING,PENDING"),
                query_str("created_after", "ISO 8601 date or time (no offset: UTC); on or after"),
                query_str("created_before", "ISO 8601 date or time (no offset: UTC); before"),
-               Param("type", enum(RUN_TYPES)), query_str("model"), *sorting(SORTS, "created_at")]),
+               Param("type", enum(RUN_TYPES)), query_str("model"), *sorting(RUN_SORTS, "created_at")]),
     api("/runs", create, ["POST"], "write", summary="Queue a run", body=Body(CREATE_BODY), returns=ref("Run"),
         status=201),
     api("/runs/{run_id}", retrieve, ["GET"], "read", summary="A run", returns=ref("Run")),

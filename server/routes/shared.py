@@ -81,7 +81,7 @@ def _resolve_file(svc: Services, p: Principal, key: str, types: tuple[str, ...],
         return None
     if not isinstance(file_id, str):
         raise ApiError(422, "Validation failed", details={key: "must be a file id"})
-    row = svc.store.file(file_id)
+    row = svc.store.files.get(file_id)
     shared = row is not None and (row["user_id"] == p.user_id or svc.store.one(
         f"SELECT 1 AS x FROM shared_configs WHERE {key} = ? AND visibility != 'private'", (file_id,)) is not None)
     if not shared:
@@ -166,7 +166,7 @@ async def data(request: Request, p: Principal) -> Response:
     row = readable(request, p)
     out: dict[str, Any] = {"uuid": row["uuid"], "configuration": row["configuration"]}
     for key, short, _ in FILE_KEYS:
-        f = svc.store.file(row[key]) if row[key] else None
+        f = svc.store.files.get(row[key]) if row[key] else None
         if f is None:
             out[f"{short}_preview" if short != "reward" else "reward_code"] = None
         elif short == "reward":
@@ -187,7 +187,7 @@ async def copy(request: Request, p: Principal) -> Response:
     with staged_files(svc) as stage:
         copies = []
         for key, _, _ in FILE_KEYS:
-            f = svc.store.file(row[key]) if row[key] else None
+            f = svc.store.files.get(row[key]) if row[key] else None
             if f:
                 copies.append(_copy_row(svc, stage, f, p.user_id))
             new[key] = copies[-1]["id"] if f else None

@@ -14,7 +14,6 @@ does not tell a closed port from an open one.
 
 from __future__ import annotations
 
-import sqlite3
 from functools import lru_cache
 from typing import Any
 
@@ -26,10 +25,8 @@ from server.auth import Principal
 from server.errors import ApiError, not_found, ok, read_json
 from server.openapi import Body, boolean, nullable, obj, page_of, query_bool, query_str, ref, string
 from server.routes import PAGING, api, bool_param, field, paged, paging, path_id, services, sort_clause, sorting
-from server.store import now_iso
+from server.store import TOOL_SORTS, DuplicateName, now_iso
 
-SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
-         "updated_at": "updated_at"}
 
 
 def tool_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -74,8 +71,7 @@ async def check_destination(request: Request, url: str) -> str:
 
 def visible_tool(request: Request, p: Principal) -> dict[str, Any]:
     tool_id = path_id(request, "tool_id")
-    row = None if tool_id is None else services(request).store.one(
-        "SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)", (tool_id, p.user_id))
+    row = None if tool_id is None else services(request).store.tools.visible(tool_id, p.user_id)
     if row is None:
         raise not_found("Tool")
     return row
@@ -102,21 +98,12 @@ def _duplicate(name: str) -> ApiError:
 async def list_tools(request: Request, p: Principal) -> Response:
     svc = services(request)
     page, per_page = paging(request)
-    sql, args = "SELECT * FROM tools WHERE (user_id = ? OR is_public = 1)", [p.user_id]
-    if bool_param(request, "owned_only"):
-        sql += " AND user_id = ?"
-        args.append(p.user_id)
-    if bool_param(request, "public_only"):
-        sql += " AND is_public = 1"
-    if request.query_params.get("verified"):
-        sql += " AND verified = ?"
-        args.append(int(bool_param(request, "verified")))
-    search = request.query_params.get("search")
-    if search:
-        like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        sql += " AND (name LIKE ? ESCAPE '\\' OR description LIKE ? ESCAPE '\\')"
-        args += [like, like]
-    rows, total = svc.store.page(sql, args, sort_clause(request, SORTS, "created_at"), page, per_page)
+    owned_only, public_only = bool_param(request, "owned_only"), bool_param(request, "public_only")
+    verified = bool_param(request, "verified") if request.query_params.get("verified") else None
+    rows, total = svc.store.tools.list(p.user_id, owned_only=owned_only, public_only=public_only, verified=verified,
+                                       search=request.query_params.get("search"),
+                                       sort=sort_clause(request, TOOL_SORTS, "created_at"), page=page,
+                                       per_page=per_page)
     return ok(paged([tool_object(r) for r in rows], page, per_page, total))
 
 
@@ -129,11 +116,10 @@ async def create(request: Request, p: Principal) -> Response:
               "mcp_url": await check_destination(request, check_url(body.get("mcp_url"))), "is_public": int(field(body, "is_public", bool, default=False)),
               "created_at": now, "updated_at": now}
     try:
-        tool_id = svc.store.insert("tools", values)
-    except sqlite3.IntegrityError:
+        tool_id = svc.store.tools.create(values)
+    except DuplicateName:
         raise _duplicate(name) from None
-    return ok(tool_object(svc.store.one("SELECT * FROM tools WHERE id = ?", (tool_id,))), message="Tool created",
-              status=201)
+    return ok(tool_object(svc.store.tools.get(tool_id)), message="Tool created", status=201)  # type: ignore[arg-type]
 
 
 async def retrieve(request: Request, p: Principal) -> Response:
@@ -156,16 +142,16 @@ async def update(request: Request, p: Principal) -> Response:
     if values:
         values["updated_at"] = now_iso()
         try:
-            svc.store.update("tools", "id", row["id"], values)
-        except sqlite3.IntegrityError:
+            svc.store.tools.update(row["id"], values)
+        except DuplicateName:
             raise _duplicate(values["name"]) from None
-    return ok(tool_object(svc.store.one("SELECT * FROM tools WHERE id = ?", (row["id"],))), message="Tool updated")
+    return ok(tool_object(svc.store.tools.get(row["id"])), message="Tool updated")  # type: ignore[arg-type]
 
 
 async def delete(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _owned(request, p, admin_ok=True)
-    svc.store.execute("DELETE FROM tools WHERE id = ?", (row["id"],))
+    svc.store.tools.delete(row["id"])
     return ok({"id": row["id"], "deleted": True}, message="Tool deleted")
 
 
@@ -182,7 +168,7 @@ TOOL_FIELDS = {"name": string(minLength=1, maxLength=255), "mcp_url": URL, "desc
                "is_public": boolean()}
 ROUTES = [
     api("/tools", list_tools, ["GET"], "read", summary="Public tools and your own", returns=page_of(ref("Tool")),
-        query=[*PAGING, *sorting(SORTS, "created_at"), query_bool("owned_only"), query_bool("public_only"),
+        query=[*PAGING, *sorting(TOOL_SORTS, "created_at"), query_bool("owned_only"), query_bool("public_only"),
                query_bool("verified"), query_str("search", "in the name or description")]),
     api("/tools", create, ["POST"], "write", summary="Register an MCP tool", body=Body(obj(TOOL_FIELDS,
         ["name", "mcp_url"])), returns=ref("Tool"), status=201),
