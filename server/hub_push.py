@@ -33,13 +33,13 @@ def settle(store: Store, run_id: int, run_dir: Path) -> dict[str, Any]:
     if record is None:  # hf_name unset (or a stand-in training command that pushes nothing)
         return {}
     if record["status"] == "pushed":
-        store.add_history(run_id, RunStatus.RUNNING.value,
+        store.runs.add_history(run_id, RunStatus.RUNNING.value,
                           f"Pushed the final model to the Hugging Face Hub: {record.get('url')}")
         return {}
     message = (f"The final model was not pushed to the Hugging Face Hub ({record.get('repo_id')} at "
                f"{record.get('endpoint')}): {record.get('error') or record['status']}. It is in the run's final/ "
                f"(GET /runs/{run_id}/model).")
-    store.add_history(run_id, RunStatus.RUNNING.value, message)
+    store.runs.add_history(run_id, RunStatus.RUNNING.value, message)
     return {"error_message": message}
 
 

@@ -175,6 +175,7 @@ class Store:
         self.keys = Keys(self)
         self.files = Files(self)
         self.tools = Tools(self)
+        self.runs = Runs(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -240,16 +241,6 @@ class Store:
         marks = ", ".join("?" for _ in values)
         return self.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_encode(v) for v in values.values()])
 
-    def insert_run(self, values: dict[str, Any], message: str) -> int:
-        """Insert a run with its first history entry in one transaction (a worker may claim it at once)."""
-        cols, marks = ", ".join(values), ", ".join("?" for _ in values)
-        with self.tx() as db:
-            run_id = db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})",
-                                [_encode(v) for v in values.values()]).lastrowid
-            db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
-                       (run_id, values["status"], message, values["created_at"]))
-        return int(run_id)
-
     def update(self, table: str, key: str, key_value: Any, values: dict[str, Any]) -> int:
         sets = ", ".join(f"{k} = ?" for k in values)
         return self.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?",
@@ -266,18 +257,11 @@ class Store:
     def get_or_create_user(self, name: str) -> int:
         return self.users.get_or_create(name)
 
-    # ---- runs ----------------------------------------------------------------------------------------------
-    def add_history(self, run_id: int, status: str, message: str) -> None:
-        self.insert("run_history", {"run_id": run_id, "status": status, "message": message, "timestamp": now_iso()})
+    def run(self, run_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        return self.runs.get(run_id, user_id)
 
     def history(self, run_id: int) -> list[dict[str, Any]]:
-        return self.all("SELECT status, message, timestamp FROM run_history WHERE run_id = ? ORDER BY id", (run_id,))
-
-    def run(self, run_id: int, user_id: int | None = None) -> dict[str, Any] | None:
-        if user_id is None:
-            return self.one("SELECT * FROM runs WHERE id = ?", (run_id,))
-        return self.one("SELECT * FROM runs WHERE id = ? AND user_id = ?", (run_id, user_id))
-
+        return self.runs.history(run_id)
 
 # ---- repositories ----------------------------------------------------------------------------------------------
 class Users:
@@ -477,3 +461,77 @@ class Tools:
         """One more run uses each of the tools."""
         for tool_id in tool_ids:
             self.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (tool_id,))
+
+
+# The columns a Run object needs (never `config` or `secrets`).
+RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
+               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id, devices")
+
+
+class Runs:
+    """Runs and their status history. Status transitions, leases and claims are the queue's (server/queue.py,
+    which writes its own transactional SQL on these rows); this is the API's side: create, read, list, search,
+    ask to cancel. Listings return RUN_COLUMNS only."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, run_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.store.one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return self.store.one("SELECT * FROM runs WHERE id = ? AND user_id = ?", (run_id, user_id))
+
+    def status(self, run_id: int) -> str | None:
+        return self.store.scalar("SELECT status FROM runs WHERE id = ?", (run_id,))
+
+    def create(self, values: dict[str, Any], message: str) -> int:
+        """Insert a run with its first history entry in one transaction (a worker may claim it at once)."""
+        cols, marks = ", ".join(values), ", ".join("?" for _ in values)
+        with self.store.tx() as db:
+            run_id = db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})",
+                                [_encode(v) for v in values.values()]).lastrowid
+            db.execute("INSERT INTO run_history (run_id, status, message, timestamp) VALUES (?, ?, ?, ?)",
+                       (run_id, values["status"], message, values["created_at"]))
+        return int(run_id)
+
+    def list(self, user_id: int, *, statuses: list[str] | None, created_after: str | None, created_before: str | None,
+             run_type: str | None, model: str | None, sort: Sort, page: int, per_page: int
+             ) -> tuple[list[dict[str, Any]], int]:
+        """One page of the user's runs; each filter applies unless None (`statuses` [] matches nothing;
+        `created_*`: timestamps as stored)."""
+        sql, args = f"SELECT {RUN_COLUMNS} FROM runs WHERE user_id = ?", [user_id]
+        if statuses is not None:
+            sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
+            args += statuses
+        for column, op, value in (("created_at", ">=", created_after), ("created_at", "<", created_before),
+                                  ("type", "=", run_type), ("model", "=", model)):
+            if value:
+                sql += f" AND {column} {op} ?"
+                args.append(value)
+        return self.store.page(sql, args, _order(RUN_SORTS, sort), page, per_page)
+
+    def search(self, user_id: int, text: str, limit: int) -> list[dict[str, Any]]:
+        """The user's runs whose id is `text` or whose model, status or type contains it, newest first."""
+        like = _contains(text)
+        return self.store.all(f"SELECT {RUN_COLUMNS} FROM runs WHERE user_id = ? AND (CAST(id AS TEXT) = ? OR model "
+                              "LIKE ? ESCAPE '\\' OR status LIKE ? ESCAPE '\\' OR type LIKE ? ESCAPE '\\') "
+                              "ORDER BY id DESC LIMIT ?", (user_id, text, like, like, like, limit))
+
+    def active_counts(self, user_id: int | None) -> dict[str, int]:
+        """status -> number of queued and running runs (of `user_id`; None: everyone's)."""
+        sql, args = "SELECT status, COUNT(*) AS n FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING')", []
+        if user_id is not None:
+            sql, args = sql + " AND user_id = ?", [user_id]
+        return {r["status"]: r["n"] for r in self.store.all(sql + " GROUP BY status", args)}
+
+    def request_cancel(self, run_id: int) -> None:
+        """Flag the run for its worker (which stops it); the queue moves a PENDING one to CANCELLED itself."""
+        self.store.update("runs", "id", run_id, {"cancel_requested": 1, "updated_at": now_iso()})
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        return self.store.all("SELECT status, message, timestamp FROM run_history WHERE run_id = ? ORDER BY id",
+                              (run_id,))
+
+    def add_history(self, run_id: int, status: str, message: str) -> None:
+        self.store.insert("run_history", {"run_id": run_id, "status": status, "message": message,
+                                          "timestamp": now_iso()})

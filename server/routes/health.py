@@ -17,10 +17,7 @@ from server.routes import api, services
 
 async def health(request: Request, p: Principal) -> Response:
     svc = services(request)
-    sql, args = "SELECT status, COUNT(*) AS n FROM runs WHERE status IN ('PENDING','SETTING_UP','RUNNING')", []
-    if "admin" not in p.scopes:
-        sql, args = sql + " AND user_id = ?", [p.user_id]
-    counts = {r["status"]: r["n"] for r in svc.store.all(sql + " GROUP BY status", args)}
+    counts = svc.store.runs.active_counts(None if "admin" in p.scopes else p.user_id)
     return ok({"status": "ok", "version": runrl_engine.__version__, "queue": counts,
                "slots": svc.settings.slots})
 

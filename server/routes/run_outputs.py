@@ -31,7 +31,7 @@ MAX_LOG_LIMIT = 5000
 
 def owned_run(request: Request, p: Principal) -> dict[str, Any]:
     run_id = path_id(request, "run_id")
-    row = None if run_id is None else services(request).store.run(run_id, p.user_id)
+    row = None if run_id is None else services(request).store.runs.get(run_id, p.user_id)
     if row is None:
         raise not_found("Run")
     return row
@@ -122,7 +122,7 @@ async def stream_logs(request: Request, p: Principal) -> Response:
     async def events() -> AsyncIterator[str]:
         sent, last_event = 0, time.monotonic()
         while True:
-            status = store.scalar("SELECT status FROM runs WHERE id = ?", (row["id"],))
+            status = store.runs.status(row["id"])
             lines = log_lines(directory, secrets)
             for line in lines[sent:]:
                 yield _sse(line)

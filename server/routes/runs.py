@@ -38,7 +38,7 @@ from server.routes import PAGING, api, paged, paging, services, sort_clause, sor
 from server.routes.files import file_path, file_ref
 from server.routes.run_outputs import OUTPUT_ROUTES, owned_run, read_progress
 from server.services import Services
-from server.store import RUN_SORTS, _order, now_iso
+from server.store import RUN_SORTS, now_iso
 
 RUN_TYPES = ("reward_function", "environment")
 CACHEABLE = {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}
@@ -58,26 +58,13 @@ SECRET_KEYS = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("
 CONFIG_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
-# The columns a Run object needs (never `config` or `secrets`).
-RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
-               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id, devices")
-
-
 HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # no "..", no leading "/" "~" "."
-
-def _by_id(svc: Services, sql: str, ids: set[Any]) -> dict[Any, dict[str, Any]]:
-    if not ids:
-        return {}
-    rows = svc.store.all(sql.format(marks=", ".join("?" for _ in ids)), list(ids))
-    return {r["id"]: r for r in rows}
-
 
 def run_objects(svc: Services, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run objects for `rows`, with their files and tools fetched in two queries for the whole list."""
     file_ids = {r[k] for r in rows for k in ("prompt_file_id", "reward_file_id", "sft_file_id") if r[k]}
-    files = _by_id(svc, "SELECT id, name, type, deleted_at FROM files WHERE id IN ({marks})", file_ids)
-    tools = _by_id(svc, "SELECT id, name, mcp_url, description FROM tools WHERE id IN ({marks})",
-                   {t for r in rows for t in r["tool_ids"]})
+    files = svc.store.files.refs(file_ids)
+    tools = svc.store.tools.refs({t for r in rows for t in r["tool_ids"]})
     now = now_iso()
 
     def ref(file_id: str | None) -> dict[str, Any] | None:
@@ -175,7 +162,7 @@ def _tools(svc: Services, p: Principal, body: dict[str, Any], errors: dict[str, 
         return []
     tools = []
     for tool_id in ids:
-        t = svc.store.one("SELECT * FROM tools WHERE id = ? AND (user_id = ? OR is_public = 1)", (tool_id, p.user_id))
+        t = svc.store.tools.visible(tool_id, p.user_id)
         if t is None:
             errors["tool_ids"] = f"tool {tool_id} not found"
             return []
@@ -231,17 +218,16 @@ async def create(request: Request, p: Principal) -> Response:
     for k in SECRET_KEYS & parameters.keys():
         parameters[k] = REDACTED
     now = now_iso()
-    run_id = svc.store.insert_run({
+    run_id = svc.store.runs.create({
         "user_id": p.user_id, "status": RunStatus.PENDING.value, "type": cfg.type, "model": cfg.model,
         "parameters": parameters, "config": config, "secrets": secrets, "prompt_file_id": prompt["id"],
         "reward_file_id": reward["id"], "sft_file_id": sft["id"] if sft else None,
         "tool_ids": [t["id"] for t in tools], "hf_name": cfg.hf_name,
         "total_steps": _estimate_steps(config["prompt_file"], cfg), "created_at": now, "updated_at": now},
         "Run queued" + "".join(f"; warning: {w}" for w in ignored_warnings(parameters, svc.settings.gpus)))
-    for t in tools:
-        svc.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (t["id"],))
+    svc.store.tools.count_use([t["id"] for t in tools])
     svc.worker.wake()
-    return ok(run_object(svc, svc.store.run(run_id)), message="Run created", status=201)
+    return ok(run_object(svc, svc.store.runs.get(run_id)), message="Run created", status=201)  # type: ignore[arg-type]
 
 
 # ---- read / cancel ----------------------------------------------------------------------------------------
@@ -268,27 +254,19 @@ async def list_runs(request: Request, p: Principal) -> Response:
     if cached is not None:
         return Response(cached, media_type="application/json")
     page, per_page = paging(request)
-    sql, args = f"SELECT {RUN_COLUMNS} FROM runs WHERE user_id = ?", [p.user_id]
+    wanted: list[str] | None = None
     status = request.query_params.get("status")
     if status:
         wanted = [s.strip().upper() for s in status.split(",") if s.strip()]
         bad = [s for s in wanted if s not in RunStatus.__members__]
         if bad:
             raise ApiError(422, "Invalid status filter", details={"status": f"one of {list(RunStatus.__members__)}"})
-        sql += f" AND status IN ({', '.join('?' for _ in wanted)})"
-        args += wanted
-    for param, op in (("created_after", ">="), ("created_before", "<")):
-        value = request.query_params.get(param)
-        if value:
-            sql += f" AND created_at {op} ?"
-            args.append(_instant(param, value))
-    for param in ("type", "model"):
-        value = request.query_params.get(param)
-        if value:
-            sql += f" AND {param} = ?"
-            args.append(value)
-    rows, total = svc.store.page(sql, args, _order(RUN_SORTS, sort_clause(request, RUN_SORTS, "created_at")), page,
-                                 per_page)
+    after, before = request.query_params.get("created_after"), request.query_params.get("created_before")
+    rows, total = svc.store.runs.list(
+        p.user_id, statuses=wanted, created_after=_instant("created_after", after) if after else None,
+        created_before=_instant("created_before", before) if before else None,
+        run_type=request.query_params.get("type"), model=request.query_params.get("model"),
+        sort=sort_clause(request, RUN_SORTS, "created_at"), page=page, per_page=per_page)
     response = ok(paged(run_objects(svc, rows), page, per_page, total))
     if all(r["status"] in CACHEABLE for r in rows):
         svc.cache.put(cache_key, generation, response.body)
@@ -301,6 +279,7 @@ async def retrieve(request: Request, p: Principal) -> Response:
 
 async def history(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
+    # through the Store shorthand, which tests/server/test_auth_envelope.py replaces to simulate an engine bug
     return ok({"run_id": row["id"], "history": services(request).store.history(row["id"])})
 
 
@@ -309,11 +288,11 @@ async def cancel(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
     if RunStatus(row["status"]) not in ACTIVE:
         return ok(run_object(svc, row), message=f"Run already finished ({row['status']})")
-    svc.store.update("runs", "id", row["id"], {"cancel_requested": 1, "updated_at": now_iso()})
+    svc.store.runs.request_cancel(row["id"])
     if not svc.queue.transition(row["id"], RunStatus.CANCELLED, "Cancelled by user before it started",
                                 only_from=RunStatus.PENDING):
         svc.worker.cancel(row["id"])
-    return ok(run_object(svc, svc.store.run(row["id"])), message="Cancellation requested")
+    return ok(run_object(svc, svc.store.runs.get(row["id"])), message="Cancellation requested")  # type: ignore[arg-type]
 
 
 CREATE_BODY = obj({

@@ -11,7 +11,7 @@ from server.errors import ApiError, ok
 from server.openapi import Param, query_int, ref, string
 from server.routes import api, int_param, services
 from server.routes.files import file_object
-from server.routes.runs import RUN_COLUMNS, run_objects
+from server.routes.runs import run_objects
 from server.routes.tools import tool_object
 
 
@@ -21,16 +21,9 @@ async def search(request: Request, p: Principal) -> Response:
     if not q:
         raise ApiError(422, "Validation failed", details={"q": "is required"})
     limit = int_param(request, "limit", 10, lo=1, hi=100)
-    like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    runs = svc.store.all(f"SELECT {RUN_COLUMNS} FROM runs WHERE user_id = ? AND (CAST(id AS TEXT) = ? OR model LIKE ? ESCAPE '\\' "
-                         "OR status LIKE ? ESCAPE '\\' OR type LIKE ? ESCAPE '\\') ORDER BY id DESC LIMIT ?",
-                         (p.user_id, q, like, like, like, limit))
-    files = svc.store.all("SELECT * FROM files WHERE user_id = ? AND deleted_at IS NULL AND (name LIKE ? ESCAPE '\\' "
-                          "OR original_filename LIKE ? ESCAPE '\\') ORDER BY created_at DESC LIMIT ?",
-                          (p.user_id, like, like, limit))
-    tools = svc.store.all("SELECT * FROM tools WHERE (user_id = ? OR is_public = 1) AND (name LIKE ? ESCAPE '\\' "
-                          "OR description LIKE ? ESCAPE '\\') ORDER BY created_at DESC LIMIT ?",
-                          (p.user_id, like, like, limit))
+    runs = svc.store.runs.search(p.user_id, q, limit)  # type: ignore[arg-type]  (int_param has a default)
+    files = svc.store.files.search(p.user_id, q, limit)  # type: ignore[arg-type]
+    tools = svc.store.tools.search(p.user_id, q, limit)  # type: ignore[arg-type]
     return ok({"query": q, "runs": run_objects(svc, runs),
                "files": [file_object(f, request) for f in files], "tools": [tool_object(t) for t in tools]})
 
