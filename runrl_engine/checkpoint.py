@@ -31,24 +31,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runrl_engine.config import RunConfig, resume_changes
+from runrl_engine.rundir import RunDir
 
-STATE_FILE = "trainer_state.json"
-PUSH_RECORD = "hf_push.json"  # the result of the push to the Hub (`push_to_hub`), for the server to show
+STATE_FILE = "trainer_state.json"  # in each checkpoint directory
+PUSH_RECORD = RunDir(Path()).hub_push.name  # the result of the push to the Hub (`push_to_hub`), for the server
 PUSH_STATUSES = ("pushed", "failed", "skipped")
-STREAMS = ("metrics.jsonl", "completions.jsonl")
 INPUT_FILES = ("prompt_file", "reward_file", "eval_prompt_file", "sft_file")  # whose contents a run depends on
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "checkpoints" / f"step-{step}"
+    return RunDir(out_dir).checkpoint(step)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    root = out_dir / "checkpoints"
+    root = RunDir(out_dir).checkpoints
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+    done = [p for p in root.iterdir() if RunDir.checkpoint_step(p) is not None and (p / STATE_FILE).is_file()]
+    return max(done, key=RunDir.checkpoint_step, default=None)
 
 
 def save_checkpoint(accelerator: Any, out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -101,7 +101,7 @@ class ResumePoint:
     def complete(self) -> bool:
         """Nothing to train and `final/` written: resuming must leave the run as it is."""
         return (self.total_steps is not None and self.step >= self.total_steps
-                and (self.path.parent.parent / "final").is_dir())
+                and RunDir(self.path.parent.parent).final.is_dir())
 
 
 def resume_point(out_dir: Path, cfg: RunConfig) -> ResumePoint | None:
@@ -114,7 +114,7 @@ def resume_point(out_dir: Path, cfg: RunConfig) -> ResumePoint | None:
         return None
     state = json.loads((path / STATE_FILE).read_text())
     changes: list[tuple[str, Any, Any]] = []
-    stored = out_dir / "config.yaml"
+    stored = RunDir(out_dir).config
     if stored.is_file():
         changes = resume_changes(stored, cfg, where=f"--resume {out_dir}")
     now = input_fingerprints(cfg)
@@ -142,7 +142,7 @@ def announce_complete(point: ResumePoint, *, main: bool) -> dict[str, Any]:
         import sys
         import time
 
-        with open(out_dir / "logs.txt", "a", encoding="utf-8") as f:
+        with open(RunDir(out_dir).log, "a", encoding="utf-8") as f:
             f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
         print(message, file=sys.stderr, flush=True)
     return last_step_record(out_dir, point.step)
@@ -153,8 +153,7 @@ def trim_streams(out_dir: Path, step: int) -> None:
     opened for appending): what a crashed run logged past its last checkpoint is logged again by the resumed
     one. With `step` 0 nothing is kept (the run starts over, SFT warm-start included); otherwise records without
     a step (the SFT warm-start's) stay. A torn last line is dropped."""
-    for name in STREAMS:
-        path = out_dir / name
+    for path in RunDir(out_dir).streams:
         if not path.is_file():
             continue
         kept = []
@@ -172,7 +171,7 @@ def trim_streams(out_dir: Path, step: int) -> None:
 
 def last_step_record(out_dir: Path, step: int) -> dict[str, Any]:
     """metrics.jsonl's record of RL step `step` (the summary of a run resumed with nothing to do), or {}."""
-    path = out_dir / "metrics.jsonl"
+    path = RunDir(out_dir).metrics
     if not path.is_file():
         return {}
     for line in reversed(path.read_text(encoding="utf-8").splitlines()):
@@ -186,17 +185,16 @@ def last_step_record(out_dir: Path, step: int) -> dict[str, Any]:
 
 
 def _prune(out_dir: Path, keep: int) -> None:
-    root = out_dir / "checkpoints"
-    steps = sorted((p for p in root.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")),
-                   key=lambda p: int(p.name.split("-", 1)[1]))
+    root = RunDir(out_dir).checkpoints
+    steps = sorted((p for p in root.iterdir() if RunDir.checkpoint_step(p) is not None), key=RunDir.checkpoint_step)
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def export_final(model: Any, tokenizer: Any, out_dir: Path, *, merge_lora: bool) -> Path:
     """Write `final/` from the unwrapped policy (main process only)."""
-    final = out_dir / "final"
-    tmp = out_dir / "final.tmp"
+    final = RunDir(out_dir).final
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft and merge_lora:
@@ -248,7 +246,7 @@ def push_to_hub(final: Path, repo_id: str, token: str | None, log: Callable[[str
 def read_push_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's `PUSH_RECORD` (None: no push was tried, or the file is unreadable)."""
     try:
-        record = json.loads((run_dir / PUSH_RECORD).read_text(encoding="utf-8"))
+        record = json.loads(RunDir(run_dir).hub_push.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("status") in PUSH_STATUSES else None

@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from runrl_engine.sandbox.isolation import env_secret_values, redact
+from runrl_engine.rundir import RunDir
+from runrl_engine.secrets import env_secret_values, redact
 
-WANDB_FILE = "wandb.json"  # in the run directory: {"mode", "url", "dir", "id", "project", "sync"}; see recorded_wandb_url
+WANDB_FILE = RunDir(Path()).wandb.name  # {"mode", "url", "dir", "id", "project", "sync"}; see recorded_wandb_url
 # (logger, text) of the messages quiet_known_warnings drops
 _KNOWN_HARMLESS = (
     # accelerate's save_state on a model whose output head is tied to its input embeddings (the tiny and SmolLM2
@@ -58,7 +59,7 @@ def quiet_known_warnings() -> None:
 def recorded_wandb_url(run_dir: Path) -> str | None:
     """The W&B URL a run recorded in `WANDB_FILE` (None: no W&B, offline, or not written yet)."""
     try:
-        url = json.loads((run_dir / WANDB_FILE).read_text(encoding="utf-8")).get("url")
+        url = json.loads(RunDir(run_dir).wandb.read_text(encoding="utf-8")).get("url")
     except (OSError, ValueError, AttributeError):
         return None
     return url if isinstance(url, str) and url.startswith(("https://", "http://")) else None
@@ -121,9 +122,10 @@ class RunOutputs:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if resume else "w"
-        self._log = open(out_dir / "logs.txt", mode, encoding="utf-8", buffering=1)
-        self._metrics = open(out_dir / "metrics.jsonl", mode, encoding="utf-8", buffering=1)
-        self._completions = open(out_dir / "completions.jsonl", mode, encoding="utf-8", buffering=1)
+        paths = RunDir(out_dir)
+        self._log = open(paths.log, mode, encoding="utf-8", buffering=1)
+        self._metrics = open(paths.metrics, mode, encoding="utf-8", buffering=1)
+        self._completions = open(paths.completions, mode, encoding="utf-8", buffering=1)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -139,9 +141,10 @@ class RunOutputs:
         url = None if mode == "offline" else run.url  # an offline run's .url only prints a warning
         record = {"mode": mode, "url": url, "dir": str(run_dir), "id": run.id, "project": project,
                   "sync": f"wandb sync {shlex.quote(str(run_dir))}" if mode == "offline" else None}
-        tmp = self.out_dir / (WANDB_FILE + ".tmp")
+        path = RunDir(self.out_dir).wandb
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        tmp.replace(self.out_dir / WANDB_FILE)
+        tmp.replace(path)
         if mode == "offline":
             self._wandb_offline_dir = run_dir
             self.log(f"W&B: offline run (WANDB_API_KEY is not set); upload it with `{record['sync']}`")

@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runrl_engine.rundir import RunDir
 from server.store import Store, now_iso
 
 READY_TIMEOUT_S = 600.0
@@ -83,13 +84,12 @@ class DeploymentManager:
         self._lock = threading.Lock()
 
     def model_dir(self, run_id: int) -> Path:
-        return self.runs_dir / str(run_id) / "final"
+        return RunDir(self.runs_dir / str(run_id)).final
 
     def has_model(self, run_id: int) -> bool:
-        """Whether the run's `final/` holds a model: full (`config.json`) or a LoRA adapter (`adapter_config.json`,
-        `merge_lora: false`; served on its base model)."""
-        final = self.model_dir(run_id)
-        return (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
+        """Whether the run's `final/` holds a model (`RunDir.has_model`; a LoRA adapter is served on its base
+        model)."""
+        return RunDir(self.runs_dir / str(run_id)).has_model
 
     def token(self, deployment_id: int) -> str | None:
         """The secret the deployment's running model server demands (None when none runs here)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from runrl_engine.rundir import INPUT_KEYS, RunDir
+from runrl_engine.secrets import SERVED_MARK, redact, secret_values
 from server import hub_push
 from server.gpus import requested, train_command, trainer_env
 from server.legacy import ignored_warnings
@@ -49,18 +50,6 @@ RESUME_POLICY_KEYS = ("sandbox_isolation", "reward_allow_network", "reward_netwo
                       "reward_allow_private_destinations", "reward_allowed_destinations",
                       "tool_allow_private_destinations", "tool_allowed_destinations")
 S = RunStatus
-
-
-# Token shapes redacted from every served log line even when they are not the run's own secrets: this
-# API's keys and Hugging Face tokens (user code may print either).
-TOKEN_PATTERN = re.compile(r"\brl_[a-z0-9]{8}_[a-z0-9]{32}\b|\bhf_[A-Za-z0-9]{30,}\b")
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return TOKEN_PATTERN.sub("***", text)
 
 
 def killed_by(returncode: int) -> str | None:
@@ -94,15 +83,9 @@ def error_from_stderr(stderr: str, returncode: int) -> str:
     return tail or f"Training process exited with code {returncode} and printed no error."
 
 
-# What a run leaves that is nobody's business once it has ended: the config handed to the trainer, the
-# sandbox workers' private directories and the per-run package environment (user-written files, which a
-# later run must never find).
-LEFTOVERS = ("run.yaml", "sandbox", "reward_env")
-
-
 def remove_leftovers(run_dir: Path) -> None:
-    for name in LEFTOVERS:
-        path = run_dir / name
+    """Remove what a run leaves that is nobody's business once training has ended (`RunDir.leftovers`)."""
+    for path in RunDir(run_dir).leftovers:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -210,20 +193,20 @@ class Worker:
         return run["id"]
 
     def _prepare(self, run: dict[str, Any], run_dir: Path) -> Path:
-        inputs = run_dir / "inputs"
-        inputs.mkdir(parents=True, exist_ok=True)
+        paths = RunDir(run_dir)
+        paths.inputs.mkdir(parents=True, exist_ok=True)
         config = forced_config(self.settings, run["config"])  # today's policy, even for runs queued before
         config.update(tool_allow_private_destinations=self.settings.allow_private_destinations,
                       tool_allowed_destinations=list(self.settings.allowed_destinations))
-        for key, suffix in (("prompt_file", "prompt.jsonl"), ("reward_file", "reward.py"), ("sft_file", "sft.jsonl")):
+        for key in INPUT_KEYS:
             src = config.get(key)
             if src:
-                dst = inputs / suffix
+                dst = paths.input_copy(key)
                 shutil.copyfile(src, dst)
                 config[key] = str(dst)
         # The run's secrets (hf_token) are never written down: `runrl train --secrets-stdin` reads them from a
         # pipe. run.yaml holds only what config.yaml shows anyway, so a kill -9 leaves no secret behind.
-        path = run_dir / "run.yaml"
+        path = paths.launch_config
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(config, fh, sort_keys=False)
@@ -232,8 +215,7 @@ class Worker:
     def _execute(self, run: dict[str, Any]) -> None:
         run_id = run["id"]
         run_dir = self.settings.runs_dir / str(run_id)
-        secrets = [v for value in run["secrets"].values()  # reward_secrets is a {NAME: value} mapping
-                   for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, str) and v]
+        secrets = secret_values(run["secrets"])
         config_path = self._prepare(run, run_dir)
         env = {**os.environ, **self.settings.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -242,7 +224,7 @@ class Worker:
         # n_gpus > 1: `runrl launch --multi_gpu --num_processes N train ...`, one process per GPU
         cmd = train_command(self.settings.train_command, self.settings.launch_command, requested(run["config"]),
                             [str(config_path), "--output", str(run_dir), "--secrets-stdin"])
-        resume = any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+        resume = RunDir(run_dir).has_trained
         if resume:  # an earlier attempt trained here: continue from its last checkpoint (or step 0), today's policy
             cmd += ["--resume", *resume_overrides(config_path)]
         with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
@@ -298,15 +280,15 @@ class Worker:
 
     def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str], attempt: int | None = None) -> None:
         row = self.store.run(run_id)
-        # whatever the trainer did, no secret stays (hf_push.json: the Hub push's result, server/hub_push.py)
-        for name in ("stderr.log", "process.log", "logs.txt", "hf_push.json"):
-            path = run_dir / name
+        paths = RunDir(run_dir)
+        # whatever the trainer did, no secret stays (hf_push.json, the Hub push's result, too: server/hub_push.py)
+        for path in paths.texts:
             if path.exists():
                 text = path.read_text(encoding="utf-8", errors="replace")
-                clean = redact(text, secrets)
+                clean = redact(text, secrets, mark=SERVED_MARK)
                 if clean != text:
                     path.write_text(clean, encoding="utf-8")
-        stderr = (run_dir / "stderr.log").read_text(encoding="utf-8", errors="replace")
+        stderr = paths.stderr_log.read_text(encoding="utf-8", errors="replace")
         with self._lock:
             shut_down = run_id in self._shut_down
             self._shut_down.discard(run_id)
@@ -342,7 +324,7 @@ class Worker:
     def _note_ignored(self, run: dict[str, Any], run_dir: Path) -> None:
         """The create keys this server ignored (gpu_type, turbo: server/legacy.py), said once in the run's log, as
         in its history since it was created."""
-        path = run_dir / "logs.txt"
+        path = RunDir(run_dir).log
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         for warning in ignored_warnings(run["parameters"], self.settings.gpus):
             if f"[server] warning: {warning}\n" not in text:
@@ -351,6 +333,6 @@ class Worker:
     @staticmethod
     def _note(run_dir: Path, text: str) -> None:
         """Append a server line to the run's log (after the trainer has exited, so lines never interleave)."""
-        with open(run_dir / "logs.txt", "a", encoding="utf-8") as fh:
+        with open(RunDir(run_dir).log, "a", encoding="utf-8") as fh:
             for line in text.splitlines():
                 fh.write(f"[server] {line}\n")

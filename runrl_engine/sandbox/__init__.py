@@ -81,12 +81,13 @@ parent, since user code can write to the protocol pipe) are used; anything else 
 from __future__ import annotations
 
 from runrl_engine.sandbox.env import EnvSandbox, EnvStart, EnvStep
-from runrl_engine.sandbox.isolation import Isolation, IsolationUnavailable, detect_isolation, redact, worker_env
+from runrl_engine.sandbox.isolation import Isolation, IsolationUnavailable, detect_isolation, worker_env
 from runrl_engine.sandbox.pool import SandboxStats
 from runrl_engine.sandbox.requirements import install_requirements
 from runrl_engine.sandbox.reward import RewardResult, RewardSandbox
 from runrl_engine.sandbox.static import UserCodeInfo, inspect_user_code
 from runrl_engine.sandbox.validate import validate_user_code
+from runrl_engine.secrets import redact
 
 __all__ = [
     "EnvSandbox", "EnvStart", "EnvStep", "Isolation", "IsolationUnavailable", "RewardResult", "RewardSandbox", "SandboxStats",

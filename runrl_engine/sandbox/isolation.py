@@ -1,11 +1,12 @@
-"""How sandbox workers are started: the scrubbed environment, the bubblewrap command, the fallback, redaction.
+"""How sandbox workers are started: the scrubbed environment, the bubblewrap command, the fallback.
 
 `detect_isolation()` picks the strongest mode this host allows, once per process: bubblewrap when `bwrap`
 exists and a trial sandbox starts Python, otherwise a plain subprocess (dropped to `nobody` when we are root
 and that user can run Python). `Launcher.spawn()` starts one worker in that mode. What each mode does and does
 not isolate is stated in `runrl_engine/sandbox/__init__.py`; this module only builds the commands.
 
-Not covered here: the worker protocol (`pool.py`), resource limits (set by the worker itself, `_worker.py`).
+Not covered here: the worker protocol (`pool.py`), resource limits (set by the worker itself, `_worker.py`),
+which variables count as secrets and how texts are redacted (`runrl_engine/secrets.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import functools
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import site
@@ -22,54 +22,25 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from runrl_engine.errors import UserError
 from runrl_engine.sandbox.egress import EGRESS_PORT, EGRESS_SOCKET_INSIDE, EgressUnavailable, proxy_env
+from runrl_engine.secrets import is_secret_name
 
 WORKER_SCRIPT = Path(__file__).resolve().with_name("_worker.py")
 SANDBOX_DIR_INSIDE = "/sandbox"  # where the private directory appears inside bubblewrap
 NOBODY = 65534
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
-_KNOWN_SECRET_VARS = ("hf_token", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
 _ALLOWED_VARS = ("PATH", "LANG", "LANGUAGE", "TZ")
 # pip needs its index and proxy settings; only the installer gets these, never the reward workers.
 _PIP_VARS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "PIP_CERT",
              "PIP_NO_INDEX", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
              "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
-_SECRET_PATTERNS = [re.compile(p) for p in (
-    r"\bhf_[A-Za-z0-9]{8,}",                      # Hugging Face tokens
-    r"\brl[_-][A-Za-z0-9]{4,}_[A-Za-z0-9]{8,}",   # RunRL keys: rl_<8>_<32> (and the older rl-)
-    r"\bsk-[A-Za-z0-9_\-]{12,}",                  # OpenAI-style keys
-)]
 _NEVER_BIND = frozenset({"/", "/home", "/root", "/tmp", "/var", "/etc", "/srv", "/mnt", "/opt", "/usr"})
 _ETC_FILES = ("passwd", "group", "hosts", "host.conf", "nsswitch.conf", "resolv.conf", "gai.conf", "services",
               "protocols", "localtime", "timezone", "ssl", "ca-certificates", "pki", "ld.so.cache", "ld.so.conf",
               "ld.so.conf.d", "alternatives", "mime.types", "os-release", "locale.alias")
-
-
-# ------------------------------------------------------------------------------------------- secrets
-
-
-def is_secret_name(name: str) -> bool:
-    """Environment variable names that must never reach user code."""
-    return name.upper().startswith("RUNRL_") or name in _KNOWN_SECRET_VARS or bool(_SECRET_NAME.search(name))
-
-
-def env_secret_values(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of this process's secret-looking variables, to redact from anything user code prints."""
-    env = os.environ if environ is None else environ
-    return [v for k, v in env.items() if is_secret_name(k) and len(v) >= 6]
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace known secret values and token-shaped strings (`hf_...`, `rl_..._...`, `sk-...`) by [REDACTED]."""
-    for value in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(value, "[REDACTED]")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub("[REDACTED]", text)
-    return text
 
 
 def worker_env(home: str, pythonpath: Sequence[str] = (), *, for_pip: bool = False) -> dict[str, str]:

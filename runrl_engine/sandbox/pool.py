@@ -28,9 +28,9 @@ from typing import Any, Callable, Sequence, TypeVar
 from runrl_engine.errors import UserCodeError
 from runrl_engine.netpolicy import DestinationPolicy
 from runrl_engine.sandbox.egress import EgressProxy, EgressUnavailable
-from runrl_engine.sandbox.isolation import (Isolation, Launcher, detect_isolation, env_secret_values, host_pid, redact,
-                                            release_memory_cgroup)
+from runrl_engine.sandbox.isolation import Isolation, Launcher, detect_isolation, host_pid, release_memory_cgroup
 from runrl_engine.sandbox.static import UserCodeInfo, inspect_user_code
+from runrl_engine.secrets import env_secret_values, redact
 
 _READ_CHUNK = 1 << 16
 _MAX_LINE = 64 << 20  # a reply longer than this is a misbehaving worker, not a result

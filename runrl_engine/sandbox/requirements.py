@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from runrl_engine.errors import UserError
-from runrl_engine.sandbox.isolation import Launcher, detect_isolation, env_secret_values, redact, release_memory_cgroup
+from runrl_engine.sandbox.isolation import Launcher, detect_isolation, release_memory_cgroup
+from runrl_engine.secrets import env_secret_values, redact
 
 _FIX = "check each entry is a pip requirement that exists on the package index (e.g. 'sympy==1.13'), or remove it"
 _SPEC_FIX = ("write each entry as a requirement specifier: a package name with optional [extras], versions and a "

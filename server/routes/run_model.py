@@ -68,14 +68,14 @@ def tar_gz(files: list[tuple[Path, str]]) -> Iterator[bytes]:
 
 async def download_model(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
-    final = run_dir(request, row) / "final"
+    directory = run_dir(request, row)
     if row["status"] != "COMPLETED":
         raise ApiError(404, f"Run {row['id']} has no model yet: it is {row['status']}, and only a COMPLETED run has "
                             "one to download", details={"run_id": f"run {row['id']} is {row['status']}"})
-    if not ((final / "config.json").is_file() or (final / "adapter_config.json").is_file()):
+    if not directory.has_model:
         raise ApiError(404, f"Run {row['id']} has no final model (final/ holds neither config.json nor "
                             "adapter_config.json)", details={"run_id": "no model in final/"})
-    files = model_files(final)
+    files = model_files(directory.final)
     return StreamingResponse(tar_gz(files), media_type="application/gzip", headers={
         "Content-Disposition": f'attachment; filename="run-{row["id"]}-model.tar.gz"', "Cache-Control": "no-store"})
 

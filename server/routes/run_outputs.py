@@ -17,13 +17,14 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from runrl_engine.rundir import RunDir
+from runrl_engine.secrets import SERVED_MARK, redact, secret_values
 from server.auth import Principal
 from server.errors import not_found, ok
 from server.openapi import query_int, ref, string
 from server.queue import TERMINAL, RunStatus
 from server.routes import api, int_param, path_id, services
 from server.sse import KEEPALIVE
-from server.worker import redact
 
 SSE_POLL_S = 0.5
 MAX_LOG_LIMIT = 5000
@@ -37,8 +38,8 @@ def owned_run(request: Request, p: Principal) -> dict[str, Any]:
     return row
 
 
-def run_dir(request: Request, row: dict[str, Any]) -> Path:
-    return services(request).settings.runs_dir / str(row["id"])
+def run_dir(request: Request, row: dict[str, Any]) -> RunDir:
+    return RunDir(services(request).settings.runs_dir / str(row["id"]))
 
 
 def _last_json_line(path: Path) -> dict[str, Any] | None:
@@ -64,7 +65,7 @@ def read_progress(runs_dir: Path, run_id: int, status: str, total_steps: int | N
         return total_steps, 1.0
     if status == RunStatus.PENDING.value:
         return None, 0.0
-    last = _last_json_line(runs_dir / str(run_id) / "metrics.jsonl")
+    last = _last_json_line(RunDir(runs_dir / str(run_id)).metrics)
     step = int(last["step"]) if last and isinstance(last.get("step"), (int, float)) else None
     if not step or not total_steps:
         return step, 0.0
@@ -86,21 +87,21 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def log_lines(directory: Path, secrets: list[str]) -> list[str]:
+def log_lines(directory: RunDir, secrets: list[str]) -> list[str]:
     try:
-        text = (directory / "logs.txt").read_text(encoding="utf-8", errors="replace")
+        text = directory.log.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
     if not text.endswith("\n"):  # the last line is still being written
         text = text[: text.rfind("\n") + 1]
-    return [redact(line, secrets) for line in text.splitlines()]
+    return [redact(line, secrets, mark=SERVED_MARK) for line in text.splitlines()]
 
 
 async def logs(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
     last_line = int_param(request, "last_line", 0, lo=0)
     limit = int_param(request, "limit", 100, lo=1, hi=MAX_LOG_LIMIT)
-    lines = log_lines(run_dir(request, row), list(row["secrets"].values()))
+    lines = log_lines(run_dir(request, row), secret_values(row["secrets"]))
     chunk = lines[last_line:last_line + limit]
     return ok({"run_id": row["id"], "status": row["status"], "lines": chunk, "last_line": last_line + len(chunk),
                "total_lines": len(lines), "has_more": last_line + len(chunk) < len(lines)})
@@ -115,7 +116,7 @@ async def stream_logs(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
     store = services(request).store
     directory = run_dir(request, row)
-    secrets = list(row["secrets"].values())
+    secrets = secret_values(row["secrets"])
 
     keepalive_s = services(request).settings.sse_keepalive_s
 
@@ -142,7 +143,7 @@ async def stream_logs(request: Request, p: Principal) -> Response:
 
 async def metrics(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
-    rows = _jsonl(run_dir(request, row) / "metrics.jsonl")
+    rows = _jsonl(run_dir(request, row).metrics)
     history = [{"_step": r.get("step"), **r} for r in rows]
     keys = sorted({k for r in rows for k in r})
     return ok({"run_id": row["id"], "status": row["status"], "total_steps": row["total_steps"],
@@ -153,15 +154,15 @@ async def completions(request: Request, p: Principal) -> Response:
     row = owned_run(request, p)
     only_step = int_param(request, "step", None, lo=0)
     per_step = int_param(request, "limit", 64, lo=1, hi=10_000)
-    secrets = list(row["secrets"].values())
+    secrets = secret_values(row["secrets"])
     grouped: dict[int, list[dict[str, Any]]] = {}
-    for sample in _jsonl(run_dir(request, row) / "completions.jsonl"):
+    for sample in _jsonl(run_dir(request, row).completions):
         step = sample.get("step")
         if not isinstance(step, int) or (only_step is not None and step != only_step):
             continue
         bucket = grouped.setdefault(step, [])
         if len(bucket) < per_step:
-            bucket.append(json.loads(redact(json.dumps(sample), secrets)))
+            bucket.append(json.loads(redact(json.dumps(sample), secrets, mark=SERVED_MARK)))
     steps = [{"step": s, "samples": grouped[s]} for s in sorted(grouped)]
     return ok({"run_id": row["id"], "status": row["status"], "steps": steps,
                "total_samples": sum(len(s["samples"]) for s in steps)})
