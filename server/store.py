@@ -176,6 +176,7 @@ class Store:
         self.files = Files(self)
         self.tools = Tools(self)
         self.runs = Runs(self)
+        self.shared = SharedConfigs(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -535,3 +536,75 @@ class Runs:
     def add_history(self, run_id: int, status: str, message: str) -> None:
         self.store.insert("run_history", {"run_id": run_id, "status": status, "message": message,
                                           "timestamp": now_iso()})
+
+
+class SharedConfigs:
+    """Saved run recipes (`shared_configs`, keyed by uuid) and their likes. Who may read or change one is the
+    route's rule (server/routes/shared.py); this reads and writes rows."""
+
+    FILE_COLUMNS = ("prompt_file_id", "reward_file_id", "sft_file_id")
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, uuid: str) -> dict[str, Any] | None:
+        return self.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (uuid,))
+
+    def of_user(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's recipes, newest first."""
+        return self.store.all("SELECT * FROM shared_configs WHERE user_id = ? ORDER BY created_at DESC, rowid DESC",
+                              (user_id,))
+
+    def browse(self, visibilities: list[str], *, model: str | None, reward_mode: str | None, search: str | None,
+               page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page, newest first, of the recipes with one of `visibilities`; `model` and `reward_mode` match the
+        configuration's keys (`reward_mode`, else `type`); `search` is a LIKE pattern's body in name or
+        description."""
+        sql = f"SELECT * FROM shared_configs WHERE visibility IN ({', '.join('?' for _ in visibilities)})"
+        args: list[Any] = list(visibilities)
+        if model:
+            sql += " AND json_extract(configuration, '$.model') = ?"
+            args.append(model)
+        if reward_mode:
+            sql += (" AND coalesce(json_extract(configuration, '$.reward_mode'), json_extract(configuration, "
+                    "'$.type')) = ?")
+            args.append(reward_mode)
+        if search:
+            sql += " AND (name LIKE ? OR description LIKE ?)"
+            args += [f"%{search}%"] * 2
+        return self.store.page(sql, args, "created_at DESC, rowid DESC", page, per_page)
+
+    def shares_file(self, column: str, file_id: str) -> bool:
+        """Whether a public or unlisted recipe names `file_id` in `column` (one of FILE_COLUMNS)."""
+        if column not in self.FILE_COLUMNS:
+            raise ValueError(f"not a file column of shared_configs: {column!r}")
+        return self.store.one(f"SELECT 1 AS x FROM shared_configs WHERE {column} = ? AND visibility != 'private'",
+                              (file_id,)) is not None
+
+    def likes(self, uuid: str) -> int:
+        return int(self.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (uuid,)))
+
+    def liked(self, uuid: str, user_id: int) -> bool:
+        return self.store.one("SELECT 1 AS x FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
+                              (uuid, user_id)) is not None
+
+    def toggle_like(self, uuid: str, user_id: int) -> bool:
+        """Like the recipe, or take the like back; whether the user likes it now."""
+        removed = self.store.execute("DELETE FROM shared_config_likes WHERE uuid = ? AND user_id = ?", (uuid, user_id))
+        if not removed:
+            self.store.insert("shared_config_likes", {"uuid": uuid, "user_id": user_id})
+        return not removed
+
+    def insert(self, values: dict[str, Any]) -> None:
+        self.store.insert("shared_configs", values)
+
+    def count_copy(self, uuid: str) -> None:
+        self.store.execute("UPDATE shared_configs SET copies = copies + 1 WHERE uuid = ?", (uuid,))
+
+    def update(self, uuid: str, values: dict[str, Any]) -> None:
+        self.store.update("shared_configs", "uuid", uuid, values)
+
+    def delete(self, uuid: str) -> None:
+        """The recipe and its likes."""
+        self.store.execute("DELETE FROM shared_config_likes WHERE uuid = ?", (uuid,))
+        self.store.execute("DELETE FROM shared_configs WHERE uuid = ?", (uuid,))

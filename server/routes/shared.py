@@ -34,13 +34,12 @@ CODE_SNIPPET_LINES = 60
 
 
 def config_object(svc: Services, row: dict[str, Any], p: Principal, base: str) -> dict[str, Any]:
-    likes = svc.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
-    liked = svc.store.one("SELECT 1 AS x FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
-                          (row["uuid"], p.user_id)) is not None
-    creator = svc.store.one("SELECT id, name FROM users WHERE id = ?", (row["user_id"],))
+    likes = svc.store.shared.likes(row["uuid"])
+    liked = svc.store.shared.liked(row["uuid"], p.user_id)
+    creator = svc.store.users.public(row["user_id"])
     files = {}
     for key, short, _ in FILE_KEYS:
-        ref = svc.store.one("SELECT * FROM files WHERE id = ?", (row[key],)) if row[key] else None
+        ref = svc.store.files.get_any(row[key]) if row[key] else None
         files[f"{short}_file"] = file_ref(ref)
     return {"uuid": row["uuid"], "name": row["name"], "description": row["description"],
             "visibility": row["visibility"], "configuration": row["configuration"],
@@ -56,7 +55,7 @@ def _base(request: Request) -> str:
 
 
 def readable(request: Request, p: Principal) -> dict[str, Any]:
-    row = services(request).store.one("SELECT * FROM shared_configs WHERE uuid = ?", (request.path_params["uuid"],))
+    row = services(request).store.shared.get(request.path_params["uuid"])
     if row is None or (row["user_id"] != p.user_id and row["visibility"] == "private"):
         raise not_found("Shared configuration")
     return row
@@ -82,8 +81,7 @@ def _resolve_file(svc: Services, p: Principal, key: str, types: tuple[str, ...],
     if not isinstance(file_id, str):
         raise ApiError(422, "Validation failed", details={key: "must be a file id"})
     row = svc.store.files.get(file_id)
-    shared = row is not None and (row["user_id"] == p.user_id or svc.store.one(
-        f"SELECT 1 AS x FROM shared_configs WHERE {key} = ? AND visibility != 'private'", (file_id,)) is not None)
+    shared = row is not None and (row["user_id"] == p.user_id or svc.store.shared.shares_file(key, file_id))
     if not shared:
         raise ApiError(422, "Validation failed", details={key: f"file {file_id} not found"})
     if row["type"] not in types:
@@ -116,17 +114,16 @@ async def create(request: Request, p: Principal) -> Response:
             values[key] = f["id"] if f else None
         with svc.store.tx():
             for copied in copies:
-                svc.store.insert("files", copied)
-            svc.store.insert("shared_configs", values)
+                svc.store.files.insert(copied)
+            svc.store.shared.insert(values)
             stage.commit()
-    row = svc.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (values["uuid"],))
-    return ok(config_object(svc, row, p, _base(request)), message="Configuration saved", status=201)
+    row = svc.store.shared.get(values["uuid"])
+    return ok(config_object(svc, row, p, _base(request)), message="Configuration saved", status=201)  # type: ignore[arg-type]
 
 
 async def list_own(request: Request, p: Principal) -> Response:
     svc = services(request)
-    rows = svc.store.all("SELECT * FROM shared_configs WHERE user_id = ? ORDER BY created_at DESC, rowid DESC",
-                         (p.user_id,))
+    rows = svc.store.shared.of_user(p.user_id)
     return ok([config_object(svc, r, p, _base(request)) for r in rows])
 
 
@@ -138,22 +135,10 @@ async def browse(request: Request, p: Principal) -> Response:
         raise ApiError(422, "Invalid query parameter visibility", details={
             "visibility": f"one of {list(LISTED)} (private configurations are listed only by their owner's "
                           "GET /shared-configurations)"})
-    wanted = [visibility] if visibility else list(LISTED)
-    sql = f"SELECT * FROM shared_configs WHERE visibility IN ({', '.join('?' for _ in wanted)})"
-    args: list[Any] = list(wanted)
-    model = request.query_params.get("model")
-    if model:
-        sql += " AND json_extract(configuration, '$.model') = ?"
-        args.append(model)
-    mode = request.query_params.get("reward_mode") or request.query_params.get("type")
-    if mode:
-        sql += " AND coalesce(json_extract(configuration, '$.reward_mode'), json_extract(configuration, '$.type')) = ?"
-        args.append(mode)
-    search = request.query_params.get("search") or request.query_params.get("q")
-    if search:
-        sql += " AND (name LIKE ? OR description LIKE ?)"
-        args += [f"%{search}%"] * 2
-    rows, total = svc.store.page(sql, args, "created_at DESC, rowid DESC", page, per_page)
+    rows, total = svc.store.shared.browse(
+        [visibility] if visibility else list(LISTED), model=request.query_params.get("model"),
+        reward_mode=request.query_params.get("reward_mode") or request.query_params.get("type"),
+        search=request.query_params.get("search") or request.query_params.get("q"), page=page, per_page=per_page)
     return ok(paged([config_object(svc, r, p, _base(request)) for r in rows], page, per_page, total))
 
 
@@ -193,9 +178,9 @@ async def copy(request: Request, p: Principal) -> Response:
             new[key] = copies[-1]["id"] if f else None
         with svc.store.tx():
             for copied in copies:
-                svc.store.insert("files", copied)
-            svc.store.insert("shared_configs", new)
-            svc.store.execute("UPDATE shared_configs SET copies = copies + 1 WHERE uuid = ?", (row["uuid"],))
+                svc.store.files.insert(copied)
+            svc.store.shared.insert(new)
+            svc.store.shared.count_copy(row["uuid"])
             stage.commit()
     return ok({"uuid": new["uuid"], "source_uuid": row["uuid"], "configuration": new["configuration"],
                "prompt_file_id": new["prompt_file_id"], "reward_file_id": new["reward_file_id"],
@@ -205,12 +190,8 @@ async def copy(request: Request, p: Principal) -> Response:
 async def like(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = readable(request, p)
-    removed = svc.store.execute("DELETE FROM shared_config_likes WHERE uuid = ? AND user_id = ?",
-                                (row["uuid"], p.user_id))
-    if not removed:
-        svc.store.insert("shared_config_likes", {"uuid": row["uuid"], "user_id": p.user_id})
-    likes = svc.store.scalar("SELECT COUNT(*) FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
-    return ok({"uuid": row["uuid"], "liked": not removed, "likes": likes})
+    liked = svc.store.shared.toggle_like(row["uuid"], p.user_id)
+    return ok({"uuid": row["uuid"], "liked": liked, "likes": svc.store.shared.likes(row["uuid"])})
 
 
 async def update(request: Request, p: Principal) -> Response:
@@ -228,16 +209,15 @@ async def update(request: Request, p: Principal) -> Response:
         values["configuration"] = field(body, "configuration", dict, required=True)
     if values:
         values["updated_at"] = now_iso()
-        svc.store.update("shared_configs", "uuid", row["uuid"], values)
-    row = svc.store.one("SELECT * FROM shared_configs WHERE uuid = ?", (row["uuid"],))
-    return ok(config_object(svc, row, p, _base(request)), message="Configuration updated")
+        svc.store.shared.update(row["uuid"], values)
+    row = svc.store.shared.get(row["uuid"])
+    return ok(config_object(svc, row, p, _base(request)), message="Configuration updated")  # type: ignore[arg-type]
 
 
 async def delete(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _owned(request, p)
-    svc.store.execute("DELETE FROM shared_config_likes WHERE uuid = ?", (row["uuid"],))
-    svc.store.execute("DELETE FROM shared_configs WHERE uuid = ?", (row["uuid"],))
+    svc.store.shared.delete(row["uuid"])
     return ok({"uuid": row["uuid"], "deleted": True}, message="Configuration deleted")
 
 
