@@ -97,7 +97,7 @@ class DeploymentManager:
             return self._tokens.get(deployment_id)
 
     def start(self, deployment_id: int) -> None:
-        row = self.store.one("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
+        row: dict[str, Any] = self.store.deployments.get(deployment_id)  # type: ignore[assignment]  (inserted or live)
         port = _free_port()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.logs_dir / f"{deployment_id}.log"
@@ -112,8 +112,8 @@ class DeploymentManager:
         with self._lock:
             self._procs[deployment_id] = proc
             self._tokens[deployment_id] = token
-        self.store.update("deployments", "id", deployment_id, {"status": "pending", "pid": proc.pid, "port": port,
-                                                                "error_message": None, "updated_at": now_iso()})
+        self.store.deployments.update(deployment_id, {"status": "pending", "pid": proc.pid, "port": port,
+                                                      "error_message": None, "updated_at": now_iso()})
         self.store.notify("deployment", deployment_id, "pending")  # webhooks (never raises)
         watcher = threading.Thread(target=self._watch, args=(deployment_id, proc, port, log_path, token),
                                    daemon=True)
@@ -149,10 +149,7 @@ class DeploymentManager:
         self._set(deployment_id, "failed", error_message=f"The model server stopped: {reason}"[-2000:])
 
     def _set(self, deployment_id: int, status: str, only_from: str | None = None, **values: Any) -> None:
-        sql = "UPDATE deployments SET status = ?, updated_at = ?" + "".join(f", {k} = ?" for k in values)
-        sql += " WHERE id = ? AND status IN (?, ?)"
-        allowed = (only_from, only_from) if only_from else ("pending", "active")
-        if self.store.execute(sql, [status, now_iso(), *values.values(), deployment_id, *allowed]):
+        if self.store.deployments.set_status(deployment_id, status, only_from, values):
             self.store.notify("deployment", deployment_id, status)  # webhooks (never raises)
 
     @staticmethod
@@ -164,8 +161,7 @@ class DeploymentManager:
 
     def stop(self, deployment_id: int) -> None:
         """Mark deleted (before killing, so the watcher does not record a failure) and stop the process."""
-        self.store.execute("UPDATE deployments SET status = 'deleted', deleted_at = ?, updated_at = ? WHERE id = ?",
-                           (now_iso(), now_iso(), deployment_id))
+        self.store.deployments.mark_deleted(deployment_id)
         self.store.notify("deployment", deployment_id, "deleted")  # webhooks (never raises)
         with self._lock:
             proc = self._procs.pop(deployment_id, None)
@@ -175,7 +171,7 @@ class DeploymentManager:
 
     def resume_all(self) -> None:
         """After a restart: stop model servers left behind and start every live deployment again."""
-        for row in self.store.all("SELECT * FROM deployments WHERE status IN ('pending', 'active')"):
+        for row in self.store.deployments.live():
             if row["pid"]:
                 try:
                     cmdline = Path(f"/proc/{row['pid']}/cmdline").read_bytes()

@@ -177,6 +177,7 @@ class Store:
         self.tools = Tools(self)
         self.runs = Runs(self)
         self.shared = SharedConfigs(self)
+        self.deployments = Deployments(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -608,3 +609,50 @@ class SharedConfigs:
         """The recipe and its likes."""
         self.store.execute("DELETE FROM shared_config_likes WHERE uuid = ?", (uuid,))
         self.store.execute("DELETE FROM shared_configs WHERE uuid = ?", (uuid,))
+
+
+class Deployments:
+    """Model-serving deployments of finished runs: `pending` and `active` are live; `failed` and `deleted` are
+    kept. The processes are server/deploy.py's."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, deployment_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.store.one("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
+        return self.store.one("SELECT * FROM deployments WHERE id = ? AND user_id = ?", (deployment_id, user_id))
+
+    def live_for_run(self, run_id: int) -> dict[str, Any] | None:
+        """The id of the run's live deployment, if it has one."""
+        return self.store.one("SELECT id FROM deployments WHERE run_id = ? AND status IN ('pending', 'active')",
+                              (run_id,))
+
+    def live(self) -> list[dict[str, Any]]:
+        return self.store.all("SELECT * FROM deployments WHERE status IN ('pending', 'active')")
+
+    def list(self, user_id: int, *, status: str | None, page: int, per_page: int
+             ) -> tuple[list[dict[str, Any]], int]:
+        """One page of the user's deployments not deleted (of `status`), newest first."""
+        sql, args = "SELECT * FROM deployments WHERE user_id = ? AND status != 'deleted'", [user_id]
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        return self.store.page(sql, args, "id DESC", page, per_page)
+
+    def create(self, values: dict[str, Any]) -> int:
+        return self.store.insert("deployments", values)
+
+    def update(self, deployment_id: int, values: dict[str, Any]) -> None:
+        self.store.update("deployments", "id", deployment_id, values)
+
+    def set_status(self, deployment_id: int, status: str, only_from: str | None, values: dict[str, Any]) -> bool:
+        """Move a live deployment (or one in `only_from`) to `status` with `values`; whether it moved."""
+        sql = "UPDATE deployments SET status = ?, updated_at = ?" + "".join(f", {k} = ?" for k in values)
+        sql += " WHERE id = ? AND status IN (?, ?)"
+        allowed = (only_from, only_from) if only_from else ("pending", "active")
+        return bool(self.store.execute(sql, [status, now_iso(), *values.values(), deployment_id, *allowed]))
+
+    def mark_deleted(self, deployment_id: int) -> None:
+        self.store.execute("UPDATE deployments SET status = 'deleted', deleted_at = ?, updated_at = ? WHERE id = ?",
+                           (now_iso(), now_iso(), deployment_id))

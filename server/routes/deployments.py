@@ -33,7 +33,7 @@ def _base(request: Request) -> str:
 
 
 def deployment_object(svc: Services, row: dict[str, Any], base: str) -> dict[str, Any]:
-    run = svc.store.run(row["run_id"])
+    run = svc.store.runs.get(row["run_id"])
     obj = {"id": row["id"], "run_id": row["run_id"], "base_model": row["base_model"],
            "api_url": f"{base}/api/v1/deployments/{row['id']}" if row["status"] == "active" else "",
            "status": row["status"], "error_message": row["error_message"], "created_at": row["created_at"],
@@ -47,7 +47,7 @@ def deployment_object(svc: Services, row: dict[str, Any], base: str) -> dict[str
 def _checks(svc: Services, p: Principal, run_id: Any) -> tuple[dict[str, Any] | None, list[str]]:
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         raise ApiError(422, "Validation failed", details={"run_id": "is required (an integer run id)"})
-    run = svc.store.run(run_id, p.user_id)
+    run = svc.store.runs.get(run_id, p.user_id)
     if run is None:
         raise not_found("Run")
     reasons = []
@@ -55,7 +55,7 @@ def _checks(svc: Services, p: Principal, run_id: Any) -> tuple[dict[str, Any] | 
         reasons.append(f"run {run_id} is {run['status']}; only COMPLETED runs can be deployed")
     elif not svc.deployments.has_model(run_id):
         reasons.append(f"run {run_id} has no final model (final/ holds neither config.json nor adapter_config.json)")
-    live = svc.store.one("SELECT id FROM deployments WHERE run_id = ? AND status IN ('pending', 'active')", (run_id,))
+    live = svc.store.deployments.live_for_run(run_id)
     if live:
         reasons.append(f"run {run_id} is already deployed (deployment {live['id']})")
     return run, reasons
@@ -76,17 +76,16 @@ async def create(request: Request, p: Principal) -> Response:
     if reasons:
         raise ApiError(422, reasons[0], details={"run_id": "; ".join(reasons)})
     now = now_iso()
-    dep_id = svc.store.insert("deployments", {"user_id": p.user_id, "run_id": run["id"], "base_model": run["model"],
-                                              "status": "pending", "created_at": now, "updated_at": now})
+    dep_id = svc.store.deployments.create({"user_id": p.user_id, "run_id": run["id"], "base_model": run["model"],
+                                           "status": "pending", "created_at": now, "updated_at": now})
     svc.deployments.start(dep_id)
-    row = svc.store.one("SELECT * FROM deployments WHERE id = ?", (dep_id,))
+    row = svc.store.deployments.get(dep_id)
     return ok(deployment_object(svc, row, _base(request)), message="Deployment started", status=201)
 
 
 def _owned(request: Request, p: Principal) -> dict[str, Any]:
     dep_id = path_id(request, "deployment_id")
-    row = None if dep_id is None else services(request).store.one(
-        "SELECT * FROM deployments WHERE id = ? AND user_id = ?", (dep_id, p.user_id))
+    row = None if dep_id is None else services(request).store.deployments.get(dep_id, p.user_id)
     if row is None:
         raise not_found("Deployment")
     return row
@@ -95,12 +94,8 @@ def _owned(request: Request, p: Principal) -> dict[str, Any]:
 async def list_deployments(request: Request, p: Principal) -> Response:
     svc = services(request)
     page, per_page = paging(request)
-    sql, args = "SELECT * FROM deployments WHERE user_id = ? AND status != 'deleted'", [p.user_id]
-    status = request.query_params.get("status")
-    if status:
-        sql += " AND status = ?"
-        args.append(status)
-    rows, total = svc.store.page(sql, args, "id DESC", page, per_page)
+    rows, total = svc.store.deployments.list(p.user_id, status=request.query_params.get("status"), page=page,
+                                             per_page=per_page)
     return ok(paged([deployment_object(svc, r, _base(request)) for r in rows], page, per_page, total))
 
 
@@ -113,7 +108,7 @@ async def delete(request: Request, p: Principal) -> Response:
     row = _owned(request, p)
     if row["status"] != "deleted":
         svc.deployments.stop(row["id"])
-    row = svc.store.one("SELECT * FROM deployments WHERE id = ?", (row["id"],))
+    row = svc.store.deployments.get(row["id"])
     return ok(deployment_object(svc, row, _base(request)), message="Deployment deleted")
 
 
