@@ -178,6 +178,7 @@ class Store:
         self.runs = Runs(self)
         self.shared = SharedConfigs(self)
         self.deployments = Deployments(self)
+        self.webhooks = Webhooks(self)
 
     def _add_columns(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -656,3 +657,49 @@ class Deployments:
     def mark_deleted(self, deployment_id: int) -> None:
         self.store.execute("UPDATE deployments SET status = 'deleted', deleted_at = ?, updated_at = ? WHERE id = ?",
                            (now_iso(), now_iso(), deployment_id))
+
+
+class Webhooks:
+    """Webhook subscriptions and the record of each delivery attempt (sending is server/webhooks.py's)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def get(self, webhook_id: int, user_id: int | None = None) -> dict[str, Any] | None:
+        if user_id is None:
+            return self.store.one("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+        return self.store.one("SELECT * FROM webhooks WHERE id = ? AND user_id = ?", (webhook_id, user_id))
+
+    def count(self, user_id: int) -> int:
+        return int(self.store.scalar("SELECT COUNT(*) FROM webhooks WHERE user_id = ?", (user_id,)))
+
+    def subscriptions(self, user_id: int) -> list[dict[str, Any]]:
+        """(id, events) of each of the user's webhooks, oldest first."""
+        return self.store.all("SELECT id, events FROM webhooks WHERE user_id = ? ORDER BY id", (user_id,))
+
+    def list(self, user_id: int, *, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of the user's webhooks, newest first."""
+        return self.store.page("SELECT * FROM webhooks WHERE user_id = ?", [user_id], "id DESC", page, per_page)
+
+    def create(self, values: dict[str, Any]) -> int:
+        return self.store.insert("webhooks", values)
+
+    def delete(self, webhook_id: int) -> None:
+        """The webhook and its deliveries, in one transaction."""
+        with self.store.tx() as db:
+            db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
+            db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+
+    def deliveries(self, webhook_id: int, *, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of the webhook's delivery attempts, newest first."""
+        return self.store.page("SELECT * FROM webhook_deliveries WHERE webhook_id = ?", [webhook_id], "id DESC",
+                               page, per_page)
+
+    def record_delivery(self, values: dict[str, Any]) -> None:
+        """One attempt's record (webhook_delivery columns); none for a webhook deleted meanwhile, whose deliveries
+        went with it."""
+        cols = ("webhook_id", "delivery_id", "event", "attempt", "status_code", "success", "error", "duration_ms",
+                "retrying", "delivered_at")
+        self.store.execute(
+            f"INSERT INTO webhook_deliveries ({', '.join(cols)}) SELECT {', '.join('?' for _ in cols)} "
+            "WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)", [values[c] for c in cols] + [values["webhook_id"]])

@@ -171,12 +171,11 @@ class Dispatcher:
         events of this change. Cheap when the owner has none (two indexed reads)."""
         if self._loop is None or self._services is None or kind not in ("run", "deployment"):
             return
-        row = self.store.one(f"SELECT * FROM {'runs' if kind == 'run' else 'deployments'} WHERE id = ?", (obj_id,))
+        row = self.store.runs.get(obj_id) if kind == "run" else self.store.deployments.get(obj_id)
         if row is None:
             return
         events = events_for(kind, status)
-        hooks = [h for h in self.store.all("SELECT id, events FROM webhooks WHERE user_id = ? ORDER BY id",
-                                           (row["user_id"],)) if set(h["events"]) & set(events)]
+        hooks = [h for h in self.store.webhooks.subscriptions(row["user_id"]) if set(h["events"]) & set(events)]
         if not hooks:
             return
         if kind == "run":
@@ -200,13 +199,11 @@ class Dispatcher:
             self._record(delivery, 1, Attempt(None, False, DROPPED, 0, False))
 
     def _record(self, d: Delivery, attempt: int, result: Attempt, retrying: bool = False) -> None:
-        values = (d.webhook_id, d.delivery_id, d.event, attempt, result.status_code, int(result.success),
-                  result.error, result.duration_ms, int(retrying), now_iso(), d.webhook_id)
+        values = {"webhook_id": d.webhook_id, "delivery_id": d.delivery_id, "event": d.event, "attempt": attempt,
+                  "status_code": result.status_code, "success": int(result.success), "error": result.error,
+                  "duration_ms": result.duration_ms, "retrying": int(retrying), "delivered_at": now_iso()}
         try:  # not for a webhook deleted meanwhile (its deliveries went with it)
-            self.store.execute(
-                "INSERT INTO webhook_deliveries (webhook_id, delivery_id, event, attempt, status_code, success, "
-                "error, duration_ms, retrying, delivered_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
-                "WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)", values)
+            self.store.webhooks.record_delivery(values)
         except Exception:  # a closed or busy database must not end the delivery task with a traceback
             log.exception("could not record webhook delivery %s attempt %s", d.delivery_id, attempt)
 
@@ -247,7 +244,7 @@ class Dispatcher:
         hook_slots = self._per_hook.setdefault(d.webhook_id, asyncio.Semaphore(PER_WEBHOOK))
         assert self._slots is not None
         async with hook_slots, self._slots:  # waiting on a busy webhook holds no global slot
-            hook = self.store.one("SELECT url, secret FROM webhooks WHERE id = ?", (d.webhook_id,))
+            hook = self.store.webhooks.get(d.webhook_id)
             if hook is None:
                 return None
             url, secret = hook["url"], hook["secret"]

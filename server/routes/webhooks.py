@@ -83,8 +83,7 @@ def _secret(body: dict[str, Any]) -> str:
 
 def _owned(request: Request, p: Principal) -> dict[str, Any]:
     webhook_id = path_id(request, "webhook_id")
-    row = None if webhook_id is None else services(request).store.one(
-        "SELECT * FROM webhooks WHERE id = ? AND user_id = ?", (webhook_id, p.user_id))
+    row = None if webhook_id is None else services(request).store.webhooks.get(webhook_id, p.user_id)
     if row is None:
         raise not_found("Webhook")
     return row
@@ -95,7 +94,7 @@ async def create(request: Request, p: Principal) -> Response:
     body = await read_json(request)
     url, events, secret = _url(body), _events(body), _secret(body)
     limit = svc.settings.max_webhooks_per_user
-    if svc.store.scalar("SELECT COUNT(*) FROM webhooks WHERE user_id = ?", (p.user_id,)) >= limit:
+    if svc.store.webhooks.count(p.user_id) >= limit:
         raise ApiError(422, f"At most {limit} webhooks per user; delete one first",
                        details={"max_webhooks_per_user": f"at most {limit} webhooks per user"})
     try:
@@ -103,16 +102,16 @@ async def create(request: Request, p: Principal) -> Response:
     except DestinationDenied as exc:
         raise ApiError(422, "Destination not allowed", details={"url": str(exc)}) from None
     now = now_iso()
-    webhook_id = svc.store.insert("webhooks", {"user_id": p.user_id, "url": url, "events": events, "secret": secret,
-                                               "created_at": now, "updated_at": now})
-    row = svc.store.one("SELECT * FROM webhooks WHERE id = ?", (webhook_id,))
+    webhook_id = svc.store.webhooks.create({"user_id": p.user_id, "url": url, "events": events, "secret": secret,
+                                            "created_at": now, "updated_at": now})
+    row = svc.store.webhooks.get(webhook_id)
     return ok({**webhook_object(row), "secret": secret, "warning": WARNING}, message="Webhook created", status=201)
 
 
 async def list_webhooks(request: Request, p: Principal) -> Response:
     svc = services(request)
     page, per_page = paging(request)
-    rows, total = svc.store.page("SELECT * FROM webhooks WHERE user_id = ?", [p.user_id], "id DESC", page, per_page)
+    rows, total = svc.store.webhooks.list(p.user_id, page=page, per_page=per_page)
     return ok(paged([webhook_object(r) for r in rows], page, per_page, total))
 
 
@@ -123,9 +122,7 @@ async def retrieve(request: Request, p: Principal) -> Response:
 async def delete(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _owned(request, p)
-    with svc.store.tx() as db:
-        db.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (row["id"],))
-        db.execute("DELETE FROM webhooks WHERE id = ?", (row["id"],))
+    svc.store.webhooks.delete(row["id"])
     return ok({"id": row["id"], "deleted": True}, message="Webhook deleted")
 
 
@@ -133,8 +130,7 @@ async def deliveries(request: Request, p: Principal) -> Response:
     svc = services(request)
     row = _owned(request, p)
     page, per_page = paging(request)
-    rows, total = svc.store.page("SELECT * FROM webhook_deliveries WHERE webhook_id = ?", [row["id"]], "id DESC",
-                                 page, per_page)
+    rows, total = svc.store.webhooks.deliveries(row["id"], page=page, per_page=per_page)
     return ok(paged([delivery_object(r) for r in rows], page, per_page, total))
 
 
