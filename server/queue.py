@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from server.gpus import capacity, describe, free_devices, requested
 from server.store import Store, now_iso
@@ -72,6 +72,10 @@ class RunQueue:
         self.worker_id = worker_id
         self.lease_s = lease_s
         self.max_resumes = max_resumes
+        # How recover() stops what a gone worker left running for a claimed run (its row: id, pid, attempts):
+        # a local process group by default; the worker's executor sets its own (a Ray job: server/ray_executor.py).
+        self.stop_orphan: Callable[[dict[str, Any], Path], bool] = lambda row, run_dir: kill_orphan(row["pid"],
+                                                                                                   run_dir)
 
     def transition(self, run_id: int, to: RunStatus, message: str, *, only_from: RunStatus | None = None,
                    **values: Any) -> bool:
@@ -151,7 +155,7 @@ class RunQueue:
     def recover(self, runs_dir: Path) -> list[int]:
         """Resume (or, past `max_resumes`, fail) claimed runs whose worker is gone, after stopping the training
         processes they left behind; a run with a cancel request ends CANCELLED. Returns the runs handled."""
-        rows = self.store.all("SELECT id, pid, lease_owner, lease_expires_at FROM runs "
+        rows = self.store.all("SELECT id, pid, attempts, lease_owner, lease_expires_at FROM runs "
                               "WHERE status IN ('SETTING_UP', 'RUNNING')")
         handled = []
         for row in rows:
@@ -159,7 +163,7 @@ class RunQueue:
             if ours and (row["lease_expires_at"] or 0) > time.time():
                 continue
             run_dir = runs_dir / str(row["id"])
-            stopped = kill_orphan(row["pid"], run_dir)
+            stopped = self.stop_orphan(row, run_dir)
             from server.worker import Worker, remove_leftovers  # (worker imports this module)
 
             remove_leftovers(run_dir)  # run.yaml, sandbox, reward_env; never checkpoints or outputs

@@ -38,6 +38,17 @@ class Settings:
     # signal such as the OOM killer's SIGKILL) is resumed from its last checkpoint before it ends FAILED
     # (server/queue.py; `runrl serve --max-resumes`). A graceful server shutdown is not counted.
     max_resumes: int = 3
+    # Where claimed runs train (server/executor.py; `runrl serve --executor`): "local", a subprocess of this server
+    # on its own GPUs, or "ray", a Ray job on the cluster whose job server (dashboard) is `ray_address`
+    # (`--ray-address http://head:8265`; server/ray_executor.py). With ray, `runs_dir` must be mounted at the same
+    # path on every Ray node, each run asks Ray for `ray_cpus_per_run` CPUs, `ray_memory_mb` MiB of memory (0: no
+    # reservation) and its n_gpus GPUs (none with `--gpus none`), and a run whose job server stays unreachable for
+    # `ray_grace_s` seconds is resumed (bounded by max_resumes) or failed.
+    executor: str = "local"
+    ray_address: str = ""
+    ray_cpus_per_run: float = 1.0
+    ray_memory_mb: int = 0
+    ray_grace_s: float = 60.0
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     public_url: str = ""  # base for download/preview URLs and deployment api_url; "" = from each request
     deploy_command: tuple[str, ...] = (sys.executable, "-m", "server.deploy")

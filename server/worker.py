@@ -1,9 +1,12 @@
-"""Runs queued runs as `runrl train` subprocesses.
+"""Runs queued runs: `runrl train` (or `runrl launch --multi_gpu ...`) through an executor.
 
 `execute_next()` is the synchronous step: claim one run, prepare its directory (input files snapshotted
 into `inputs/`, a private `run.yaml` holding the config with its secrets, deleted when training ends), start
-the training command in its own process group with stdout → `process.log` and stderr → `stderr.log`, renew
-the lease while it runs, and record how it ended. `start()` runs that step in `slots` threads.
+the training command through the executor (server/executor.py: `local`, a subprocess in its own process group,
+the default; `ray`, a Ray job, server/ray_executor.py) with stdout → `process.log` and stderr → `stderr.log`,
+renew the lease while it runs, and record how it ended. `start()` runs that step in `slots` threads. The claim,
+the lease and the mapping below are the same for both executors; an executor that loses track of a run (a Ray
+cluster gone) has it resumed, bounded by `max_resumes`, or failed with the reason.
 
 Exit status → state: 0 COMPLETED; a cancel request → CANCELLED (the whole process group is killed); killed by a
 signal (a negative status, or 128+N from a launcher or shell; the OOM killer's SIGKILL, kill -9), or stopped
@@ -22,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ import yaml
 from runrl_engine.rundir import INPUT_KEYS, RunDir
 from runrl_engine.secrets import SERVED_MARK, redact, secret_values
 from server import hub_push
+from server.executor import Executor, ExecutorLost, Handle, LocalExecutor
 from server.gpus import requested, train_command, trainer_env
 from server.legacy import ignored_warnings
 from server.policy import forced_config
@@ -102,12 +105,24 @@ def resume_overrides(config_path: Path) -> list[str]:
     return out
 
 
+def make_executor(settings: Settings) -> Executor:
+    """The executor `settings.executor` names: `local` (server/executor.py) or `ray` (server/ray_executor.py, which
+    imports ray only when it is chosen)."""
+    if settings.executor == "ray":
+        from server.ray_executor import RayExecutor
+
+        return RayExecutor(settings)
+    return LocalExecutor()
+
+
 class Worker:
-    def __init__(self, settings: Settings, store: Store, queue: RunQueue):
+    def __init__(self, settings: Settings, store: Store, queue: RunQueue, executor: Executor | None = None):
         self.settings = settings
         self.store = store
         self.queue = queue
-        self._procs: dict[int, subprocess.Popen] = {}
+        self.executor = executor or make_executor(settings)
+        queue.stop_orphan = self.executor.stop_orphan  # recover() stops a previous server's runs where they run
+        self._handles: dict[int, Handle] = {}
         self._shut_down: set[int] = set()  # runs stop() stopped: resumed after the restart
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -130,7 +145,7 @@ class Worker:
         self._stop.set()
         self._wake.set()
         with self._lock:
-            running = list(self._procs)
+            running = list(self._handles)
             self._shut_down.update(running)
         for run_id in running:
             self._kill(run_id, None)
@@ -140,7 +155,7 @@ class Worker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.execute_next() is None:
+                if not self.executor.ready() or self.execute_next() is None:
                     self._wake.wait(self.settings.poll_interval_s)
                     self._wake.clear()
             except Exception:  # a bug here must not kill the slot; the run itself was already failed
@@ -154,33 +169,18 @@ class Worker:
 
     def _kill(self, run_id: int, fail_message: str | None) -> None:
         with self._lock:
-            proc = self._procs.get(run_id)
-        if proc is None:
+            handle = self._handles.get(run_id)
+        if handle is None:
             return
         if fail_message:
             self.store.update("runs", "id", run_id, {"error_message": fail_message})
-        threading.Thread(target=self._terminate, args=(proc,), daemon=True).start()
-
-    def _terminate(self, proc: subprocess.Popen) -> None:
-        for sig, wait in ((signal.SIGTERM, self.settings.cancel_grace_s), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                return
-            try:
-                proc.wait(timeout=wait)
-                # the leader is gone; make sure nothing else in the group survives
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            return
+        handle.cancel(self.settings.cancel_grace_s)  # SIGTERM, SIGKILL after the grace; does not block
 
     # ---- one run -------------------------------------------------------------------------------------------
     def execute_next(self) -> int | None:
         """Claim one PENDING run and run it to its end (blocking). Returns its id, or None if none queued."""
-        run = self.queue.claim(self.settings.gpus)  # with GPUs: only once its n_gpus are free (server/gpus.py)
+        # with GPUs: only once its n_gpus are free (server/gpus.py); on a Ray cluster, Ray places runs on GPUs
+        run = self.queue.claim(self.settings.gpus if self.executor.places_gpus else None)
         if run is None:
             return None
         try:
@@ -217,33 +217,26 @@ class Worker:
         run_dir = self.settings.runs_dir / str(run_id)
         secrets = secret_values(run["secrets"])
         config_path = self._prepare(run, run_dir)
-        env = {**os.environ, **self.settings.extra_env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env = dict(self.settings.extra_env)  # what the trainer's environment adds to the executor's own
+        path = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        env.update(trainer_env(self.settings.gpus, run.get("devices")))  # its own GPUs (none on a CPU-only server)
+        if self.executor.places_gpus:  # its own GPUs (none on a CPU-only server)
+            env.update(trainer_env(self.settings.gpus, run.get("devices")))
         # n_gpus > 1: `runrl launch --multi_gpu --num_processes N train ...`, one process per GPU
         cmd = train_command(self.settings.train_command, self.settings.launch_command, requested(run["config"]),
                             [str(config_path), "--output", str(run_dir), "--secrets-stdin"])
         resume = RunDir(run_dir).has_trained
         if resume:  # an earlier attempt trained here: continue from its last checkpoint (or step 0), today's policy
             cmd += ["--resume", *resume_overrides(config_path)]
-        with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
-            with self._lock:
-                if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
-                                                            (run_id,)):
-                    proc = None
-                else:
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.PIPE, env=env,
-                                            cwd=str(run_dir), start_new_session=True)
-                    self._procs[run_id] = proc
-        if proc is not None:
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(json.dumps(run["secrets"]).encode("utf-8"))
-                proc.stdin.close()
-            except OSError:  # the process died at once; its exit status tells why
-                pass
-        if proc is None:
+        with self._lock:
+            if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
+                                                        (run_id,)):
+                handle = None
+            else:  # stdout → process.log, stderr → stderr.log; the secrets through stdin (server/executor.py)
+                handle = self.executor.start(run, run_dir, cmd, env, json.dumps(run["secrets"]).encode("utf-8"))
+                self._handles[run_id] = handle
+        if handle is None:
             config_path.unlink(missing_ok=True)
             if self._stop.is_set() and not self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
                                                              (run_id,)):
@@ -252,31 +245,45 @@ class Worker:
             else:
                 self.queue.transition(run_id, S.CANCELLED, "Cancelled before training started")
             return
-        self.queue.heartbeat(run_id, pid=proc.pid)
+        pid = {"pid": handle.pid} if handle.pid else {}  # a remote (Ray) job has no local process group
+        self.queue.heartbeat(run_id, **pid)
         first_start = {"started_at": run["started_at"]} if run.get("started_at") else {}  # a resumed run keeps it
-        self.queue.transition(run_id, S.RUNNING, f"Resuming training process (attempt {run['attempts']}, --resume)"
-                              if resume else "Starting training process", pid=proc.pid, **first_start)
+        message = (f"Resuming training process (attempt {run['attempts']}, --resume)" if resume else
+                   "Starting training process")
+        started, lost, code = False, None, None
         last_beat = time.monotonic()
         try:
-            while proc.poll() is None:
+            while True:
+                if not started and handle.running():  # a Ray job may wait for its resources first
+                    self.queue.transition(run_id, S.RUNNING, message, **pid, **first_start)
+                    started = True
                 try:
-                    proc.wait(timeout=self.settings.poll_interval_s)
-                except subprocess.TimeoutExpired:
-                    pass
+                    code = handle.poll(self.settings.poll_interval_s)
+                except ExecutorLost as exc:
+                    lost = str(exc)
+                if code is not None or lost is not None:
+                    break
                 if time.monotonic() - last_beat > self.settings.lease_s / 3:
                     self.queue.heartbeat(run_id)
                     last_beat = time.monotonic()
+            if not started:  # it ended (or was lost) before it was seen running: its history still says it began
+                self.queue.transition(run_id, S.RUNNING, message, **pid, **first_start)
         finally:
             with self._lock:
-                self._procs.pop(run_id, None)
+                self._handles.pop(run_id, None)
             config_path.unlink(missing_ok=True)
-            try:  # nothing the training started (sandbox workers, grandchildren) outlives it
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            handle.cleanup()  # nothing the training started (sandbox workers, grandchildren) outlives it
             remove_leftovers(run_dir)
         self._note_ignored(run, run_dir)
-        self._finish(run_id, run_dir, proc.returncode, secrets, attempt=run["attempts"])
+        if lost is not None:  # the executor cannot tell how it ended (a Ray cluster gone): resumed, or failed
+            with self._lock:
+                shut_down = run_id in self._shut_down
+                self._shut_down.discard(run_id)
+            row = self.store.run(run_id)
+            if row["status"] == S.RUNNING.value and row["attempts"] == run["attempts"]:
+                self._resume(row, run_dir, lost, counted=not shut_down)
+            return
+        self._finish(run_id, run_dir, code, secrets, attempt=run["attempts"])
 
     def _finish(self, run_id: int, run_dir: Path, code: int, secrets: list[str], attempt: int | None = None) -> None:
         row = self.store.run(run_id)
