@@ -15,8 +15,9 @@ their keys and values merged into the running cache, left-padded as the rollout 
 at once. Each completion has its own sampling: `temperature` (0 = greedy), `top_p`, `max_tokens`, stop strings
 (matched on the decoded text, which ends before the stop string) and a seed (its own random stream, so a seeded
 completion's draws do not depend on what else is in the batch; the logits themselves may differ in the last bits
-between batch sizes). The step is the rollout loop's (`rollout/hf.py`): preallocated key/value buffers, and on
-CPU for Llama-family models `LlamaDecodeStep` with packed weights; elsewhere the model's own forward.
+between batch sizes). The step is the rollout loop's: preallocated key/value buffers (`rollout/kv_cache.py`), and
+on CPU for Llama-family models `LlamaDecodeStep` with packed weights (`rollout/cpu_decode.py`); elsewhere the
+model's own forward.
 
 Why not transformers' continuous batching (`generate_batch`/`init_continuous_batching`): measured in this project
 at 0.24-0.31x of the rollout loop's tokens/s on CPU (README, `rollout_backend: paged`), one `do_sample` for the
@@ -50,7 +51,8 @@ from runrl_engine.batch import pad_left
 from runrl_engine.config import RunConfig
 from runrl_engine.errors import UserError
 from runrl_engine.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-from runrl_engine.rollout.hf import LlamaDecodeStep, PreallocatedKVLayer, decode_cache
+from runrl_engine.rollout.cpu_decode import LlamaDecodeStep
+from runrl_engine.rollout.kv_cache import PreallocatedKVLayer, decode_cache
 
 GROW_TOKENS = 256  # key/value buffer growth per reallocation (tokens per row)
 

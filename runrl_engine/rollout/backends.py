@@ -2,31 +2,33 @@
 
 Every backend answers the call `rollout/hf.py`'s `generate` answers — prompt token ids in, `num_samples`
 completions per prompt out (index = prompt_index * num_samples + sample_index), with the stop token kept when a
-completion finished — plus three hooks the trainer calls between phases:
+completion finished — plus three hooks the trainer calls between phases (the protocol and the shared types are in
+`rollout/types.py`):
 
     wake()              before a rollout: re-acquire the memory generation needs (KV cache, weights)
     sync_weights(model) before a rollout: the engine's weights become the policy's current weights
     sleep()             after a rollout, before the update: hand generation memory back to training
     close()             end of run
 
-Backends, registered by name:
+Backends, registered by name; each class builds itself from a run's config (`from_config`) and says whether it
+may run in a multi-process run (`multi_process`), so `rollout_backend_for` is a registry lookup and nothing else:
 
 - `hf` (default): our KV-cached decode loop (`rollout/hf.py`) on the policy module itself. Each completion's
   randomness comes from its own seed, so results do not depend on batching; the hooks are no-ops.
 - `paged`: transformers' continuous batching (`model.generate_batch`: paged KV cache, requests scheduled as they
-  finish; flash attention when installed, else SDPA). Runs on CPU too (tested there on the builtin models, where
-  it reached 0.24-0.31x of `hf`'s tokens/s on builtin:small, 1 thread, measured before `hf`'s
-  decode got faster). What it does not give: per-completion seeds
-  (sampling draws from one torch generator seeded per call from the call's seeds, so a completion depends on what
-  else is in the batch — runs are repeatable, but not batch-invariant); it reseeds torch's global RNG, which this
-  backend saves and restores around the call. When the policy's parameters are not in the compute dtype (fp32
-  master weights with bf16 autocast on GPU) it generates from a copy of the policy in the compute dtype,
-  refreshed by `sync_weights` (the generation thread does not inherit the caller's autocast).
+  finish; flash attention when installed, else SDPA). Runs on CPU too (tested there on the builtin models), but more
+  slowly there than `hf` (README, "Rollout backends and the GPU path"), so not worth it there. What it does not
+  give: per-completion seeds (sampling draws from one torch generator seeded per call from the call's seeds, so a
+  completion depends on what else is in the batch — runs are repeatable, but not batch-invariant); it reseeds
+  torch's global RNG, which this backend saves and restores around the call. When the policy's parameters are not in
+  the compute dtype (fp32 master weights with bf16 autocast on GPU) it generates from a copy of the policy in the
+  compute dtype, refreshed by `sync_weights` (the generation thread does not inherit the caller's autocast).
 - `vllm`: a colocated vLLM engine in this process (`LLM(..., enable_sleep_mode=True)`), imported only when
   selected. Its weights are pushed from the policy in-process before each rollout (`model.load_weights`, LoRA
   deltas folded in without touching the policy), and it sleeps (level 2: weights and KV cache released) during the
   update. Per-completion seeds go to vLLM's per-request `seed`, but vLLM's sampler is not ours: the same seed
-  gives different tokens than `hf`. Not tested here (no GPU and no vLLM on the machines this was written on).
+  gives different tokens than `hf`. Its only end-to-end test is in tests/gpu/ (CUDA and vLLM needed); on CPU the
+  tests check its weight push, its log-prob parsing, and the settings it takes from the config.
 
 Every backend also reports the sampled tokens' log-probs under the distribution it drew them from (temperature,
 top-k and top-p applied): `hf` from the probabilities it samples from, `paged` through `return_logprobs`, `vllm`
@@ -46,42 +48,34 @@ import copy
 import math
 import os
 import socket
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from runrl_engine.errors import ConfigError
 from runrl_engine.registry import Registry
 from runrl_engine.rollout import hf
-from runrl_engine.rollout.hf import Completion, SamplingParams
+from runrl_engine.rollout.types import Completion, RolloutBackend, SamplingParams
+
+if TYPE_CHECKING:
+    from runrl_engine.config import RunConfig
 
 __all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "HFBackend", "PagedBackend", "VLLMBackend",
            "get_rollout_backend", "rollout_backend_for"]
-
-
-@runtime_checkable
-class RolloutBackend(Protocol):
-    name: str
-
-    def generate(self, model: torch.nn.Module, prompts: list[list[int]], *, num_samples: int, seeds: Sequence[int],
-                 params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Completion]: ...
-
-    def wake(self) -> None: ...
-
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
-
-    def sleep(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class HFBackend:
     """`rollout/hf.py`'s decode loop on the policy itself (per-completion seeds, batch-invariant)."""
 
     name = "hf"
+    multi_process = True  # each process samples its own prompts; nothing is shared between them
 
     def __init__(self) -> None:
         self.stats = hf.DecodeStats()  # summed over `generate` calls until `take_stats`
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", *, compute_dtype: torch.dtype) -> "HFBackend":
+        return cls()  # `rollout_dtype` is applied as autocast around the decode loop, by the caller
 
     def generate(self, model: torch.nn.Module, prompts: list[list[int]], *, num_samples: int, seeds: Sequence[int],
                  params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Completion]:
@@ -114,6 +108,7 @@ class PagedBackend:
     """transformers' continuous batching (`generate_batch`) with a paged KV cache sized for each call."""
 
     name = "paged"
+    multi_process = False  # untested under DDP; FSDP shards would need gathering first
     PAGE_SIZE = 256
     MAX_BATCH_TOKENS = 8192  # transformers' default cap on tokens per forward (prefill chunks beyond it)
 
@@ -121,6 +116,10 @@ class PagedBackend:
         self.compute_dtype = compute_dtype
         self._copy: torch.nn.Module | None = None  # compute-dtype copy of a policy kept in another dtype
         self._copy_of: torch.nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", *, compute_dtype: torch.dtype) -> "PagedBackend":
+        return cls(compute_dtype=compute_dtype)
 
     def _needs_copy(self, model: torch.nn.Module) -> bool:
         if self.compute_dtype is None or _is_peft(model):  # peft casts between adapter and base dtypes itself
@@ -246,6 +245,7 @@ class VLLMBackend:
     """A vLLM engine colocated in this process: asleep during updates, weights pushed before each rollout."""
 
     name = "vllm"
+    multi_process = False  # untested under DDP; FSDP shards would need gathering first
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int, gpu_memory_utilization: float,
                  seed: int = 0, max_num_seqs: int = 256):
@@ -274,6 +274,16 @@ class VLLMBackend:
                             logprobs_mode="processed_logprobs")
         self.llm.sleep(level=2)  # weights come from the policy before the first rollout
         self.asleep = True
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", *, compute_dtype: torch.dtype) -> "VLLMBackend":
+        from runrl_engine.tiny import resolve_model_path
+
+        # the engine's context must hold the longest sequence a rollout can build: a whole episode when multi-turn
+        multi_turn = cfg.type == "environment" or bool(cfg.tools)
+        max_len = cfg.max_episode_tokens if multi_turn else cfg.max_prompt_length + cfg.completion_length
+        return cls(model_path=resolve_model_path(cfg.model), dtype=compute_dtype, max_model_len=max_len,
+                   seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
 
     def _model(self) -> Any:
         executor = self.llm.llm_engine.model_executor
@@ -342,29 +352,23 @@ for _backend in (HFBackend, PagedBackend, VLLMBackend):
     ROLLOUT_BACKENDS.register(_backend.name)(_backend)
 
 
-def get_rollout_backend(name: str, *, world_size: int = 1, **kwargs: Any) -> Any:
-    """The backend registered as `name`, built with `kwargs`; ConfigError listing the valid names otherwise."""
+def _backend_class(name: str, world_size: int) -> type[RolloutBackend]:
+    """The class registered as `name`, refused before it is built when the run has more processes than it allows."""
     backend = ROLLOUT_BACKENDS.lookup(name)
-    if name != "hf" and world_size > 1:
+    if not backend.multi_process and world_size > 1:
         raise ConfigError(f"rollout_backend {name!r} is single-process only (this run has {world_size} processes)",
                           where="rollout_backend", fix="use `rollout_backend: hf` for multi-GPU runs, or launch one process")
-    return backend(**kwargs)
+    return backend
 
 
-def rollout_backend_for(cfg: Any, *, world_size: int, compute_dtype: torch.dtype) -> Any:
-    """The backend a RunConfig asks for, with the settings it needs taken from the config."""
-    name = cfg.rollout_backend
-    if name == "paged":
-        return get_rollout_backend(name, world_size=world_size, compute_dtype=compute_dtype)
-    if name == "vllm":
-        from runrl_engine.tiny import resolve_model_path
+def get_rollout_backend(name: str, *, world_size: int = 1, **kwargs: Any) -> RolloutBackend:
+    """The backend registered as `name`, built with `kwargs`; ConfigError listing the valid names otherwise."""
+    return _backend_class(name, world_size)(**kwargs)
 
-        multi_turn = cfg.type == "environment" or bool(cfg.tools)
-        max_len = cfg.max_episode_tokens if multi_turn else cfg.max_prompt_length + cfg.completion_length
-        return get_rollout_backend(name, world_size=world_size, model_path=resolve_model_path(cfg.model),
-                                   dtype=compute_dtype, max_model_len=max_len, seed=cfg.seed,
-                                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    return get_rollout_backend(name, world_size=world_size)
+
+def rollout_backend_for(cfg: "RunConfig", *, world_size: int, compute_dtype: torch.dtype) -> RolloutBackend:
+    """The backend a RunConfig asks for, built by its registry entry from the config."""
+    return _backend_class(cfg.rollout_backend, world_size).from_config(cfg, compute_dtype=compute_dtype)
 
 
 @contextlib.contextmanager

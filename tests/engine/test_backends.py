@@ -4,6 +4,7 @@ vLLM is missing. The GPU side is in tests/gpu/."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import typing
 
@@ -14,7 +15,8 @@ from runrl_engine.config import RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.rollout import backends
 from runrl_engine.rollout.backends import HFBackend, PagedBackend, get_rollout_backend, vllm_weights
-from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.rollout.hf import generate
+from runrl_engine.rollout.types import SamplingParams
 
 
 def encode(tok, text):
@@ -41,6 +43,51 @@ def test_multi_process_runs_refuse_the_single_process_backends(name):
     with pytest.raises(ConfigError, match="single-process only"):
         get_rollout_backend(name, world_size=2)
     assert isinstance(get_rollout_backend("hf", world_size=2), HFBackend)
+
+
+def test_each_backend_is_built_from_the_config_by_its_registry_entry(monkeypatch):
+    from types import SimpleNamespace
+
+    from runrl_engine.rollout.backends import VLLMBackend, rollout_backend_for
+
+    assert isinstance(rollout_backend_for(RunConfig(), world_size=2, compute_dtype=torch.float32), HFBackend)
+    paged = rollout_backend_for(RunConfig(rollout_backend="paged"), world_size=1, compute_dtype=torch.bfloat16)
+    assert isinstance(paged, PagedBackend) and paged.compute_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="single-process only"):
+        rollout_backend_for(RunConfig(rollout_backend="paged"), world_size=2, compute_dtype=torch.float32)
+
+    built = []  # what a stand-in vLLM engine was constructed with
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+        def sleep(self, level):
+            pass
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # the backend sets them for its in-process engine; undone after
+    single = RunConfig(model="/models/m", rollout_backend="vllm", max_prompt_length=100, completion_length=28,
+                       seed=3, vllm_gpu_memory_utilization=0.25)
+    multi = RunConfig(model="/models/m", rollout_backend="vllm", type="environment", max_episode_tokens=700)
+    for cfg in (single, multi):
+        assert isinstance(rollout_backend_for(cfg, world_size=1, compute_dtype=torch.bfloat16), VLLMBackend)
+    # the engine's context holds a prompt and its completion, or a whole episode when multi-turn
+    assert [(b["model"], b["dtype"], b["max_model_len"], b["seed"], b["gpu_memory_utilization"]) for b in built] == [
+        ("/models/m", "bfloat16", 128, 3, 0.25), ("/models/m", "bfloat16", 700, 0, 0.3)]
+    with pytest.raises(ConfigError, match="single-process only"):
+        rollout_backend_for(single, world_size=2, compute_dtype=torch.bfloat16)
+    assert len(built) == 2  # refused before an engine was built
+
+
+def test_the_shared_rollout_types_import_no_torch():
+    code = ("import sys, runrl_engine.rollout.types as t; t.SamplingParams(max_new_tokens=1); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_vllm_missing_names_the_install_command(monkeypatch):

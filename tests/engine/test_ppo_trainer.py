@@ -146,7 +146,7 @@ def test_environment_step_rewards_sit_on_the_judged_turn_ends():
 def test_rollouts_record_which_turn_each_step_reward_judged(tiny_model_and_tokenizer):
     """A real multi-turn rollout: every step reward's position is the last sampled token of a judged turn."""
     from runrl_engine.rollout.episodes import ChatRenderer, EpisodeSettings, run_episodes
-    from runrl_engine.rollout.hf import SamplingParams
+    from runrl_engine.rollout.types import SamplingParams
     from runrl_engine.sandbox import EnvSandbox
 
     model, tok = tiny_model_and_tokenizer
@@ -172,7 +172,7 @@ def test_turns_answered_by_a_tool_get_no_step_reward(tiny_model_and_tokenizer):
     from types import SimpleNamespace as NS
 
     from runrl_engine.rollout.episodes import ChatRenderer, EpisodeSettings, run_episodes
-    from runrl_engine.rollout.hf import SamplingParams
+    from runrl_engine.rollout.types import SamplingParams
 
     _, tok = tiny_model_and_tokenizer
     tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {

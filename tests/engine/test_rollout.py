@@ -3,7 +3,10 @@ from transformers.cache_utils import DynamicCache
 
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.rollout import hf
-from runrl_engine.rollout.hf import SamplingParams, filter_logits, generate
+from runrl_engine.rollout.cpu_decode import LlamaDecodeStep
+from runrl_engine.rollout.hf import filter_logits, generate
+from runrl_engine.rollout.kv_cache import decode_cache
+from runrl_engine.rollout.types import SamplingParams
 
 
 def encode(tok, text):
@@ -111,10 +114,11 @@ def test_fast_decode_step_matches_the_model_forward(tiny_model_and_tokenizer, ti
     prompt_sets = [[encode(tok, "hi")], [encode(tok, "x"), encode(tok, "a longer prompt with padding")]]
     cases = [(m, ps) for m in (model, lora) for ps in prompt_sets]
     fast = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
-    assert all(hf.LlamaDecodeStep.build(m, hf.decode_cache(m, 8)) is not None for m in (model, lora))
+    assert all(LlamaDecodeStep.build(m, decode_cache(m, 8)) is not None for m in (model, lora))
 
-    monkeypatch.setattr(hf.LlamaDecodeStep, "build", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(LlamaDecodeStep, "build", classmethod(lambda cls, *a: None))
     slow = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
+    # `generate` looks its cache builder up in rollout/hf.py's namespace
     monkeypatch.setattr(hf, "decode_cache", lambda model, capacity: DynamicCache(config=model.config))
     dynamic = [_generate_all(m, tok, ps, list(range(3 * len(ps))), 3, 24) for m, ps in cases]
     for f, s, d in zip(fast, slow, dynamic):
@@ -130,10 +134,10 @@ def test_fast_decode_step_logits_equal_a_full_forward(tiny_model_dir):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     ids, mask = pad_left(prompts, 0)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = hf.decode_cache(lora, ids.shape[1] + 2)
+    cache = decode_cache(lora, ids.shape[1] + 2)
     with torch.inference_mode():
         lora(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        step = hf.LlamaDecodeStep.build(lora, cache)
+        step = LlamaDecodeStep.build(lora, cache)
         nxt = torch.tensor([[20], [21]])
         full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         logits = step(nxt, pos[:, -1:] + 1, cache, full_mask)

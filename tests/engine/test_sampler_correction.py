@@ -21,7 +21,8 @@ from runrl_engine.batch import pad_left, pad_right
 from runrl_engine.config import RESUMABLE_KEYS, RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.rollout.backends import PagedBackend, vllm_token_logprobs
-from runrl_engine.rollout.hf import SamplingParams, generate, sample, sample_with_logprobs
+from runrl_engine.rollout.hf import generate, sample, sample_with_logprobs
+from runrl_engine.rollout.types import SamplingParams
 from tests.engine.test_trainer import cfg as trainer_cfg
 
 LN2, LN3 = math.log(2.0), math.log(3.0)

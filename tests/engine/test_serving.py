@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from runrl_engine.checkpoint import export_final
-from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.rollout.hf import generate
+from runrl_engine.rollout.types import SamplingParams
 from runrl_engine.serving import Batcher, Event, Job, Sampling, adapter_base, load_for_serving, wait_all
 
 

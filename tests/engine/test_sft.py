@@ -13,7 +13,8 @@ import torch
 from runrl_engine.config import RunConfig
 from runrl_engine.data import load_sft
 from runrl_engine.models import load_policy, load_tokenizer
-from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.rollout.hf import generate
+from runrl_engine.rollout.types import SamplingParams
 from runrl_engine.sft import run_sft, sft_trainer
 
 FRUITS = ["apple", "banana", "orange", "grape", "lemon", "cherry", "tomato", "potato"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from runrl_engine import train
 from runrl_engine.rollout.backends import PagedBackend
-from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.rollout.types import SamplingParams
 from tests.engine.test_trainer import cfg
 
 pytestmark = [pytest.mark.gpu,

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from runrl_engine.checkpoint import export_final
-from runrl_engine.rollout.hf import SamplingParams, generate
+from runrl_engine.rollout.hf import generate
+from runrl_engine.rollout.types import SamplingParams
 from runrl_engine.serving import load_for_serving
 from server.settings import Settings
 from tests.server.conftest import PROMPTS, REWARD, completed_run, start_server

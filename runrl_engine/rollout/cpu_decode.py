@@ -1,0 +1,203 @@
+"""The CPU decode step for Llama-family models: one token per row, computed straight from the model's modules.
+
+What it covers: the decode steps after the prefill (one new token per row against the cache the prefill filled)
+of `qwen2` and `llama` models (`LlamaDecodeStep.SUPPORTED`: the builtin models are `qwen2`, SmolLM2 is `llama`)
+with SDPA attention, in eval mode, on CPU, outside autocast, whose cache is made of `PreallocatedKVLayer`s
+(`rollout/kv_cache.py`). Plain peft LoRA adapters are folded into the projection weights when the step is built.
+With float32 weights on a CPU with MKL the projections run on pre-packed weights (`PackedProjections`); other
+dtypes, and batches of one or two rows, use `F.linear`. It computes what the transformers forward computes, to
+float rounding (MKL's packed kernels round differently from `F.linear`'s): tests/engine/test_rollout.py compares
+the sampled tokens of both paths token for token, and one step's logits with a full forward's.
+
+Used by the rollout loop (`rollout/hf.py`'s `generate`, one step object per call) and serving's batcher
+(`serving.py`) whenever `LlamaDecodeStep.build` returns a step. `build` returns None, and the caller uses the
+model's own forward, for everything it does not cover: other architectures, GPUs (untested there), CPU autocast
+(`rollout_dtype: bfloat16`: the packed fp32 matmuls would skip the cast), training mode, attention other than
+SDPA, caches of transformers' own layers (sliding-window, chunked, shared-KV models), and adapters it cannot fold
+(DoRA, LoRA bias or variants, quantised layers). The prefill always runs through the model's forward.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from runrl_engine.rollout.kv_cache import PreallocatedKVLayer
+
+__all__ = ["LlamaDecodeStep", "PackedProjections", "Linear"]
+
+
+Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None), applied as F.linear
+
+
+def _linear_weights(module: torch.nn.Module) -> Linear | None:
+    """(weight, bias) that `module` applies as one `F.linear`: a plain `nn.Linear`, or a peft LoRA `Linear` with
+    its active adapters folded in (delta = B @ A * scaling, as peft's own merge computes it). None for anything
+    else (DoRA, LoRA bias or variants, quantised layers, ...), which makes the caller fall back."""
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(module, "get_delta_weight"):
+        return None
+    weight = base.weight
+    if module.disable_adapters or module.merged:
+        return weight, base.bias
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if (getattr(module, "use_dora", {}).get(name) or getattr(module, "lora_bias", {}).get(name)
+                or name in getattr(module, "lora_variant", {})):
+            return None
+        weight = weight + module.get_delta_weight(name)
+    return weight, base.bias
+
+
+class PackedProjections:
+    """The decode step's projections as MKL sgemm with pre-packed weights, at one row count per packing.
+
+    A decode step multiplies a few rows (the batch) by every weight matrix once. MKL's `sgemm` repacks the weight
+    operand on every call, and at 8-32 rows that repacking, not the arithmetic, is most of a step once the weights
+    are far larger than the caches (SmolLM2-135M's projections: 538 MB in fp32; at builtin:small's 16 MB packing
+    gains nothing; benchmarks/README.md has the measurements). So the weights are packed once per `generate` call
+    (`torch.ops.mkl._mkl_reorder_linear_weight`, what torch's own freezing and inductor use) and applied with
+    `torch.ops.mkl._mkl_linear`. A packing serves exactly one row count; as rows finish, the inputs are padded with
+    zero rows up to it (a padded row costs little: the weights are read once either way), and the weights are
+    repacked for the smaller batch once it has halved. One or two rows, CPUs without MKL, and other dtypes use
+    `F.linear`. Same arithmetic, same weights: the results agree with `F.linear` to float rounding (~1e-6), not
+    bitwise (MKL picks a different kernel).
+    """
+
+    MIN_ROWS = 3  # below this `F.linear` (a matrix-vector product at the memory floor) is as fast
+
+    def __init__(self, linears: list[Linear]):
+        self.linears = linears
+        self.enabled = (hasattr(torch.ops, "mkl") and torch.backends.mkl.is_available()
+                        and all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears))
+        self.rows = 0  # the row count of the current packing; 0 = not packed
+        self.pack_s = 0.0  # time spent packing so far
+        self._packs: dict[int, torch.Tensor] = {}  # id(weight) -> packed weight
+
+    def prepare(self, rows: int) -> None:
+        """Pack (or repack, or drop the packing) for a step of `rows` rows."""
+        if not self.enabled or (self.rows and rows <= self.rows and 2 * rows > self.rows):
+            return
+        self._packs.clear()
+        self.rows = rows if rows >= self.MIN_ROWS else 0
+        if self.rows:
+            t0 = time.perf_counter()
+            self._packs = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, self.rows) for w, _ in self.linears}
+            self.pack_s += time.perf_counter() - t0
+
+    def linear(self, x: torch.Tensor, wb: Linear) -> torch.Tensor:
+        """`F.linear(x, *wb)` for x [B, 1, in] (B <= the packed row count)."""
+        weight, bias = wb
+        packed = self._packs.get(id(weight)) if self.rows else None
+        if packed is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        b = x.shape[0]
+        x2 = x.reshape(b, -1)
+        if b < self.rows:
+            x2 = torch.cat([x2, x2.new_zeros(self.rows - b, x2.shape[1])])
+        return torch.ops.mkl._mkl_linear(x2, packed, weight, bias, self.rows)[:b].view(b, 1, -1)
+
+
+class LlamaDecodeStep:
+    """One decode step of a Llama-family decoder (`qwen2`, `llama`) computed straight from the model's modules.
+
+    A transformers forward of one token runs ~200 small ops per layer (mask construction, module hooks, views,
+    rotary helpers); at rollout batch sizes on CPU that overhead costs more than the matmuls. This step runs the
+    same computation from the model's own weights and modules (norms, rotary embedding and activation), reading and
+    writing the `PreallocatedKVLayer` buffers the prefill filled, with fewer and larger ops: the q, k and v
+    projections as one matmul over their concatenated weights, gate and up likewise, rotary applied to q and k
+    together, SDPA with the single query token's heads grouped per key/value head (transformers' `pack_gqa` form,
+    cheaper per call than SDPA's `enable_gqa` path for one query token), and the matmuls through
+    `PackedProjections`. LoRA adapters are folded into the projection weights when the step is built. Results agree
+    with the transformers forward to float rounding (the tests compare sampled tokens and logits). `build` returns
+    None whenever the model is outside what this reproduces, and the caller then uses the model's own forward.
+    """
+
+    SUPPORTED = ("qwen2", "llama")
+
+    def __init__(self, core: torch.nn.Module, lm_head: Linear, layers: list[dict[str, Linear]]):
+        self.core, self.lm_head, self.layers = core, lm_head, layers
+        self.packed = PackedProjections([*(wb for layer in layers for wb in layer.values()), lm_head])
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cache: DynamicCache) -> "LlamaDecodeStep | None":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(base, "config", None)
+        core, lm_head = getattr(base, "model", None), getattr(base, "lm_head", None)
+        if (config is None or core is None or lm_head is None or config.model_type not in cls.SUPPORTED
+                or getattr(config, "_attn_implementation", None) != "sdpa" or base.training
+                or not all(isinstance(layer, PreallocatedKVLayer) for layer in cache.layers)
+                or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"
+                # under CPU autocast (`rollout_dtype`) the packed fp32 matmuls would skip the cast: the model's forward
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        layers = []
+        for layer in core.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+                     "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+            w = {key: _linear_weights(mod) for key, mod in names.items()}
+            if any(wb is None for wb in w.values()):
+                return None
+            layers.append({"qkv": _concat(w["q"], w["k"], w["v"]), "o": w["o"],
+                           "gate_up": _concat(w["gate"], w["up"]), "down": w["down"]})
+        head = _linear_weights(lm_head)
+        if head is None:
+            return None
+        return cls(core, head, layers)
+
+    def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                 padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """token_ids, position_ids: [B, 1]; padding_mask: [B, kv] (1 = attend, kv = cache length + 1) or None when
+        no row has padding. Returns [B, V] logits of the next token."""
+        F = torch.nn.functional
+        core, linear = self.core, self.packed.linear
+        b = token_ids.shape[0]
+        self.packed.prepare(b)
+        hidden = core.embed_tokens(token_ids)  # [B, 1, H]
+        cos, sin = core.rotary_emb(hidden, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D], as apply_rotary_pos_emb
+        mask = None if padding_mask is None else padding_mask.bool()[:, None, None, :]
+        for layer, w, kv in zip(core.layers, self.layers, cache.layers):
+            attn = layer.self_attn
+            d, groups = attn.head_dim, attn.num_key_value_groups
+            x = _rms_norm(layer.input_layernorm, hidden)
+            qkv = linear(x, w["qkv"]).view(b, -1, d)  # [B, q heads + 2 x kv heads, D]
+            kv_heads = qkv.shape[1] // (groups + 2)
+            qk = qkv[:, : (groups + 1) * kv_heads].unsqueeze(2)  # [B, q + k heads, 1, D]
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, : groups * kv_heads], qk[:, groups * kv_heads:]
+            keys, values = kv.update(k, qkv[:, (groups + 1) * kv_heads:].unsqueeze(2))
+            # the query token's heads grouped per key/value head: [B, kv heads, groups, D] against [B, kv, T, D]
+            out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, groups, d), keys, values, attn_mask=mask,
+                                                 scale=attn.scaling)
+            hidden = hidden + linear(out.reshape(b, 1, -1), w["o"])
+            gate, up = linear(_rms_norm(layer.post_attention_layernorm, hidden), w["gate_up"]).chunk(2, dim=-1)
+            hidden = hidden + linear(layer.mlp.act_fn(gate) * up, w["down"])
+        return linear(_rms_norm(core.norm, hidden), self.lm_head)[:, -1, :]
+
+
+def _concat(*linears: Linear) -> Linear:
+    """Linear layers over the same input as one: weights (and biases, zeros where a layer has none) stacked."""
+    weight = torch.cat([w for w, _ in linears])
+    if all(bias is None for _, bias in linears):
+        return weight, None
+    return weight, torch.cat([bias if bias is not None else w.new_zeros(w.shape[0]) for w, bias in linears])
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for transformers' Llama/Qwen2 RMSNorm as one fused op (fp32: the same formula, and bitwise the same
+    result on the CPUs tested); any other norm, or another dtype, through the module itself."""
+    if x.dtype == torch.float32 and type(norm).__name__ in ("Qwen2RMSNorm", "LlamaRMSNorm"):
+        return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
