@@ -1,10 +1,13 @@
-"""`runrl`: train, launch (several processes), validate, serve, keys, runs (a client of a running server).
+"""The engine's `runrl` commands: train, launch (several processes), validate.
+
+`build_parser(extend)` and `main(argv, build)` are the whole command line's skeleton; `server/cli.py` adds serve,
+keys and runs (the `runrl` entry point lives there, since the server may import the engine and the engine never
+imports the server). `python -m runrl_engine.cli` is the engine alone: the server's worker and `runrl launch`'s
+processes run `train` through it.
 
 User mistakes (`UserError`) print one message naming the file/line/key and the fix, and exit with status 2;
 no traceback, and under a multi-process launcher once, not once per process (`runrl launch` also keeps
-torch's failure report out; RUNRL_TRACEBACK=1 shows it). Engine bugs keep their traceback. An API error in
-`runrl runs` prints the server's message and exits with status 1. `serve`, `keys` and `runs` live in the `server`
-package and are imported only when used, so `runrl train` never pays for the web stack.
+torch's failure report out; RUNRL_TRACEBACK=1 shows it). Engine bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from runrl_engine.errors import UserError
+from runrl_engine.rundir import RunDir
 
 EXIT_USER_ERROR = 2
 
@@ -48,19 +52,20 @@ def _train(args: argparse.Namespace) -> int:
     # directories and the MCP sessions are closed by the trainer's `finally`, nothing is left on disk.
     signal.signal(signal.SIGTERM, _terminated)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    run = RunDir(out)
     if args.overwrite:
         _clear_run(out, Path(args.config))
-    elif not args.resume and (out / "metrics.jsonl").exists():
+    elif not args.resume and run.metrics.exists():
         raise UserError(f"{out} already holds a run", where="--output",
                         fix="pass --resume to continue it, --overwrite to replace it, or choose another --output "
                             "directory")
     notes: list[str] = []
-    if args.resume and (out / "config.yaml").is_file():
+    if args.resume and run.config.is_file():
         # the run's own config (its first --set overrides included) is what continues; the YAML given now only
         # brings the secrets config.yaml holds redacted, and this invocation's --set are the changes
         from runrl_engine.config import resume_config
 
-        cfg, notes = resume_config(out / "config.yaml", cfg, args.set or [], source=args.config)
+        cfg, notes = resume_config(run.config, cfg, args.set or [], source=args.config)
     if args.resume:  # refusals and "nothing to do" answered before torch is imported (the trainer checks again)
         from runrl_engine import checkpoint
 
@@ -69,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
             main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun set RANK
             last = checkpoint.announce_complete(point, main=main)
             if main:
-                _print_summary(out, out / "final", point.step, last)
+                _print_summary(out, run.final, point.step, last)
             return 0
     from runrl_engine.trainer import Trainer
 
@@ -84,7 +89,8 @@ def _clear_run(out: Path, config: Path) -> None:
     alone), so the run starts from scratch. Never a directory holding the current one or the home directory, nor
     one the config file itself lies in. Under a launcher only rank 0 deletes: the other processes write nothing
     in `out` before the process group forms, and it forms only once rank 0 has deleted."""
-    if not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists():
+    run = RunDir(out)
+    if not run.metrics.exists() and not run.config.exists():
         return
     target, here = out.resolve(), Path.cwd().resolve()
     if target == here or target in here.parents or target == Path.home().resolve():
@@ -242,99 +248,11 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from runrl_engine.netpolicy import parse_destination
-    from server.cli import serve
-
-    for entry in args.allow_destination or ():
-        try:
-            parse_destination(entry)
-        except ValueError as exc:
-            raise UserError(str(exc), where=f"--allow-destination {entry}",
-                            fix="write host:port, host, an IP or a CIDR, e.g. 127.0.0.1:8765") from None
-    if args.max_resumes < 0:
-        raise UserError(f"--max-resumes is {args.max_resumes}", where="--max-resumes",
-                        fix="pass 0 (never resume) or more")
-    gpus = None  # detected
-    if args.gpus is not None:
-        from server.gpus import parse_gpus
-
-        try:
-            gpus = parse_gpus(args.gpus)
-        except ValueError as exc:
-            raise UserError(str(exc), where=f"--gpus {args.gpus}",
-                            fix="list GPU indices or UUIDs separated by commas, e.g. --gpus 0,1,2,3, or --gpus none "
-                                "for CPU only") from None
-
-    serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots, gpus=gpus,
-          trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,
-          allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
-          allow_private_destinations=args.allow_private_destinations,
-          allowed_destinations=tuple(args.allow_destination or ()), validation_workers=args.validation_workers,
-          validation_per_user=args.validation_per_user, hosted_ranges=args.hosted_ranges,
-          max_resumes=args.max_resumes)
-    return 0
+SERVER_COMMANDS = ("serve", "keys", "runs")  # added by server/cli.py
 
 
-def _keys(args: argparse.Namespace) -> int:
-    from server.cli import create_key
-
-    token = create_key(name=args.name, scopes=[s.strip() for s in args.scopes.split(",") if s.strip()],
-                       user=args.user, data_dir=args.data_dir)
-    print(token)
-    return 0
-
-
-def _keys_list(args: argparse.Namespace) -> int:
-    from server.cli import KEY_COLUMNS, list_keys
-    from server.client import format_table, to_json
-
-    keys = list_keys(data_dir=args.data_dir, user=args.user)
-    print(to_json(keys) if args.json else (format_table(keys, KEY_COLUMNS) if keys else "no keys"))
-    return 0
-
-
-def _keys_update(args: argparse.Namespace) -> int:
-    from server.cli import revoke_key, update_key
-    from server.client import to_json
-
-    if args.keys_command == "revoke":
-        row = revoke_key(args.key, data_dir=args.data_dir)
-    else:
-        scopes = None if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
-        row = update_key(args.key, data_dir=args.data_dir, name=args.name, scopes=scopes, active=args.active,
-                         requests_per_hour=args.requests_per_hour, expires_at=args.expires_at)
-    print(to_json(row))
-    return 0
-
-
-def _runs(args: argparse.Namespace) -> int:
-    from server import client
-
-    try:
-        base_url, key = client.resolve(args.base_url, args.api_key)
-    except client.MissingCredentials:
-        raise UserError("no API key", where="--api-key",
-                        fix="pass --api-key rl_... or set RUNRL_API_KEY (runrl keys create prints one)") from None
-    try:
-        with client.RunsClient(base_url, key) as api:
-            if args.runs_command == "list":
-                print(client.format_runs(api.list(status=args.status, page=args.page, per_page=args.per_page)))
-            elif args.runs_command == "show":
-                print(client.to_json(api.get(args.run_id)))
-            elif args.runs_command == "logs":
-                for line in (api.follow(args.run_id) if args.follow else api.all_logs(args.run_id)):
-                    print(line, flush=True)
-            else:
-                run, message = api.cancel(args.run_id)
-                print(f"{message or 'cancel'}: run {run['id']} is {run['status']}")
-    except client.ApiCallError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """`runrl` with the engine's commands; `extend(subparsers)` adds more after them (server/cli.py)."""
     from runrl_engine import __version__
 
     parser = argparse.ArgumentParser(prog="runrl", description="Self-hosted RunRL: RL fine-tuning of language models.")
@@ -366,103 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="FILE", help="for reward/env: call the code on a few rows of this prompt file")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("serve", help="serve RunRL's REST API from this machine")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--data-dir", default=str(Path.home() / ".runrl"),
-                   help="keys, files, runs and their outputs (SQLite + directories; default: ~/.runrl)")
-    p.add_argument("--slots", type=int, default=None, help="concurrent training runs (default: one per GPU, else 1)")
-    p.add_argument("--gpus", metavar="IDS|none",
-                   help="GPUs runs are placed on, comma-separated indices or UUIDs (e.g. 0,1,2,3); each run gets "
-                        "n_gpus of them as its CUDA_VISIBLE_DEVICES; none: CPU only (default: the server's "
-                        "CUDA_VISIBLE_DEVICES if set, else every GPU nvidia-smi lists)")
-    p.add_argument("--max-resumes", type=int, default=3, metavar="N",
-                   help="how often a run whose training process vanished (server restart or kill -9, trainer killed "
-                        "by a signal such as the OOM killer's) is resumed from its last checkpoint before it ends "
-                        "FAILED (default 3; 0: never; a graceful server shutdown is not counted)")
-    policy = p.add_argument_group("security policy (the defaults are the safe ones)")
-    policy.add_argument("--allow-unisolated", action="store_true",
-                        help="run user code even where bubblewrap cannot start (then it is NOT isolated: it can "
-                             "read what the server's user can read); default: refuse such runs and validations")
-    policy.add_argument("--allow-user-network", action="store_true",
-                        help="let runs set reward_allow_network: true (user code then reaches the network only "
-                             "through an egress proxy that applies the destination policy below); default: user "
-                             "code has no network")
-    policy.add_argument("--allow-url-requirements", action="store_true",
-                        help="accept `name @ https://...` entries in package_requirements; default: index names only")
-    policy.add_argument("--allow-private-destinations", action="store_true",
-                        help="let MCP tools (test-mcp, run tools), user code's network and pip builds reach "
-                             "loopback, private and link-local addresses")
-    policy.add_argument("--allow-destination", action="append", metavar="HOST[:PORT]|CIDR",
-                        help="allow one non-public destination (MCP tools, user code, pip's index), e.g. "
-                             "127.0.0.1:8765 or pypi.internal (repeatable)")
-    policy.add_argument("--validation-workers", type=int, default=4, help="concurrent code validations (default 4)")
-    policy.add_argument("--validation-per-user", type=int, default=2,
-                        help="concurrent code validations per user (default 2)")
-    policy.add_argument("--trusted-proxy", action="append", metavar="IP",
-                        help="a reverse proxy whose X-Forwarded-For is believed (repeatable; default none)")
-    p.add_argument("--hosted-ranges", action="store_true",
-                   help="keep RunRL's hosted ranges for a run's completion_length (128-8192), epochs (1-100) and "
-                        "learning_rate_multiplier (0.1-10); default: accept what the engine accepts "
-                        "(e.g. completion_length 1-32768)")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("keys", help="manage API keys")
-    ks = p.add_subparsers(dest="keys_command", required=True)
-    kc = ks.add_parser("create", help="create an API key and print it")
-    kc.add_argument("--name", required=True, help="a name to tell the key by (runrl keys list shows it)")
-    kc.add_argument("--scopes", default="read,write", help="comma-separated: read,write[,admin]")
-    kc.add_argument("--user", default="admin", help="user the key belongs to (created on first use)")
-    kc.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
-    kc.set_defaults(func=_keys)
-    kl = ks.add_parser("list", help="list API keys (masked), with their scopes, quota, expiry and last use")
-    kl.add_argument("--user", help="only this user's keys (default: every user's)")
-    kl.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    kl.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
-    kl.set_defaults(func=_keys_list)
-    ku = ks.add_parser("update", help="change a key's name, scopes, active flag, quota or expiry")
-    ku.add_argument("key", help="the key's id, token or prefix (runrl keys list)")
-    ku.add_argument("--name", help="new name")
-    ku.add_argument("--scopes", help="comma-separated: read,write[,admin]")
-    active = ku.add_mutually_exclusive_group()
-    active.add_argument("--activate", dest="active", action="store_const", const=True, help="reactivate the key")
-    active.add_argument("--deactivate", dest="active", action="store_const", const=False,
-                        help="deactivate the key (as revoke)")
-    ku.add_argument("--requests-per-hour", type=int, metavar="N", help="hourly request quota (1-10000000)")
-    ku.add_argument("--expires-at", metavar="DATE|never", help="ISO date or datetime (UTC unless it says), or never")
-    ku.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
-    ku.set_defaults(func=_keys_update)
-    kr = ks.add_parser("revoke", help="deactivate a key (a running server refuses it within 5 s)")
-    kr.add_argument("key", help="the key's id, token or prefix (runrl keys list)")
-    kr.add_argument("--data-dir", default=str(Path.home() / ".runrl"), help="runrl serve's data dir (default: ~/.runrl)")
-    kr.set_defaults(func=_keys_update)
-
-    p = sub.add_parser("runs", help="list, show, follow or cancel the runs of a running server")
-    rs = p.add_subparsers(dest="runs_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--base-url", help="the API's base URL (default: $RUNRL_BASE_URL, else "
-                                           "http://127.0.0.1:8000/api/v1)")
-    common.add_argument("--api-key", help="an API key (default: $RUNRL_API_KEY)")
-    rl = rs.add_parser("list", parents=[common], help="the newest runs, as a table")
-    rl.add_argument("--status", help="only these statuses, comma-separated (e.g. RUNNING,PENDING)")
-    rl.add_argument("--page", type=int, default=1, help="page number (default 1)")
-    rl.add_argument("--per-page", type=int, default=20, help="runs per page (default 20)")
-    for name, text in (("show", "one run, as JSON"), ("logs", "a run's log lines"), ("cancel", "cancel a run")):
-        rp = rs.add_parser(name, parents=[common], help=text)
-        rp.add_argument("run_id", type=int, help="the run's id")
-        if name == "logs":
-            rp.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
-    p.set_defaults(func=_runs)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, build: Callable[[], argparse.ArgumentParser] = build_parser) -> int:
+    """Run one `runrl` command line with the parser `build` makes (the engine's alone by default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # accelerate's options pass through untouched
         func, args = _launch, argv[1:]
+    elif build is build_parser and argv[:1] and argv[0] in SERVER_COMMANDS:
+        print(f"error: `{argv[0]}` is a command of the server's runrl; run `runrl {argv[0]} ...` (or python -m "
+              f"server.cli {argv[0]} ...), not python -m runrl_engine.cli", file=sys.stderr)
+        return EXIT_USER_ERROR
     else:
-        args = build_parser().parse_args(argv)
+        args = build().parse_args(argv)
         func = args.func
     try:
         return func(args)

@@ -128,7 +128,7 @@ def test_version(tmp_path):
 def test_every_serve_option_has_help(tmp_path):
     import argparse
 
-    from runrl_engine.cli import build_parser
+    from server.cli import build_parser
 
     serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
     options = [a for a in serve._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]

@@ -91,7 +91,7 @@ def test_sdk_exception_shows_the_reason(make_live, settings):
 def test_serve_flag_hosted_ranges(tmp_path):
     data, port = tmp_path / "data", free_port()
     token = create_key(name="t", scopes=["read", "write"], data_dir=data)
-    proc = subprocess.Popen([sys.executable, "-m", "runrl_engine.cli", "serve", "--hosted-ranges", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--hosted-ranges", "--port",
                              str(port), "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}/api/v1"

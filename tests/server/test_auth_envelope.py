@@ -25,7 +25,7 @@ def test_server_import_does_not_import_torch():
 
 
 def test_keys_create_cli_prints_only_the_token(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "runrl_engine.cli", "keys", "create", "--name", "ci", "--scopes",
+    out = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--name", "ci", "--scopes",
                           "read,write", "--user", "bob", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, check=True)
     token = out.stdout.strip()
@@ -38,7 +38,7 @@ def test_keys_create_cli_prints_only_the_token(tmp_path):
     raw = (tmp_path / "runrl.db").read_bytes() + (tmp_path / "runrl.db-wal").read_bytes() \
         if (tmp_path / "runrl.db-wal").exists() else (tmp_path / "runrl.db").read_bytes()
     assert parts[2].encode() not in raw  # the secret is never stored
-    bad = subprocess.run([sys.executable, "-m", "runrl_engine.cli", "keys", "create", "--name", "x", "--scopes",
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--name", "x", "--scopes",
                           "root", "--data-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "scope" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -167,11 +167,11 @@ def test_runrl_serve_with_sdk_from_environment(tmp_path):
     from tests.server.conftest import free_port
 
     data = tmp_path / "home"
-    token = subprocess.run([sys.executable, "-m", "runrl_engine.cli", "keys", "create", "--name", "cli", "--scopes",
+    token = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--name", "cli", "--scopes",
                             "read,write", "--data-dir", str(data)], capture_output=True, text=True, cwd=REPO,
                            check=True).stdout.strip()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runrl_engine.cli", "serve", "--port", str(port), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir",
                              str(data), "--slots", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         env = {"RUNRL_API_KEY": token, "RUNRL_BASE_URL": f"http://127.0.0.1:{port}/api/v1"}

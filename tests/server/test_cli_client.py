@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def runrl(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("RUNRL_BASE_URL", "RUNRL_API_KEY")}
-    return subprocess.run([sys.executable, "-m", "runrl_engine.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
                           timeout=120, env={**environ, "PYTHONPATH": str(ROOT), **env})
 
 

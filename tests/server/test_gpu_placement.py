@@ -271,7 +271,7 @@ def test_runrl_serve_gpus_flag(tmp_path):
     """`--gpus` reaches the server (a run asking for more is refused naming them); a bad value is a one-line
     error naming --gpus, exit 2, before anything starts; unset, the operator's CUDA_VISIBLE_DEVICES is used."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cli = [sys.executable, "-m", "runrl_engine.cli", "serve", "--data-dir", str(tmp_path / "data")]
+    cli = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path / "data")]
     for bad, why in (("0,,1", "an empty GPU id"), ("0,1,0", "GPU 0 is listed twice"), ("gpu zero", "not a GPU id")):
         proc = subprocess.run([*cli, "--gpus", bad], capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 2, proc.stderr

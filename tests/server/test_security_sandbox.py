@@ -236,7 +236,7 @@ def test_runrl_serve_throttles_by_the_real_address(tmp_path):
 
     port = free_port()
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "runrl_engine.cli", "serve", "--port", str(port), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir",
                              str(tmp_path / "home"), "--slots", "1", "--allow-destination", "127.0.0.1:9"],
                             cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api/v1/health"
@@ -262,6 +262,6 @@ def test_runrl_serve_refuses_a_malformed_destination(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "runrl_engine.cli", "serve", "--data-dir", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path),
                            "--allow-destination", "127.0.0.1:notaport"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--allow-destination 127.0.0.1:notaport" in done.stderr
