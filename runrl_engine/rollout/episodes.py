@@ -27,14 +27,16 @@ import torch
 
 from runrl_engine.data import PromptRow
 from runrl_engine.errors import UserError
-from runrl_engine.rollout.backends import HFBackend, RolloutBackend
-from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.rollout.backends import HFBackend
+from runrl_engine.rollout.types import Completion, RolloutBackend, SamplingParams
 from runrl_engine.sandbox.pool import MAX_ABS_REWARD
 
 
 @dataclass
 class Episode:
-    """One rollout: a prompt and what followed it."""
+    """One rollout: a prompt and what followed it. The fields describe the episode (what was sampled, inserted and
+    rewarded, how it ended); what `run_episodes` needs only while it runs (its environment, its tool session,
+    whether it takes another turn) is kept apart, in `_Running`."""
 
     row: PromptRow
     prompt_index: int
@@ -46,7 +48,7 @@ class Episode:
     sampler_logprobs: list[float] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation, prompt included
     final_text: str = ""  # the last assistant turn's text
-    finished: bool = False  # ended by the model/environment (False: truncated by a length or turn limit)
+    finished: bool = False  # ended by the model/environment (False: cut by a length or turn limit, or an error)
     reward: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -57,9 +59,6 @@ class Episode:
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
-    env_id: int | None = None
-    session: Any = None  # the episode's ToolSession, while it runs
-    done: bool = False
 
     @property
     def multi_turn(self) -> bool:
@@ -116,8 +115,14 @@ class EpisodeSettings:
     backend: RolloutBackend = field(default_factory=HFBackend)  # what samples each turn (rollout/backends.py)
 
 
-def _turn_text(tokenizer: Any, tokens: list[int], finished: bool) -> str:
-    return tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
+@dataclass
+class _Running:
+    """One episode's run state while `run_episodes` runs it (its results are on the `Episode`)."""
+
+    ep: Episode
+    env_id: int | None = None  # its environment in the sandbox (type environment)
+    session: Any = None  # its ToolSession (runs with tools)
+    stopped: bool = False  # takes no further turn: it finished, errored, or ran out of room
 
 
 def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[Episode], settings: EpisodeSettings,
@@ -127,83 +132,129 @@ def run_episodes(model: torch.nn.Module, renderer: ChatRenderer, episodes: list[
     (their first turn then shares one prefill).
 
     `env` is an `EnvSandbox` (type environment) or None; `tools` a `ToolRuntime` when `tool_urls` are set.
-    `seed_of(episode, turn)` seeds each sampled turn.
+    `seed_of(episode, turn)` seeds each sampled turn. Each turn: the episodes with room for it sample it together,
+    then each sampled turn goes to the tools, to the environment, or ends its episode.
     """
-    tok = renderer.tokenizer
+    runs = _start(renderer, episodes, settings, env=env, tools=tools, tool_urls=tool_urls)
+    try:
+        for turn in range(settings.max_turns):
+            live = _with_room(runs, settings)
+            if not live:
+                break
+            # only a first turn of every episode, nothing inserted yet, has G identical contexts per prompt
+            shared = turn == 0 and len(live) == len(runs) and not any(run.ep.tokens for run in live)
+            completions = _sample_turn(model, live, settings, seed_of, turn, group=group_size if shared else 1)
+            last_turn = turn == settings.max_turns - 1  # nothing inserted after it would ever be read
+            to_tools, to_env = _route_turns(renderer.tokenizer, live, completions, settings, env=env,
+                                            answer_tools=bool(tool_urls) and not last_turn)
+            _answer_tools(renderer, tools, to_tools, settings)
+            if to_env:
+                _step_env(renderer, env, to_env, insert_observation=not last_turn)
+    finally:
+        _close(runs, env)
+    return episodes
+
+
+def _start(renderer: ChatRenderer, episodes: list[Episode], settings: EpisodeSettings, *, env: Any, tools: Any,
+           tool_urls: Sequence[str]) -> list[_Running]:
+    """Each episode's conversation begun from its prompt row, its environment created (a failed start ends the
+    episode; a first observation is inserted) and its tool session opened."""
+    runs = [_Running(ep) for ep in episodes]
     for ep in episodes:
         ep.messages = [dict(m) for m in ep.row.messages]
     if env is not None:
         starts = env.create([ep.row.fields for ep in episodes])
-        for ep, start in zip(episodes, starts):
-            ep.env_id = start.env_id
+        for run, start in zip(runs, starts):
+            run.env_id = start.env_id
             if start.error:
-                _end_with_error(ep, start.error)
+                _end_with_error(run, start.error)
             elif start.observation:  # setup() returned the first observation (the MCP-tutorial form)
-                _insert(renderer, ep, [{"role": "user", "content": start.observation}])
+                _insert(renderer, run.ep, [{"role": "user", "content": start.observation}])
     if tool_urls:
         sessions = tools.open_sessions(len(episodes), list(tool_urls), call_timeout_s=settings.tool_timeout_s,
                                        max_calls=settings.max_tool_calls)
-        for ep, session in zip(episodes, sessions):
-            ep.session = session
-    try:
-        for turn in range(settings.max_turns):
-            live = [ep for ep in episodes if not ep.done]
-            for ep in live:
-                if len(ep.prompt_ids) + len(ep.tokens) + settings.sampling.max_new_tokens > settings.max_episode_tokens:
-                    ep.done = True  # no room for another full turn: truncated
-            live = [ep for ep in live if not ep.done]
-            if not live:
-                break
-            shared = turn == 0 and len(live) == len(episodes) and not any(ep.tokens for ep in live)
-            group = group_size if shared else 1
-            completions = settings.backend.generate(
-                model, [ep.prompt_ids + ep.tokens for ep in live[::group]], num_samples=group,
-                seeds=[seed_of(ep, turn) for ep in live], params=settings.sampling, stop_ids=settings.stop_ids,
-                pad_id=settings.pad_id)
-            to_env, to_tools = [], []
-            for ep, comp in zip(live, completions):
-                ep.tokens += comp.tokens
-                ep.mask += [1] * len(comp.tokens)
-                # a backend's log-probs of what it sampled (one that reports none, e.g. a registered backend
-                # returning its own completion objects: NaN, no correction)
-                logprobs = getattr(comp, "logprobs", None)
-                ep.sampler_logprobs += (logprobs if logprobs is not None and len(logprobs) == len(comp.tokens)
-                                        else [math.nan] * len(comp.tokens))
-                ep.last_turn_end = len(ep.tokens) - 1
-                ep.turns += 1
-                ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
-                ep.messages.append({"role": "assistant", "content": ep.final_text})
-                last_turn = turn == settings.max_turns - 1  # nothing inserted after it would ever be read
-                calls = _tool_calls(ep) if tool_urls and comp.finished and not last_turn else None
-                if not comp.finished:
-                    if env is None:  # hit completion_length: this was the final answer, cut short
-                        ep.done = True
-                        continue
-                    # the environment still judges the cut-short turn; close it with the end-of-turn token the
-                    # template expects, as context (mask 0: the policy did not sample it)
-                    ep.tokens.append(settings.end_of_turn_id)
-                    ep.mask.append(0)
-                    ep.sampler_logprobs.append(0.0)
-                if calls:
-                    to_tools.append((ep, calls))
-                elif env is not None:
-                    to_env.append(ep)
-                else:
-                    ep.done = ep.finished = True
-            _answer_tools(renderer, tools, to_tools, settings)
-            if to_env:
-                _step_env(renderer, env, to_env, insert_observation=turn < settings.max_turns - 1)
-        for ep in episodes:
-            if not ep.done:  # out of turns
-                ep.done = True
-    finally:
-        if env is not None:
-            env.close_envs([ep.env_id for ep in episodes if ep.env_id is not None])
-        for ep in episodes:
-            if ep.session is not None:
-                ep.session.close()
-                ep.session = None
-    return episodes
+        for run, session in zip(runs, sessions):
+            run.session = session
+    return runs
+
+
+def _with_room(runs: list[_Running], settings: EpisodeSettings) -> list[_Running]:
+    """The episodes that take another turn: still running, with room for a full one. The rest stop (truncated)."""
+    live = []
+    for run in runs:
+        if run.stopped:
+            continue
+        length = len(run.ep.prompt_ids) + len(run.ep.tokens)
+        if length + settings.sampling.max_new_tokens > settings.max_episode_tokens:
+            run.stopped = True
+        else:
+            live.append(run)
+    return live
+
+
+def _sample_turn(model: torch.nn.Module, live: list[_Running], settings: EpisodeSettings,
+                 seed_of: Callable[[Episode, int], int], turn: int, *, group: int) -> list[Completion]:
+    """One completion per live episode; `group` consecutive episodes share a context, sent once."""
+    return settings.backend.generate(
+        model, [run.ep.prompt_ids + run.ep.tokens for run in live[::group]], num_samples=group,
+        seeds=[seed_of(run.ep, turn) for run in live], params=settings.sampling, stop_ids=settings.stop_ids,
+        pad_id=settings.pad_id)
+
+
+def _route_turns(tok: Any, live: list[_Running], completions: list[Completion], settings: EpisodeSettings, *,
+                 env: Any, answer_tools: bool) -> tuple[list[tuple[_Running, Any]], list[_Running]]:
+    """Each sampled turn appended to its episode, then sent on: (episodes with tool calls to answer, their calls),
+    and the episodes whose turn the environment judges. The others end here."""
+    to_tools, to_env = [], []
+    for run, comp in zip(live, completions):
+        ep = run.ep
+        _append_sampled(tok, ep, comp)
+        calls = _tool_calls(ep) if answer_tools and comp.finished else None
+        if not comp.finished:
+            if env is None:  # hit completion_length: this was the final answer, cut short
+                run.stopped = True
+                continue
+            # the environment still judges the cut-short turn; close it with the end-of-turn token the
+            # template expects, as context (mask 0: the policy did not sample it)
+            ep.tokens.append(settings.end_of_turn_id)
+            ep.mask.append(0)
+            ep.sampler_logprobs.append(0.0)
+        if calls:
+            to_tools.append((run, calls))
+        elif env is not None:
+            to_env.append(run)
+        else:
+            run.stopped = ep.finished = True
+    return to_tools, to_env
+
+
+def _append_sampled(tok: Any, ep: Episode, comp: Completion) -> None:
+    """A sampled turn's tokens (mask 1), its log-probs, and its text as the conversation's next assistant turn."""
+    ep.tokens += comp.tokens
+    ep.mask += [1] * len(comp.tokens)
+    # a backend's log-probs of what it sampled (one that reports none, e.g. a registered backend returning its
+    # own completion objects: NaN, no correction)
+    logprobs = getattr(comp, "logprobs", None)
+    ep.sampler_logprobs += (logprobs if logprobs is not None and len(logprobs) == len(comp.tokens)
+                            else [math.nan] * len(comp.tokens))
+    ep.last_turn_end = len(ep.tokens) - 1
+    ep.turns += 1
+    ep.final_text = _turn_text(tok, comp.tokens, comp.finished)
+    ep.messages.append({"role": "assistant", "content": ep.final_text})
+
+
+def _close(runs: list[_Running], env: Any) -> None:
+    """Every environment and tool session of the batch closed, however the run ended."""
+    if env is not None:
+        env.close_envs([run.env_id for run in runs if run.env_id is not None])
+    for run in runs:
+        if run.session is not None:
+            run.session.close()
+            run.session = None
+
+
+def _turn_text(tok: Any, tokens: list[int], finished: bool) -> str:
+    return tok.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
 
 
 def _insert(renderer: ChatRenderer, ep: Episode, new: list[dict[str, Any]]) -> None:
@@ -214,8 +265,8 @@ def _insert(renderer: ChatRenderer, ep: Episode, new: list[dict[str, Any]]) -> N
     ep.sampler_logprobs += [0.0] * len(ids)
 
 
-def _end_with_error(ep: Episode, error: str) -> None:
-    ep.error, ep.reward, ep.done = error, 0.0, True
+def _end_with_error(run: _Running, error: str) -> None:
+    run.ep.error, run.ep.reward, run.stopped = error, 0.0, True
 
 
 def _tool_calls(ep: Episode) -> Any:
@@ -225,15 +276,17 @@ def _tool_calls(ep: Episode) -> Any:
     return parsed if (parsed.calls or parsed.errors) else None
 
 
-def _answer_tools(renderer: ChatRenderer, tools: Any, pending: list, settings: EpisodeSettings) -> None:
+def _answer_tools(renderer: ChatRenderer, tools: Any, pending: list[tuple[_Running, Any]],
+                  settings: EpisodeSettings) -> None:
     """Run every pending call of every episode concurrently, then insert the results as tool turns."""
     if not pending:
         return
     from runrl_engine.tools.parsing import format_parse_error, tool_message
 
-    batch = [(ep.session, call.name, call.arguments) for ep, parsed in pending for call in parsed.calls]
+    batch = [(run.session, call.name, call.arguments) for run, parsed in pending for call in parsed.calls]
     results = iter(tools.call_many(batch) if batch else [])
-    for ep, parsed in pending:
+    for run, parsed in pending:
+        ep = run.ep
         messages = []
         for call in parsed.calls:
             result = next(results)
@@ -247,21 +300,22 @@ def _answer_tools(renderer: ChatRenderer, tools: Any, pending: list, settings: E
         _insert(renderer, ep, messages)
 
 
-def _step_env(renderer: ChatRenderer, env: Any, episodes: list[Episode], *, insert_observation: bool) -> None:
-    steps = env.step([ep.env_id for ep in episodes], [ep.final_text for ep in episodes])
-    for ep, step in zip(episodes, steps):
+def _step_env(renderer: ChatRenderer, env: Any, runs: list[_Running], *, insert_observation: bool) -> None:
+    steps = env.step([run.env_id for run in runs], [run.ep.final_text for run in runs])
+    for run, step in zip(runs, steps):
+        ep = run.ep
         if step.error:
-            _end_with_error(ep, step.error)
+            _end_with_error(run, step.error)
             continue
         total = sum(ep.step_rewards) + step.reward
         if abs(total) > MAX_ABS_REWARD:  # each step reward is in range; their sum must be too
-            _end_with_error(ep, f"the environment's step rewards sum to {total:g}, beyond ±{MAX_ABS_REWARD:g}")
+            _end_with_error(run, f"the environment's step rewards sum to {total:g}, beyond ±{MAX_ABS_REWARD:g}")
             continue
         ep.step_rewards.append(step.reward)
         ep.step_reward_ends.append(ep.last_turn_end)  # the turn it judged (tool-answered turns are not judged)
         ep.reward = total
         ep.info.update(step.info)
         if step.done:
-            ep.done = ep.finished = True
+            run.stopped = ep.finished = True
         elif insert_observation:
             _insert(renderer, ep, [{"role": "user", "content": step.observation}])

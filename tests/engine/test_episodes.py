@@ -4,6 +4,7 @@ tokens, and environment failures end only their own episode."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from runrl_engine.data import PromptRow
 from runrl_engine.errors import UserError
 from runrl_engine.rollout.episodes import ChatRenderer, Episode, EpisodeSettings, _insert, run_episodes
-from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.rollout.types import SamplingParams
 from runrl_engine.sandbox import EnvSandbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +146,7 @@ def test_init_form_and_tuple_return(tmp_path, tiny_model_and_tokenizer):
 def test_env_failures_end_the_episode_with_reward_zero(tmp_path, tiny_model_and_tokenizer, form, needle):
     episodes, _ = run_env(tmp_path, tiny_model_and_tokenizer, form, timeout_s=1.0)
     for ep in episodes:
-        assert ep.error and needle in ep.error.lower() and ep.reward == 0.0 and ep.done and ep.turns == 1
+        assert ep.error and needle in ep.error.lower() and ep.reward == 0.0 and not ep.finished and ep.turns == 1
 
 
 def test_environment_run_end_to_end(tmp_path, tiny_model_dir):
@@ -163,3 +164,111 @@ def test_environment_run_end_to_end(tmp_path, tiny_model_dir):
     multi = [r for r in records if r.get("turns", 1) > 1]
     assert multi and all(r["messages"][-1]["role"] == "assistant" for r in multi)
     assert all(r["reward"] == pytest.approx(sum(r["step_rewards"])) for r in multi)
+
+
+# ---- run_episodes' bookkeeping with a scripted policy and environment (no model, no sandbox) ------------------
+
+class ScriptedPolicy:
+    """A backend that answers each call with the next scripted turns, one (text, finished, logprobs) per
+    completion, and records what it was asked."""
+
+    def __init__(self, renderer, turns):
+        self.renderer, self.turns, self.calls = renderer, list(turns), []
+
+    def generate(self, model, prompts, *, num_samples, seeds, params, stop_ids, pad_id):
+        from types import SimpleNamespace as NS
+
+        self.calls.append({"prompts": [list(p) for p in prompts], "num_samples": num_samples, "seeds": list(seeds)})
+        out = []
+        for _ in range(len(prompts) * num_samples):
+            text, finished, logprobs = self.turns.pop(0)
+            tokens = self.renderer.encode(text) + ([self.renderer.tokenizer.eos_token_id] if finished else [])
+            out.append(NS(tokens=tokens, finished=finished,
+                          logprobs=None if logprobs is None else [logprobs] * len(tokens)))
+        return out
+
+
+class ScriptedEnv:
+    """Never done, 0.5 per step; `fail` names the episodes (by position) whose start fails."""
+
+    def __init__(self, fail=()):
+        self.fail, self.steps, self.closed = set(fail), [], None
+
+    def create(self, fields):
+        from types import SimpleNamespace as NS
+
+        return [NS(env_id=10 + i, error="setup failed" if i in self.fail else None, observation=None)
+                for i in range(len(fields))]
+
+    def step(self, ids, texts):
+        from types import SimpleNamespace as NS
+
+        self.steps.append((list(ids), list(texts)))
+        return [NS(error=None, reward=0.5, info={}, done=False, observation="again") for _ in ids]
+
+    def close_envs(self, ids):
+        self.closed = list(ids)
+
+
+def _scripted_run(tok, turns, *, n, group_size=1, env=None, **settings_kw):
+    renderer = ChatRenderer(tok)
+    prompt = [{"role": "user", "content": "q"}]
+    episodes = [Episode(row=PromptRow(prompt, {}, 1), prompt_index=g // group_size, sample_index=g % group_size,
+                        prompt_ids=renderer.prompt_ids(prompt)) for g in range(n)]
+    policy = ScriptedPolicy(renderer, turns)
+    settings = EpisodeSettings(sampling=SamplingParams(max_new_tokens=8), stop_ids={tok.eos_token_id},
+                               pad_id=tok.pad_token_id, end_of_turn_id=tok.eos_token_id, backend=policy,
+                               **settings_kw)
+    run_episodes(None, renderer, episodes, settings, lambda ep, turn: 100 * turn + 10 * ep.prompt_index
+                 + ep.sample_index, group_size=group_size, env=env)
+    return episodes, policy, renderer
+
+
+def test_single_turn_episodes_end_finished_or_cut_short(tiny_model_and_tokenizer):
+    _, tok = tiny_model_and_tokenizer
+    turns = [("a", True, -0.5), ("bb", False, None), ("c", True, None), ("dd", False, -1.0)]
+    episodes, policy, renderer = _scripted_run(tok, turns, n=4, group_size=2)
+    # one call, one prompt per group of 2 (the shared prefill), one seed per completion
+    assert [(len(c["prompts"]), c["num_samples"], c["seeds"]) for c in policy.calls] == [(2, 2, [0, 1, 10, 11])]
+    assert [ep.finished for ep in episodes] == [True, False, True, False]
+    assert [ep.final_text for ep in episodes] == ["a", "bb", "c", "dd"]
+    for ep, (text, finished, logprobs) in zip(episodes, turns):
+        ids = renderer.encode(text) + ([tok.eos_token_id] if finished else [])
+        assert ep.tokens == ids and ep.mask == [1] * len(ids) and ep.turns == 1 and ep.last_turn_end == len(ids) - 1
+        if logprobs is None:
+            assert all(math.isnan(x) for x in ep.sampler_logprobs) and len(ep.sampler_logprobs) == len(ids)
+        else:
+            assert ep.sampler_logprobs == [logprobs] * len(ids)
+        assert ep.messages[-1] == {"role": "assistant", "content": text} and ep.error is None
+
+
+def test_an_episode_without_room_for_a_full_turn_stops_truncated(tiny_model_and_tokenizer):
+    _, tok = tiny_model_and_tokenizer
+    prompt_len = len(ChatRenderer(tok).prompt_ids([{"role": "user", "content": "q"}]))
+    env = ScriptedEnv()
+    # room for exactly one turn of max_new_tokens (8) after the prompt
+    episodes, policy, _ = _scripted_run(tok, [("a", True, None)], n=1, env=env, max_turns=5,
+                                        max_episode_tokens=prompt_len + 8)
+    (ep,) = episodes
+    assert len(policy.calls) == 1 and ep.turns == 1 and not ep.finished and ep.error is None
+    assert ep.step_rewards == [0.5] and env.steps == [([10], ["a"])] and env.closed == [10]
+    assert ep.messages[-1] == {"role": "user", "content": "again"}  # the observation went in before it stopped
+
+
+def test_a_failed_environment_start_ends_only_its_episode(tiny_model_and_tokenizer):
+    _, tok = tiny_model_and_tokenizer
+    env = ScriptedEnv(fail={1})
+    # the second turn of episode 0 is cut at max_new_tokens: closed with the end-of-turn token (mask 0) and judged
+    turns = [("a", True, None), ("c", True, None), ("bb", False, None), ("d", True, None)]
+    episodes, policy, renderer = _scripted_run(tok, turns, n=3, group_size=3, env=env, max_turns=2)
+    assert episodes[1].error == "setup failed" and episodes[1].reward == 0.0 and episodes[1].turns == 0
+    assert episodes[1].tokens == [] and not episodes[1].finished
+    # not every episode is live, so no shared prefill: one prompt per completion, each with its own seed
+    assert [(len(c["prompts"]), c["num_samples"], c["seeds"]) for c in policy.calls] == [(2, 1, [0, 2]),
+                                                                                         (2, 1, [100, 102])]
+    ep = episodes[0]
+    assert ep.turns == 2 and ep.tokens[-1] == tok.eos_token_id and ep.mask[-1] == 0 and ep.sampler_logprobs[-1] == 0.0
+    assert ep.step_rewards == [0.5, 0.5] and ep.reward == 1.0 and not ep.finished
+    assert env.steps == [([10, 12], ["a", "c"]), ([10, 12], ["bb", "d"])] and env.closed == [10, 11, 12]
+    # the last turn's observation is never inserted (nothing would read it)
+    assert [m["role"] for m in ep.messages][1:] == ["assistant", "user", "assistant"]
