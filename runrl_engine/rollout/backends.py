@@ -11,7 +11,7 @@ completion finished — plus three hooks the trainer calls between phases (the p
     close()             end of run
 
 Backends, registered by name; each class builds itself from a run's config (`from_config`) and says whether it
-may run in a multi-process run (`multi_process`), so `rollout_backend_for` is a registry lookup and nothing else:
+may run in a multi-process run (`multi_process`), so `rollout_backend_for` needs no switch on the name:
 
 - `hf` (default): our KV-cached decode loop (`rollout/hf.py`) on the policy module itself. Each completion's
   randomness comes from its own seed, so results do not depend on batching; the hooks are no-ops.
@@ -60,8 +60,7 @@ from runrl_engine.rollout.types import Completion, RolloutBackend, SamplingParam
 if TYPE_CHECKING:
     from runrl_engine.config import RunConfig
 
-__all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "HFBackend", "PagedBackend", "VLLMBackend",
-           "get_rollout_backend", "rollout_backend_for"]
+__all__ = ["ROLLOUT_BACKENDS", "RolloutBackend", "HFBackend", "PagedBackend", "VLLMBackend", "rollout_backend_for"]
 
 
 class HFBackend:
@@ -352,23 +351,15 @@ for _backend in (HFBackend, PagedBackend, VLLMBackend):
     ROLLOUT_BACKENDS.register(_backend.name)(_backend)
 
 
-def _backend_class(name: str, world_size: int) -> type[RolloutBackend]:
-    """The class registered as `name`, refused before it is built when the run has more processes than it allows."""
+def rollout_backend_for(cfg: "RunConfig", *, world_size: int, compute_dtype: torch.dtype) -> RolloutBackend:
+    """The backend a RunConfig asks for, built by its registry entry from the config. ConfigError for an unknown
+    name (listing the valid ones), or for a single-process backend in a multi-process run (before it is built)."""
+    name = cfg.rollout_backend
     backend = ROLLOUT_BACKENDS.lookup(name)
     if not backend.multi_process and world_size > 1:
         raise ConfigError(f"rollout_backend {name!r} is single-process only (this run has {world_size} processes)",
                           where="rollout_backend", fix="use `rollout_backend: hf` for multi-GPU runs, or launch one process")
-    return backend
-
-
-def get_rollout_backend(name: str, *, world_size: int = 1, **kwargs: Any) -> RolloutBackend:
-    """The backend registered as `name`, built with `kwargs`; ConfigError listing the valid names otherwise."""
-    return _backend_class(name, world_size)(**kwargs)
-
-
-def rollout_backend_for(cfg: "RunConfig", *, world_size: int, compute_dtype: torch.dtype) -> RolloutBackend:
-    """The backend a RunConfig asks for, built by its registry entry from the config."""
-    return _backend_class(cfg.rollout_backend, world_size).from_config(cfg, compute_dtype=compute_dtype)
+    return backend.from_config(cfg, compute_dtype=compute_dtype)
 
 
 @contextlib.contextmanager

@@ -71,16 +71,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling: [B, V] logits and [B] uniforms in [0, 1) -> [B] ids."""
-    return sample_with_logprobs(logits, uniforms, params)[0]
-
-
 def sample_with_logprobs(logits: torch.Tensor, uniforms: torch.Tensor,
                          params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample`, and [B] float32 log-probs of the picked ids under the distribution they were drawn from: the
-    temperature-scaled, top-k/top-p filtered softmax (vLLM's `processed_logprobs`, what TRL's importance-sampling
-    correction asks vLLM for). Greedy rows: the plain model's log-softmax at the argmax (vLLM's choice too)."""
+    """One token per row by inverse-CDF sampling ([B, V] logits and [B] uniforms in [0, 1) -> [B] ids), and [B]
+    float32 log-probs of the picked ids under the distribution they were drawn from: the temperature-scaled,
+    top-k/top-p filtered softmax (vLLM's `processed_logprobs`, what TRL's importance-sampling correction asks vLLM
+    for). Greedy rows: the argmax, with the plain model's log-softmax there (vLLM's choice too)."""
     if params.temperature == 0:
         idx = logits.argmax(dim=-1)
         return idx, logits.float().log_softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)

@@ -14,7 +14,7 @@ import torch
 from runrl_engine.config import RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.rollout import backends
-from runrl_engine.rollout.backends import HFBackend, PagedBackend, get_rollout_backend, vllm_weights
+from runrl_engine.rollout.backends import HFBackend, PagedBackend, rollout_backend_for, vllm_weights
 from runrl_engine.rollout.hf import generate
 from runrl_engine.rollout.types import SamplingParams
 
@@ -33,7 +33,7 @@ def test_config_choices_are_the_registry():
 
 def test_unknown_backend_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        get_rollout_backend("sglang")
+        rollout_backend_for(RunConfig(rollout_backend="sglang"), world_size=1, compute_dtype=torch.float32)
     assert "'sglang'" in str(err.value) and "hf, paged, vllm" in str(err.value)
     assert err.value.where == "rollout_backend"
 
@@ -41,20 +41,18 @@ def test_unknown_backend_lists_the_valid_ones():
 @pytest.mark.parametrize("name", ["paged", "vllm"])
 def test_multi_process_runs_refuse_the_single_process_backends(name):
     with pytest.raises(ConfigError, match="single-process only"):
-        get_rollout_backend(name, world_size=2)
-    assert isinstance(get_rollout_backend("hf", world_size=2), HFBackend)
+        rollout_backend_for(RunConfig(rollout_backend=name), world_size=2, compute_dtype=torch.float32)
+    assert isinstance(rollout_backend_for(RunConfig(), world_size=2, compute_dtype=torch.float32), HFBackend)
 
 
 def test_each_backend_is_built_from_the_config_by_its_registry_entry(monkeypatch):
     from types import SimpleNamespace
 
-    from runrl_engine.rollout.backends import VLLMBackend, rollout_backend_for
+    from runrl_engine.rollout.backends import VLLMBackend
 
-    assert isinstance(rollout_backend_for(RunConfig(), world_size=2, compute_dtype=torch.float32), HFBackend)
+    assert isinstance(rollout_backend_for(RunConfig(), world_size=1, compute_dtype=torch.bfloat16), HFBackend)
     paged = rollout_backend_for(RunConfig(rollout_backend="paged"), world_size=1, compute_dtype=torch.bfloat16)
     assert isinstance(paged, PagedBackend) and paged.compute_dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match="single-process only"):
-        rollout_backend_for(RunConfig(rollout_backend="paged"), world_size=2, compute_dtype=torch.float32)
 
     built = []  # what a stand-in vLLM engine was constructed with
 
@@ -93,8 +91,7 @@ def test_the_shared_rollout_types_import_no_torch():
 def test_vllm_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(ConfigError) as err:
-        get_rollout_backend("vllm", model_path="x", dtype=torch.bfloat16, max_model_len=64,
-                            gpu_memory_utilization=0.3)
+        rollout_backend_for(RunConfig(model="x", rollout_backend="vllm"), world_size=1, compute_dtype=torch.bfloat16)
     assert "pip install vllm" in str(err.value)
 
 

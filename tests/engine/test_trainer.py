@@ -272,10 +272,12 @@ def test_held_out_file_greedy_eval_at_start(tmp_path, tiny_model_dir):
 
 
 def test_greedy_sampling_takes_the_argmax():
-    from runrl_engine.rollout.hf import sample
+    from runrl_engine.rollout.hf import sample_with_logprobs
     from runrl_engine.rollout.types import SamplingParams
 
     logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 4.0]])
-    picked = sample(logits, torch.tensor([0.999, 0.999]), SamplingParams(max_new_tokens=1, temperature=0, top_p=0.5))
+    picked, _ = sample_with_logprobs(logits, torch.tensor([0.999, 0.999]),
+                                     SamplingParams(max_new_tokens=1, temperature=0, top_p=0.5))
     assert picked.tolist() == [1, 0]
-    assert sample(logits, torch.tensor([0.999, 0.999]), SamplingParams(max_new_tokens=1)).tolist() != [1, 0]
+    sampled, _ = sample_with_logprobs(logits, torch.tensor([0.999, 0.999]), SamplingParams(max_new_tokens=1))
+    assert sampled.tolist() != [1, 0]
