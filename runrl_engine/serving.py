@@ -38,7 +38,6 @@ import json
 import os
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,16 +486,3 @@ class Batcher:
         self.log(f"batcher: choice {row.index} done: {row.tokens} tokens ({finish}), batch of up to "
                  f"{row.job.peak_batch} rows")
         return True
-
-
-def wait_all(events: "queue.Queue[Event]", n: int, timeout: float | None = None) -> tuple[list[str], list[Event]]:
-    """Block until `n` choices have finished; their texts and final events (a helper for tests and scripts)."""
-    texts, finals, deadline = [""] * n, [None] * n, None if timeout is None else time.time() + timeout
-    while any(f is None for f in finals):
-        ev = events.get(timeout=None if deadline is None else max(0.0, deadline - time.time()))
-        if ev.finish == "error":
-            raise RuntimeError(ev.delta)
-        texts[ev.index] += ev.delta
-        if ev.finish is not None:
-            finals[ev.index] = ev
-    return texts, finals  # type: ignore[return-value]

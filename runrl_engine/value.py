@@ -15,9 +15,9 @@ log-probs and the loss mask of a `RolloutBatch` line up index for index. Both fo
 The head starts at zero (every value 0, explained variance 0) and runs in fp32 even under bf16 autocast: value
 targets are sums of rewards, and bf16's 8 bits would round the differences the value loss learns from.
 
-Not covered: a critic with a different architecture or initial weights than the policy (`critic_model`), and
-reward models with value heads loaded from the Hub. A `separate` critic starts from `model`'s weights, not from
-the policy after an SFT warm-start (`sft_file`).
+Not covered: a critic with a different architecture or initial weights than the policy (no config key names
+one), and reward models with value heads loaded from the Hub. A `separate` critic starts from `model`'s weights,
+not from the policy after an SFT warm-start (`sft_file`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ the network and never raises into the queue (`Store.notify` swallows and logs li
 
 A delivery is one POST of `{"event", "created_at", "data"}` (compact JSON, UTF-8) with headers
 `X-RunRL-Event`, `X-RunRL-Delivery` (one id per event per webhook, the same on every retry) and
-`X-RunRL-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>` (`sign`, `verify`); each
+`X-RunRL-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>` (`sign`); each
 attempt is signed afresh, so a receiver may refuse old timestamps. Each delivery is an asyncio task on the
 server's loop: an attempt is bounded by `webhook_timeout_s` in all (connect, send, answer; the answer's body is
 not read); a non-2xx answer, a timeout or a connection error is retried up to `webhook_attempts` attempts in all,
@@ -80,24 +80,6 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 def signature_header(secret: str, timestamp: int, body: bytes) -> str:
     """The `X-RunRL-Signature` value: `t=<unix seconds>,v1=<hex>`."""
     return f"t={int(timestamp)},v1={sign(secret, timestamp, body)}"
-
-
-def verify(secret: str, header: str, body: bytes, *, tolerance_s: float = 300, now: float | None = None) -> bool:
-    """Whether `header` (an `X-RunRL-Signature` value) signs `body` with `secret` and its timestamp is within
-    `tolerance_s` of `now` (default: the current time). Constant-time comparison."""
-    timestamp, signatures = None, []
-    for part in (header or "").split(","):
-        key, _, value = part.strip().partition("=")
-        if key == "t" and value.isdigit():
-            timestamp = int(value)
-        elif key == "v1":
-            signatures.append(value)
-    if timestamp is None or not signatures:
-        return False
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        return False
-    expected = sign(secret, timestamp, body)
-    return any(hmac.compare_digest(expected, s) for s in signatures)
 
 
 def events_for(kind: str, status: str) -> list[str]:

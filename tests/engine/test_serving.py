@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import time
 
 import pytest
 import torch
@@ -15,7 +16,20 @@ import torch
 from runrl_engine.checkpoint import export_final
 from runrl_engine.rollout.hf import generate
 from runrl_engine.rollout.types import SamplingParams
-from runrl_engine.serving import Batcher, Event, Job, Sampling, adapter_base, load_for_serving, wait_all
+from runrl_engine.serving import Batcher, Event, Job, Sampling, adapter_base, load_for_serving
+
+
+def wait_all(events: queue.Queue[Event], n: int, timeout: float | None = None) -> tuple[list[str], list[Event]]:
+    """Block until `n` choices have finished; their texts and final events."""
+    texts, finals, deadline = [""] * n, [None] * n, None if timeout is None else time.time() + timeout
+    while any(f is None for f in finals):
+        ev = events.get(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+        if ev.finish == "error":
+            raise RuntimeError(ev.delta)
+        texts[ev.index] += ev.delta
+        if ev.finish is not None:
+            finals[ev.index] = ev
+    return texts, finals  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
