@@ -13,6 +13,7 @@ server within its key cache's 5 s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,12 +25,17 @@ from server.settings import Settings
 from server.store import Store
 
 
+RAY_SLOTS = 4  # `runrl serve --executor ray`'s default --slots
+
+
 def serve_settings(*, data_dir: str | Path = "~/.runrl", slots: int | None = None,
                    gpus: Sequence[str] | None = None, **policy: Any) -> Settings:
     """`runrl serve`'s Settings. `gpus`: the GPUs runs are placed on (None: detected, server/gpus.py; (): CPU
-    only); `slots`: runs at once (None: one per GPU, else 1)."""
+    only); `slots`: runs at once (None: one per GPU, else 1; with `executor="ray"`, RAY_SLOTS runs in flight,
+    which Ray queues until the cluster has their resources)."""
     gpus = detect_gpus() if gpus is None else tuple(gpus)
-    return Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or max(1, len(gpus)), gpus=gpus,
+    default_slots = RAY_SLOTS if policy.get("executor") == "ray" else max(1, len(gpus))
+    return Settings(data_dir=Path(data_dir).expanduser().resolve(), slots=slots or default_slots, gpus=gpus,
                     **policy)
 
 
@@ -49,8 +55,15 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path = "
     from server.gpus import describe
 
     settings = serve_settings(data_dir=data_dir, slots=slots, gpus=gpus, **policy)
-    print(f"runrl serve: {describe(settings.gpus)}; up to {settings.slots} run(s) at once", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+    app = create_app(settings)
+    if settings.executor == "ray":  # the job server answers and its workers see runs_dir, or exit 2 (UserError)
+        asks = "n_gpus GPUs each" if settings.gpus else "no GPU (CPU only: no --gpus listed or detected)"
+        print(f"runrl serve: runs are Ray jobs on {settings.ray_address}, asking for {asks}; up to {settings.slots} "
+              f"run(s) in flight; checking that Ray's workers see {settings.runs_dir} ...", file=sys.stderr)
+        app.state.services.worker.executor.check()
+    else:
+        print(f"runrl serve: {describe(settings.gpus)}; up to {settings.slots} run(s) at once", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
                 proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
 
 
@@ -193,7 +206,20 @@ def _serve(args: argparse.Namespace) -> int:
                             fix="list GPU indices or UUIDs separated by commas, e.g. --gpus 0,1,2,3, or --gpus none "
                                 "for CPU only") from None
 
+    ray: dict[str, Any] = {}
+    if args.executor == "ray":
+        address = args.ray_address or os.environ.get("RAY_ADDRESS", "")
+        if not address:
+            raise UserError("the Ray executor needs the address of the cluster's job server", where="--executor ray",
+                            fix="pass --ray-address http://HEAD:8265 (the Ray dashboard's address) or set "
+                                "RAY_ADDRESS")
+        if args.ray_cpus_per_run < 0 or args.ray_memory_mb < 0 or args.ray_grace_s <= 0:
+            raise UserError("--ray-cpus-per-run and --ray-memory-mb cannot be negative, --ray-grace-s must be "
+                            "positive", where="--ray-*", fix="pass e.g. --ray-cpus-per-run 4 --ray-grace-s 60")
+        ray = dict(ray_address=address, ray_cpus_per_run=args.ray_cpus_per_run, ray_memory_mb=args.ray_memory_mb,
+                   ray_grace_s=args.ray_grace_s)
     serve(host=args.host, port=args.port, data_dir=args.data_dir, slots=args.slots, gpus=gpus,
+          executor=args.executor, **ray,
           trusted_proxies=args.trusted_proxy or (), require_isolation=not args.allow_unisolated,
           allow_user_network=args.allow_user_network, allow_url_requirements=args.allow_url_requirements,
           allow_private_destinations=args.allow_private_destinations,
@@ -274,6 +300,20 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
                    help="how often a run whose training process vanished (server restart or kill -9, trainer killed "
                         "by a signal such as the OOM killer's) is resumed from its last checkpoint before it ends "
                         "FAILED (default 3; 0: never; a graceful server shutdown is not counted)")
+    cluster = p.add_argument_group("where runs train (README: Running the service over a Ray cluster)")
+    cluster.add_argument("--executor", choices=("local", "ray"), default="local",
+                         help="local: each run is a subprocess of this server (default); ray: each run is a Ray job "
+                              "on a cluster whose nodes mount --data-dir's runs/ at the same path (pip install "
+                              "\"runrl-engine[ray]\")")
+    cluster.add_argument("--ray-address", metavar="URL",
+                         help="the Ray job server (dashboard) address, e.g. http://head:8265 (default: $RAY_ADDRESS)")
+    cluster.add_argument("--ray-cpus-per-run", type=float, default=1.0, metavar="N",
+                         help="CPUs each run's Ray job asks for (default 1); GPUs: its n_gpus, none with --gpus none")
+    cluster.add_argument("--ray-memory-mb", type=int, default=0, metavar="MB",
+                         help="memory each run's Ray job reserves (default 0: none)")
+    cluster.add_argument("--ray-grace-s", type=float, default=60.0, metavar="S",
+                         help="how long the job server may stay unreachable before a run is resumed (bounded by "
+                              "--max-resumes) or failed (default 60)")
     policy = p.add_argument_group("security policy (the defaults are the safe ones)")
     policy.add_argument("--allow-unisolated", action="store_true",
                         help="run user code even where bubblewrap cannot start (then it is NOT isolated: it can "

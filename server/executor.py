@@ -4,11 +4,12 @@ The worker (server/worker.py) owns everything about a run's lifecycle: the claim
 the RUNNING transition, and how the exit status maps to COMPLETED / FAILED / CANCELLED / resumed. An executor
 only starts the training command somewhere and reports on it:
 
-- `start(run, run_dir, argv, env, stdin)` starts `argv`, with `env` added to the environment where it runs, (`runrl train ...` or `runrl launch --multi_gpu ...`)
-  for one run, its stdout appended to `run_dir/process.log` and its stderr to `run_dir/stderr.log` (the REST
-  logs route and the SSE stream read those files), `stdin` (the run's secrets as JSON, for `--secrets-stdin`)
-  handed over without being written anywhere another user can read. It returns a `Handle`. `places_gpus`: whether
-  the queue places runs on the server's own GPUs (`--gpus`, server/gpus.py); a Ray cluster places them itself.
+- `start(run, run_dir, argv, env, stdin)` starts `argv` (`runrl train ...` or `runrl launch --multi_gpu ...`) for
+  one run, with `env` added to the environment where it runs, its stdout appended to `run_dir/process.log` and
+  its stderr to `run_dir/stderr.log` (the REST logs route and the SSE stream read those files), `stdin` (the
+  run's secrets as JSON, for `--secrets-stdin`) handed over without being written anywhere another user can
+  read. It returns a `Handle`. `places_gpus`: whether the queue places runs on the server's own GPUs (`--gpus`,
+  server/gpus.py); a Ray cluster places them itself.
 - `Handle.poll(timeout)` waits up to `timeout` seconds and returns the exit status once the command has ended,
   in `runrl train`'s terms: 0, 2 (a user error), 1 (a traceback), a negative signal number or 128+N (killed).
   It raises `ExecutorLost` when the executor can no longer tell (a cluster gone for longer than its grace).
@@ -115,8 +116,8 @@ class LocalExecutor:
     def start(self, run: Mapping[str, Any], run_dir: Path, argv: Sequence[str], env: Mapping[str, str],
               stdin: bytes) -> LocalHandle:
         with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.PIPE, env={**os.environ, **env},
-                                    cwd=str(run_dir), start_new_session=True)
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.PIPE,
+                                    env={**os.environ, **env}, cwd=str(run_dir), start_new_session=True)
         assert proc.stdin is not None
         try:  # a pipe: the secrets are never written down
             proc.stdin.write(stdin)
