@@ -1,9 +1,14 @@
-"""SQLite (WAL) repository: users, API keys, files, runs + history, tools, shared configurations, deployments,
-webhooks and their delivery attempts.
+"""SQLite (WAL) store: the schema, the statement runner, and one repository per resource (`store.users`,
+`store.keys`, `store.files`, `store.tools`, `store.runs`, `store.shared`, `store.deployments`, `store.webhooks`).
+
+The repositories are the one home of the server's SQL: routes parse a request, call a repository method and
+render its rows, and never write a statement. The exception is the run queue (server/queue.py), whose state
+machine (claims, leases, transitions) is the runs' transactional repository and writes its own statements
+through `Store.tx()`. This module is long because it holds the schema and every statement against it, per
+resource, side by side; it does not cover file bytes or run outputs, which live on disk under the data dir.
 
 One connection per `Store`, serialised by a lock: every statement is short, the server is one process, and
-the job queue (queue.py) relies on `UPDATE ... WHERE status = ?` being atomic under that lock. File bytes and
-run outputs live on disk under the data dir; this module holds only their metadata.
+the job queue relies on `UPDATE ... WHERE status = ?` being atomic under that lock.
 
 Rows come back as plain dicts with JSON columns decoded; turning rows into API objects is the routes' job.
 Every query that reads a user's resource takes the `user_id`, so ownership is enforced where data is read.
@@ -103,6 +108,9 @@ RUN_SORTS = {"created_at": "created_at", "updated_at": "updated_at", "started_at
              "completed_at": "completed_at", "id": "id", "status": "status", "model": "model"}
 TOOL_SORTS = {"name": "name COLLATE NOCASE", "created_at": "created_at", "usage_count": "usage_count",
               "updated_at": "updated_at"}
+# The columns a Run listing needs (never `config` or `secrets`).
+RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
+               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id, devices")
 
 
 def _order(columns: dict[str, str], sort: Sort) -> str:
@@ -154,7 +162,8 @@ class ResponseCache:
 
 
 class Store:
-    """The repository. Thread-safe; one instance per data dir per process."""
+    """The database: statement primitives (`tx`, `one`, `all`, `insert`, `page`, ...) for the repositories and the
+    queue, and the repositories themselves as attributes. Thread-safe; one instance per data dir per process."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -256,7 +265,7 @@ class Store:
         rows = self.all(f"{sql} ORDER BY {order_by} LIMIT ? OFFSET ?", [*args, per_page, (page - 1) * per_page])
         return rows, int(total or 0)
 
-    # ---- shorthands kept for the queue, the worker, the CLI and tests -------------------------------------
+    # ---- shorthands for the queue's, the worker's and the tests' callers ---------------------------------
     def get_or_create_user(self, name: str) -> int:
         return self.users.get_or_create(name)
 
@@ -464,11 +473,6 @@ class Tools:
         """One more run uses each of the tools."""
         for tool_id in tool_ids:
             self.store.execute("UPDATE tools SET usage_count = usage_count + 1 WHERE id = ?", (tool_id,))
-
-
-# The columns a Run object needs (never `config` or `secrets`).
-RUN_COLUMNS = ("id, status, type, model, parameters, tool_ids, total_steps, created_at, updated_at, started_at, "
-               "completed_at, error_message, hf_name, prompt_file_id, reward_file_id, sft_file_id, devices")
 
 
 class Runs:
