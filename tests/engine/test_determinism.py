@@ -33,12 +33,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from runrl_engine import train
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
-from tests.engine import test_tool_runs as tool_runs
+from tests.conftest import TOOL_WARM_START, tool_config
 
 ROOT = Path(__file__).resolve().parents[2]
 QS = ROOT / "configs" / "data" / "quickstart"
 GUESS = ROOT / "configs" / "data" / "guess_number"
-CALC = ROOT / "configs" / "data" / "calculator"
 TIMING = ("step_time_s", "tokens_per_s", "peak_rss_mb", "peak_vram_mb")
 
 
@@ -187,16 +186,12 @@ def test_another_process_with_another_hash_seed_agrees(tmp_path, tiny_model_dir)
     assert_same_runs(tmp_path / "a", tmp_path / "b")
 
 
-calculator_url = tool_runs.calculator_url  # the example MCP calculator on loopback (module-scoped fixture)
-
-
 @pytest.mark.slow
-def test_tool_run_same_seed_same_metrics(tmp_path, tiny_model_dir, calculator_url):
-    """SFT warm start (so the tiny model calls `add`), then RL steps whose turns are answered by a real MCP server."""
-    over = dict(sft_file=str(CALC / "sft.jsonl"), sft_epochs=12, sft_learning_rate=0.01, max_steps=2, num_threads=2,
-                log_completions=32)
-    for name in ("a", "b"):
-        train(tool_runs.tool_config(calculator_url, **over), output_dir=tmp_path / name)
-    metrics, _ = comparable(tmp_path / "a")
+def test_tool_run_same_seed_same_metrics(tmp_path, tool_warm_start, calculator_url):
+    """SFT warm start (so the tiny model calls `add`), then RL steps whose turns are answered by a real MCP server.
+    The first run is the session's `tool_warm_start` (trained earlier in this process); the second is trained here."""
+    _, first = tool_warm_start
+    train(tool_config(calculator_url, **TOOL_WARM_START), output_dir=tmp_path / "b")
+    metrics, _ = comparable(first)
     assert any(m.get("tool_calls_per_episode", 0) > 0 for m in metrics)  # the tools were really called
-    assert_same_runs(tmp_path / "a", tmp_path / "b")
+    assert_same_runs(first, tmp_path / "b")

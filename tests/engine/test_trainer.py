@@ -230,7 +230,7 @@ def test_two_nodes_equal_one(tmp_path, tiny_model_dir):
     equals the 1-process run. Both write to one --output, as nodes do on a shared file system. The collectives are
     those of `test_two_processes_equal_one`; what this adds is the cross-node launch: global ranks from
     machine_rank, one main process of two local rank 0s."""
-    from tests.engine.test_tool_runs import free_port
+    from tests.conftest import free_port
 
     config, port = two_process_config(tmp_path, {}), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
