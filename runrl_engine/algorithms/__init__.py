@@ -9,6 +9,7 @@ detached diagnostics out. Names used in run configs resolve through two small re
 from runrl_engine.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     CRITIC_ESTIMATORS,
+    advantage_options,
     gae,
     get_advantage_estimator,
     register_advantage,
@@ -34,7 +35,9 @@ from runrl_engine.algorithms.losses import (
 from runrl_engine.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from runrl_engine.algorithms.ppo import (
     approx_kl,
+    combined_loss,
     explained_variance,
+    explained_variance_from,
     masked_entropy,
     ppo_advantages,
     sequence_importance_ratio,
@@ -50,12 +53,15 @@ __all__ = [
     "CRITIC_ESTIMATORS",
     "LOSS_TYPES",
     "SURROGATES",
+    "advantage_options",
     "approx_kl",
     "cispo_surrogate",
     "clipped_surrogate",
+    "combined_loss",
     "entropy_from_logits",
     "entropy_quantile_threshold",
     "explained_variance",
+    "explained_variance_from",
     "gae",
     "get_advantage_estimator",
     "get_loss_type",

@@ -25,7 +25,8 @@ Critic estimators take per-token rewards and the critic's values instead (regist
 - `gae`: generalised advantage estimation (PPO); `algorithm: ppo` trains the critic it needs.
 
 `uses_critic(name)` tells the trainer which signature a name has; one registry serves both, so a config names
-any of them with the same key and an unknown name lists them all.
+any of them with the same key and an unknown name lists them all. `advantage_options(name)`: the run-config keys
+an estimator takes as keyword options (`grpo`: `scale_rewards`), declared where it is registered.
 
 Rewards must be finite: the reward stage scores failed calls as 0 before they reach here.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "register_advantage",
     "get_advantage_estimator",
     "uses_critic",
+    "advantage_options",
     "grpo_advantages",
     "dr_grpo_advantages",
     "rloo_advantages",
@@ -59,16 +61,20 @@ AdvantageEstimator = Callable[..., tuple[Tensor, dict[str, float]]]
 
 ADVANTAGE_ESTIMATORS = Registry("advantage_estimator", "advantage estimator")
 CRITIC_ESTIMATORS: set[str] = set()  # names whose estimator takes per-token rewards and critic values
+_OPTIONS: dict[str, tuple[str, ...]] = {}  # name -> run-config keys passed to the estimator as keyword options
 
 
-def register_advantage(name: str, *, critic: bool = False) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator: make `fn` available as `advantage_estimator: <name>` (`critic=True`: the per-token signature)."""
+def register_advantage(name: str, *, critic: bool = False, options: tuple[str, ...] = ()
+                       ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: make `fn` available as `advantage_estimator: <name>` (`critic=True`: the per-token signature;
+    `options`: run-config keys the caller passes as keyword arguments of the same name)."""
     register = ADVANTAGE_ESTIMATORS.register(name)
 
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         register(fn)  # raises for a name taken, before it could be marked as a critic estimator
         if critic:
             CRITIC_ESTIMATORS.add(name)
+        _OPTIONS[name] = tuple(options)
         return fn
 
     return decorator
@@ -83,6 +89,12 @@ def uses_critic(name: str) -> bool:
     """Whether `advantage_estimator: <name>` needs a critic's values (ConfigError for an unknown name)."""
     get_advantage_estimator(name)
     return name in CRITIC_ESTIMATORS
+
+
+def advantage_options(name: str) -> tuple[str, ...]:
+    """The run-config keys `advantage_estimator: <name>` takes as keyword options (ConfigError for an unknown name)."""
+    get_advantage_estimator(name)
+    return _OPTIONS.get(name, ())
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -127,7 +139,7 @@ def _centred(grouped: Tensor) -> Tensor:
     return torch.where(flat, torch.zeros_like(centred), centred)
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", options=("scale_rewards",))
 def grpo_advantages(
     rewards: Tensor, group_size: int, *, scale_rewards: str | bool = "group", eps: float = 1e-4,
     batch_std: float | None = None,

@@ -14,7 +14,7 @@ How the pieces compose in a PPO step (the trainer owns the order; nothing here k
     ... per minibatch, per ppo epoch:
     pg, pg_diag = policy_loss(logp, old_logp, advantages, mask, loss_type=..., epsilon_low=..., num_tokens=M)
     vf, vf_diag = value_loss(values, old_values, returns, mask, value_clip=c, num_tokens=M)
-    loss = pg + vf_coef * vf - entropy_coef * masked_entropy(entropy, mask, num_tokens=M)
+    loss = combined_loss(pg, entropy=masked_entropy(entropy, mask, num_tokens=M), entropy_coef=ce, value=vf, vf_coef=cv)
 
 GAE is registered as the critic estimator `gae` in `advantages.py` (`uses_critic("gae")` is true): its inputs
 are per-token rewards, critic values and the mask rather than one reward per completion.
@@ -42,6 +42,8 @@ __all__ = [
     "ppo_advantages",
     "value_loss",
     "explained_variance",
+    "explained_variance_from",
+    "combined_loss",
     "approx_kl",
     "masked_entropy",
     "sequence_log_ratio",
@@ -222,10 +224,33 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         keep = mask.bool()
         values = torch.where(keep, values.detach(), _zero(values))
         returns = torch.where(keep, returns.detach().to(values.dtype), _zero(values))
-        var_returns = masked_var(returns, keep)
-        var_error = masked_var(returns - values, keep)
-        safe = torch.where(var_returns > 0, var_returns, torch.ones_like(var_returns))
-        return torch.where(var_returns > 0, 1 - var_error / safe, torch.zeros_like(var_returns))
+        return explained_variance_from(masked_var(returns, keep), masked_var(returns - values, keep))
+
+
+def explained_variance_from(returns_var: Tensor | float, error_var: Tensor | float) -> Tensor | float:
+    """`1 - error_var / returns_var`, 0 when `returns_var` is not positive: `explained_variance` from the two
+    variances, for statistics reduced elsewhere (e.g. over processes). Tensors in, a tensor out; floats, a float."""
+    if isinstance(returns_var, Tensor):
+        safe = torch.where(returns_var > 0, returns_var, torch.ones_like(returns_var))
+        return torch.where(returns_var > 0, 1 - error_var / safe, torch.zeros_like(returns_var))
+    return 1 - error_var / returns_var if returns_var > 0 else 0.0
+
+
+def combined_loss(policy: Tensor, *, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                  value: Tensor | None = None, vf_coef: float = 0.0) -> Tensor:
+    """PPO's objective for one batch: `policy - entropy_coef * entropy + vf_coef * value`.
+
+    policy: the policy loss (`losses.policy_loss`); entropy: the masked mean entropy (`masked_entropy`), a bonus
+    only when `entropy_coef` > 0 (else it is a diagnostic and adds nothing, not even a zero times its graph);
+    value: the value loss (`value_loss`), None without a critic. All 0-d tensors with the same global
+    denominators, so micro-batch results add up to the whole batch's. Returns a 0-d tensor keeping the graphs.
+    """
+    loss = policy
+    if entropy is not None and entropy_coef > 0:
+        loss = loss - entropy_coef * entropy
+    if value is not None:
+        loss = loss + vf_coef * value
+    return loss
 
 
 def value_loss(
