@@ -149,6 +149,7 @@ def _cuda_peak_mb() -> float | None:
 
 def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], device: str) -> dict[str, Any]:
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
     prompt_file, reward_file = write_inputs(work)
@@ -164,7 +165,7 @@ def run_ours(backend: str, model_dir: Path, work: Path, wl: dict[str, Any], devi
         "gradient_checkpointing": False, "lr_scheduler": "constant", "max_grad_norm": 1.0,
         "rollout_backend": backend, "max_prompt_length": 512,
     })
-    trainer = Trainer(cfg, work / "run")
+    trainer = Trainer(build_run(cfg, work / "run"))
     trainer._finish = lambda **_: None  # no final export: not part of a training step
     ends: list[float] = []
     emit = trainer.outputs.metrics

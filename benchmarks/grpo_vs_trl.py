@@ -197,6 +197,7 @@ def ours_config(w: Workload, prompt_file: Path, reward_file: Path, threads: int)
 def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     import torch
 
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -204,7 +205,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     n_seq = w.prompts_per_step * w.num_generations
     cfg = ours_config(w, prompt_file, reward_file, threads)
     t_setup = time.perf_counter()
-    trainer = Trainer(cfg, work / "ours-run")
+    trainer = Trainer(build_run(cfg, work / "ours-run"))
     setup_s = time.perf_counter() - t_setup
     ends: list[float] = []
     emit = trainer.outputs.metrics
@@ -217,7 +218,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
     t_start = time.perf_counter()
     result = trainer.run()
     hist = result.history
-    n_linear = linear_params(trainer.acc.unwrap_model(trainer.model))
+    n_linear = linear_params(trainer.parts.policy())
     trained_tokens = []
     for rec in hist:
         prompt_tokens = sum(len(trainer.train_rows[i][1]) for i in trainer.schedule.indices(rec["step"]))
@@ -230,7 +231,7 @@ def run_ours(w: Workload, work: Path, threads: int) -> dict[str, Any]:
                                                                       for rec in hist],
             "reward": [rec["reward_mean"] for rec in hist], "phases": phases, "linear_params": n_linear,
             "decode_steps": [rec.get("decode_steps", 0) for rec in hist],
-            "decode_weight_bytes": decode_weight_bytes(trainer.acc.unwrap_model(trainer.model)),
+            "decode_weight_bytes": decode_weight_bytes(trainer.parts.policy()),
             "trained_tokens": trained_tokens, **_peaks()}
 
 

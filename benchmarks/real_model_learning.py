@@ -92,16 +92,17 @@ def heldout_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], rew
 def run_ours(cfg: Any, work: Path) -> dict[str, Any]:
     import torch
 
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
-    trainer = Trainer(cfg, work / "ours-run")
+    trainer = Trainer(build_run(cfg, work / "ours-run"))
     rows = read_rows(cfg.eval_prompt_file, cfg.eval_max_prompts)
     reward_fn = load_reward_fn(Path(cfg.reward_file))
     curve: dict[int, float] = {}
     own_eval = trainer._evaluate
 
     def evaluate(step: int) -> float:  # the trainer's eval steps, scored by the shared evaluator as well
-        model = trainer.acc.unwrap_model(trainer.model)
+        model = trainer.parts.policy()
         curve[step] = heldout_accuracy(model, trainer.tokenizer, rows, reward_fn, cfg.completion_length)
         return own_eval(step)
 

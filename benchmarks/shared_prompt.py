@@ -30,6 +30,7 @@ import grpo_vs_trl as bench  # noqa: E402
 def measure(workload: str, threads: int, system_words: int, calls: int, quick: bool) -> dict:
     import torch
 
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
     w = bench.WORKLOADS[workload]
@@ -45,19 +46,19 @@ def measure(workload: str, threads: int, system_words: int, calls: int, quick: b
             json.dumps({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": text}]}) + "\n"
             for text in bench.make_prompts()))
     cfg = bench.ours_config(replace(w, steps=1), prompt_file, reward_file, threads)
-    trainer = Trainer(cfg, work / "run")
+    trainer = Trainer(build_run(cfg, work / "run"))
     try:
         episodes = trainer._rollout(trainer._my_prompts(1), 1)
         trainer._score(episodes)
         batch = trainer._collate(episodes)
-        trainer._advantages(batch, episodes)
-        trainer.model.train()
+        trainer.updater.advantages(batch, episodes, step_rewards=False)
+        trainer.updater.model.train()
         times: dict[bool, list[float]] = {True: [], False: []}
         for i in range(calls + 1):
             for share in (True, False):
                 trainer.cfg.share_prompt_forward = share
                 t0 = time.perf_counter()
-                trainer._optimizer_step(batch)
+                trainer.updater.optimizer_step(batch)
                 if i:  # the first call of each is a warm-up
                     times[share].append(time.perf_counter() - t0)
     finally:

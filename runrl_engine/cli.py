@@ -76,9 +76,9 @@ def _train(args: argparse.Namespace) -> int:
             if main:
                 _print_summary(out, run.final, point.step, last)
             return 0
-    from runrl_engine.trainer import Trainer
+    from runrl_engine.trainer import run_training
 
-    result = Trainer(cfg, out, resume=args.resume, notes=notes).run()
+    result = run_training(cfg, out, resume=args.resume, notes=notes)
     if result.final_dir is not None:  # main process
         _print_summary(result.output_dir, result.final_dir, result.steps, result.metrics)
     return 0

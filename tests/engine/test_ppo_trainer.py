@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from runrl_engine import train
 from runrl_engine.data import PromptRow
 from runrl_engine.rollout.episodes import Episode
-from runrl_engine.trainer import reward_positions
+from runrl_engine.update import reward_positions
 
 ROOT = Path(__file__).resolve().parents[2]
 QS = ROOT / "configs" / "data" / "quickstart"
@@ -48,12 +48,13 @@ def test_ppo_raises_the_reward_and_logs_its_metrics(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("critic", ["head", "separate"])
 def test_one_pass_over_the_batch_keeps_the_ratio_at_one(tmp_path, tiny_model_dir, critic):
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
-    trainer = Trainer(RunConfig.from_dict(cfg(critic=critic)), tmp_path)
-    policy_forwards = []
-    forward = trainer._forward
-    trainer._forward = lambda model, mb, **kw: (policy_forwards.append(model is trainer.model), forward(model, mb, **kw))[1]
+    trainer = Trainer(build_run(RunConfig.from_dict(cfg(critic=critic)), tmp_path))
+    up, policy_forwards = trainer.updater, []
+    forward = up.forward
+    up.forward = lambda model, mb, **kw: (policy_forwards.append(model is up.model), forward(model, mb, **kw))[1]
     try:
         result = trainer.run()
     finally:
@@ -85,13 +86,15 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tiny_model_d
 
 def test_lora_trains_the_value_head_with_the_adapter(tmp_path, tiny_model_dir):
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
-    trainer = Trainer(RunConfig.from_dict(cfg(use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=1e-2)), tmp_path)
+    trainer = Trainer(build_run(RunConfig.from_dict(cfg(use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=1e-2)),
+                                tmp_path))
     try:
-        head = trainer.acc.unwrap_model(trainer.model).value_head.linear
+        head = trainer.acc.unwrap_model(trainer.updater.model).value_head.linear
         before = head.weight.detach().clone()
-        assert head.weight.requires_grad and any("lora_" in n for n, p in trainer.model.named_parameters()
+        assert head.weight.requires_grad and any("lora_" in n for n, p in trainer.updater.model.named_parameters()
                                                  if p.requires_grad)
         trainer.run()
         assert not torch.equal(head.weight.detach(), before)
@@ -101,15 +104,17 @@ def test_lora_trains_the_value_head_with_the_adapter(tmp_path, tiny_model_dir):
 
 def test_separate_critic_and_kl_in_reward(tmp_path, tiny_model_dir):
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
-    trainer = Trainer(RunConfig.from_dict(cfg(critic="separate", beta=0.5, kl_in_reward=True, max_steps=3,
-                                              critic_learning_rate=1e-2)), tmp_path)
+    trainer = Trainer(build_run(RunConfig.from_dict(cfg(critic="separate", beta=0.5, kl_in_reward=True, max_steps=3,
+                                                        critic_learning_rate=1e-2)), tmp_path))
     try:
-        assert trainer.critic is not None and trainer.ref_model is not None
-        critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters() if p.requires_grad}
+        up = trainer.updater
+        assert up.critic is not None and up.ref_model is not None
+        critic_before = {n: p.detach().clone() for n, p in up.critic.named_parameters() if p.requires_grad}
         result = trainer.run()
-        moved = [n for n, p in trainer.critic.named_parameters() if p.requires_grad
+        moved = [n for n, p in up.critic.named_parameters() if p.requires_grad
                  and not torch.equal(p.detach(), critic_before[n])]
         assert "value_head.linear.weight" in moved and any(n.startswith("lm.model.layers") for n in moved)
     finally:

@@ -12,6 +12,7 @@ import torch
 
 from runrl_engine.batch import RolloutBatch, pad_left, pad_right
 from runrl_engine.config import RunConfig
+from runrl_engine.setup import build_run, params_sharded
 from runrl_engine.trainer import Trainer
 
 QS = Path(__file__).resolve().parents[2] / "configs" / "data" / "quickstart"
@@ -22,7 +23,7 @@ def make_trainer(tmp_path: Path, **over) -> Trainer:
                 completion_length=12, max_steps=1, prompts_per_step=3, num_generations=4, micro_batch_size=12,
                 eval_every=0, save_every=0, seed=0, log_completions=0, beta=0.1)
     base.update(over)
-    return Trainer(RunConfig.from_dict(base), tmp_path)
+    return Trainer(build_run(RunConfig.from_dict(base), tmp_path))
 
 
 def rollout_batch(trainer: Trainer) -> RolloutBatch:
@@ -43,28 +44,30 @@ def embedded_shapes(trainer: Trainer) -> list[tuple[int, ...]]:
     """Records the [rows, positions] of every forward through the policy's, the reference's and a critic's
     embeddings."""
     shapes: list[tuple[int, ...]] = []
-    for model in (trainer._policy(), trainer.ref_model, trainer.critic.lm if trainer.critic is not None else None):
+    up = trainer.updater
+    for model in (trainer.parts.policy(), up.ref_model, up.critic.lm if up.critic is not None else None):
         if model is not None:
             model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     return shapes
 
 
 def outputs(trainer: Trainer, mb: RolloutBatch, share: bool, packed: bool = False) -> dict[str, torch.Tensor]:
+    up = trainer.updater
     trainer.cfg.share_prompt_forward, trainer.cfg.padding_free = share, packed
-    trainer.model.zero_grad(set_to_none=True)
-    if trainer.critic is not None:
-        trainer.critic.zero_grad(set_to_none=True)
-    logp, values, _ = trainer._forward(trainer.model, mb)
-    out = {"logp": logp, "ref": trainer._ref_logps(mb)}
+    up.model.zero_grad(set_to_none=True)
+    if up.critic is not None:
+        up.critic.zero_grad(set_to_none=True)
+    logp, values, _ = up.forward(up.model, mb)
+    out = {"logp": logp, "ref": up.ref_logps(mb)}
     loss = (logp * mb.loss_mask).sum()
     if values is not None:
         out["values"] = values
         loss = loss + (values * mb.loss_mask).sum()
-    if trainer.critic is not None:
-        out["critic"] = trainer._critic_values(mb)
+    if up.critic is not None:
+        out["critic"] = up.critic_values(mb)
         loss = loss + (out["critic"] * mb.loss_mask).sum()
     loss.backward()
-    named = list(trainer.model.named_parameters()) + (list(trainer.critic.named_parameters()) if trainer.critic else [])
+    named = list(up.model.named_parameters()) + (list(up.critic.named_parameters()) if up.critic else [])
     grads = {f"grad:{n}": p.grad.clone() for n, p in named if p.grad is not None}
     assert grads, "nothing was trained"
     return {**{k: v.detach() for k, v in out.items()}, **grads}
@@ -82,8 +85,8 @@ def test_shared_prompts_give_the_plain_forwards_results(tmp_path, tiny_model_dir
     trainer = make_trainer(tmp_path, **over)
     try:
         mb = rollout_batch(trainer)
-        if trainer.use_critic:  # the value heads start at zero; give them weights so their values say something
-            for model in (trainer.acc.unwrap_model(trainer.model), trainer.critic):
+        if trainer.updater.use_critic:  # the value heads start at zero; give them weights so they say something
+            for model in (trainer.acc.unwrap_model(trainer.updater.model), trainer.updater.critic):
                 if model is not None and hasattr(model, "value_head"):
                     torch.nn.init.normal_(model.value_head.linear.weight, std=0.5,
                                           generator=torch.Generator().manual_seed(0))
@@ -121,7 +124,7 @@ def test_gradient_checkpointing_keeps_the_plain_forward_where_gradients_flow(tmp
         mb = rollout_batch(trainer)
         P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
         shapes = embedded_shapes(trainer)
-        trainer.model.train()
+        trainer.updater.model.train()
         with_checkpointing = outputs(trainer, mb, share=True)
         # the training forward is plain (transformers drops a KV cache in checkpointed layers); the reference pass,
         # without gradients, still shares its prompts
@@ -201,10 +204,8 @@ def test_sharded_parameters_keep_the_plain_forward():
     from accelerate.utils import DistributedType
 
     def sharded(kind, zero_stage=None):
-        trainer = Trainer.__new__(Trainer)
         plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
-        trainer.acc = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
-        return trainer._params_sharded()
+        return params_sharded(SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin)))
 
     assert sharded(DistributedType.FSDP) and sharded(DistributedType.DEEPSPEED, 3)
     assert not sharded(DistributedType.DEEPSPEED, 2) and not sharded(DistributedType.MULTI_CPU)

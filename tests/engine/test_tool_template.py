@@ -174,13 +174,14 @@ def test_trainer_patches_the_template_before_rendering_prompts(smollm2_dir, calc
     from pathlib import Path
 
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
     data = Path(__file__).resolve().parents[2] / "configs" / "data" / "calculator"
     cfg = RunConfig.from_dict(dict(model="builtin:smollm2-135m-instruct", prompt_file=str(data / "prompts.jsonl"),
                                    reward_file=str(data / "reward.py"), tools=[calculator], max_prompt_length=1024,
                                    completion_length=16, max_steps=1, eval_every=0, save_every=0, seed=0))
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = Trainer(build_run(cfg, tmp_path / "run"))
     try:
         assert template_renders_tools(trainer.tokenizer)
         _, ids = trainer.train_rows[0]

@@ -124,13 +124,14 @@ def test_warmup_and_decay_follow_the_schedule(tmp_path, tiny_model_dir):
 
 def test_reference_model_only_when_beta_positive(tmp_path, tiny_model_dir):
     from runrl_engine.config import RunConfig
+    from runrl_engine.setup import build_run
     from runrl_engine.trainer import Trainer
 
-    no_kl = Trainer(RunConfig.from_dict(cfg()), tmp_path / "a")
-    with_kl = Trainer(RunConfig.from_dict(cfg(beta=0.04)), tmp_path / "b")
+    no_kl = Trainer(build_run(RunConfig.from_dict(cfg()), tmp_path / "a"))
+    with_kl = Trainer(build_run(RunConfig.from_dict(cfg(beta=0.04)), tmp_path / "b"))
     try:
-        assert no_kl.ref_model is None and with_kl.ref_model is not None
-        assert not any(p.requires_grad for p in with_kl.ref_model.parameters())
+        assert no_kl.updater.ref_model is None and with_kl.updater.ref_model is not None
+        assert not any(p.requires_grad for p in with_kl.updater.ref_model.parameters())
     finally:
         for t in (no_kl, with_kl):
             t.close()
