@@ -67,6 +67,8 @@ def read_progress(runs_dir: Path, run_id: int, status: str, total_steps: int | N
         return None, 0.0
     last = _last_json_line(RunDir(runs_dir / str(run_id)).metrics)
     step = int(last["step"]) if last and isinstance(last.get("step"), (int, float)) else None
+    if last and isinstance(last.get("total_steps"), int) and last["total_steps"] > 0:
+        total_steps = last["total_steps"]  # the trainer's count (after skipped prompts), over the server's estimate
     if not step or not total_steps:
         return step, 0.0
     return step, min(0.99, step / total_steps)

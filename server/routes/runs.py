@@ -15,7 +15,6 @@ through its stdin (`--secrets-stdin`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -26,6 +25,7 @@ from starlette.responses import Response
 from runrl_engine.config import REDACTED, RunConfig
 from runrl_engine.errors import ConfigError
 from runrl_engine.metrics import recorded_wandb_url
+from runrl_engine.schedule import held_out_count, plan_steps
 from server.auth import Principal
 from server.gpus import check_n_gpus
 from server.hub_push import hub_fields
@@ -171,13 +171,15 @@ def _tools(svc: Services, p: Principal, body: dict[str, Any], errors: dict[str, 
 
 
 def _estimate_steps(path: str, cfg: RunConfig) -> int:
+    """The run's length before it starts, by the trainer's own rule (`runrl_engine.schedule`), from the prompt
+    file's line count: the server has no tokenizer, so prompts the trainer will skip for length still count here.
+    Progress switches to the trainer's number once a step record carries it (`read_progress`)."""
     if cfg.max_steps:
         return cfg.max_steps
     with open(path, "rb") as fh:
         n = sum(1 for line in fh if line.strip())
-    n_eval = 0 if cfg.eval_prompt_file else min(cfg.eval_max_prompts, int(n * cfg.eval_fraction))
-    n_train = n - n_eval if n - n_eval >= 1 else n
-    return cfg.epochs * max(1, math.ceil(n_train / cfg.prompts_per_step))
+    n_eval = 0 if cfg.eval_prompt_file else held_out_count(n, cfg.eval_fraction, cfg.eval_max_prompts)
+    return plan_steps(n - n_eval, cfg.prompts_per_step, cfg.epochs, cfg.max_steps)
 
 
 async def create(request: Request, p: Principal) -> Response:
