@@ -18,6 +18,8 @@ reads what training left there) agree on this layout and nothing else; neither s
     run.yaml            the config handed to `runrl train` (private, removed when training ends)
     process.log         the training process's stdout
     stderr.log          the training process's stderr (the server's `error_message` comes from its tail)
+    ray_launch.json     with `--executor ray`: the job's launch plan (private, removed when the job starts)
+    ray_exit.json       with `--executor ray`: the exit status of the job's training command
 
 Not covered: what is inside a checkpoint (checkpoint.py) or a record (metrics.py, DESIGN.md), and where the
 server keeps run directories (`Settings.runs_dir`).
@@ -118,6 +120,16 @@ class RunDir:
     @property
     def launch_config(self) -> Path:
         return self.root / "run.yaml"
+
+    @property
+    def ray_launch(self) -> Path:
+        """The Ray executor's launch plan for one job, secrets included (0600; the job deletes it at start)."""
+        return self.root / "ray_launch.json"
+
+    @property
+    def ray_exit(self) -> Path:
+        """The exit status a Ray job's training command ended with (server/ray_entry.py writes it)."""
+        return self.root / "ray_exit.json"
 
     @property
     def process_log(self) -> Path:

@@ -32,7 +32,8 @@ from runrl_engine.metrics import RunOutputs
 from runrl_engine.models import load_policy, load_reference, load_tokenizer, resolve_device, resolve_dtype
 from runrl_engine.rollout.backends import rollout_backend_for
 from runrl_engine.rollout.episodes import ChatRenderer, EpisodeSettings
-from runrl_engine.rollout.hf import SamplingParams
+from runrl_engine.rollout.types import SamplingParams
+from runrl_engine.rundir import RunDir
 from runrl_engine.sandbox import EnvSandbox, RewardSandbox, detect_isolation, inspect_user_code, install_requirements
 from runrl_engine.sandbox.egress import EgressUnavailable
 from runrl_engine.schedule import PromptSchedule, held_out_count, plan_steps, steps_per_epoch
@@ -177,7 +178,7 @@ def build_run(cfg: RunConfig, output_dir: Path, *, resume: bool = False,
                           timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                           requirements_dir=req_dir, allow_network=cfg.reward_allow_network,
                           secrets=outputs.secrets, log=outputs.log, isolation=cfg.sandbox_isolation,
-                          work_dir=output_dir / "sandbox" / f"rank{start.acc.process_index}", egress=egress,
+                          work_dir=RunDir(output_dir).sandbox / f"rank{start.acc.process_index}", egress=egress,
                           concurrency=cfg.reward_concurrency, sync_threads=cfg.reward_sync_threads,
                           secret_env=cfg.reward_secrets)
     return RunParts(cfg=cfg, out=output_dir, acc=start.acc, device=start.device, compute_dtype=start.compute_dtype,
@@ -328,7 +329,7 @@ def open_outputs(cfg: RunConfig, output_dir: Path, start: _Start, inputs: Inputs
                          report_to=cfg.report_to, wandb_project=cfg.wandb_project,
                          run_name=cfg.run_name or output_dir.name, resume=resume)
     if acc.is_main_process:
-        (output_dir / "config.yaml").write_text(cfg.to_yaml(redact=True))
+        RunDir(output_dir).config.write_text(cfg.to_yaml(redact=True))
     log = outputs.log
     for note in notes:
         log(note)
@@ -369,7 +370,7 @@ def _install_requirements(cfg: RunConfig, output_dir: Path, acc: Any, log: Any) 
     """`package_requirements`, installed once (main process) into the run's own environment for the workers."""
     if not cfg.package_requirements:
         return None
-    target = output_dir / "reward_env"
+    target = RunDir(output_dir).reward_env
     if acc.is_main_process:
         log(f"installing package_requirements: {' '.join(cfg.package_requirements)}")
         install_requirements(cfg.package_requirements, target, log=log, isolation=cfg.sandbox_isolation,

@@ -50,6 +50,7 @@ from runrl_engine.errors import TrainingAborted
 from runrl_engine.metrics import step_peak_memory
 from runrl_engine.rollout.backends import rollout_phase
 from runrl_engine.rollout.episodes import Episode, run_episodes
+from runrl_engine.rundir import RunDir
 from runrl_engine.schedule import sample_seed
 from runrl_engine.setup import CompletedRun, RunParts, build_run, restore_kernel_modes
 from runrl_engine.update import PolicyUpdate, all_sum
@@ -461,17 +462,17 @@ class Trainer:
         rewrite one that nothing changed."""
         self.acc.wait_for_everyone()
         final = None
-        if self.acc.is_main_process and not trained and (self.out / "final").is_dir():
-            final = self.out / "final"
+        if self.acc.is_main_process and not trained and RunDir(self.out).final.is_dir():
+            final = RunDir(self.out).final
         elif self.acc.is_main_process:
             final = ckpt.export_final(self.parts.policy(), self.tokenizer, self.out,
                                       merge_lora=self.cfg.merge_lora)
             self.log(f"final model written to {final}")
             if self.cfg.hf_name:  # the outcome goes to hf_push.json, which the server shows on the run
                 ckpt.push_to_hub(final, self.cfg.hf_name, self.cfg.hf_token or os.environ.get("HF_TOKEN"), self.log,
-                                 record=self.out / ckpt.PUSH_RECORD)
+                                 record=RunDir(self.out).hub_push)
             else:  # a resume that dropped hf_name: no earlier push result describes this final/
-                (self.out / ckpt.PUSH_RECORD).unlink(missing_ok=True)
+                RunDir(self.out).hub_push.unlink(missing_ok=True)
         self.acc.wait_for_everyone()
         return final
 
@@ -514,7 +515,7 @@ def _already_complete(done: CompletedRun) -> TrainResult:
     if done.kernel_modes is not None:
         restore_kernel_modes(done.kernel_modes)
     record = ckpt.announce_complete(done.point, main=done.main)
-    return TrainResult(output_dir=done.out, final_dir=done.out / "final" if done.main else None,
+    return TrainResult(output_dir=done.out, final_dir=RunDir(done.out).final if done.main else None,
                        steps=done.point.step, metrics=record)
 
 

@@ -33,6 +33,8 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
+from runrl_engine.rundir import RunDir
+
 
 class ExecutorLost(Exception):
     """The executor lost track of a run's training command (its message says why); the run is resumed or failed."""
@@ -115,7 +117,7 @@ class LocalExecutor:
 
     def start(self, run: Mapping[str, Any], run_dir: Path, argv: Sequence[str], env: Mapping[str, str],
               stdin: bytes) -> LocalHandle:
-        with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
+        with open(RunDir(run_dir).process_log, "ab") as out, open(RunDir(run_dir).stderr_log, "wb") as err:
             proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.PIPE,
                                     env={**os.environ, **env}, cwd=str(run_dir), start_new_session=True)
         assert proc.stdin is not None

@@ -22,8 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-LAUNCH = "ray_launch.json"
-EXIT = "ray_exit.json"
+from runrl_engine.rundir import RunDir
+
+LAUNCH = RunDir(Path()).ray_launch.name
+EXIT = RunDir(Path()).ray_exit.name
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
         return 2
     finally:
         plan_path.unlink(missing_ok=True)
-    with open(run_dir / "process.log", "ab") as out, open(run_dir / "stderr.log", "wb") as err:
+    with open(RunDir(run_dir).process_log, "ab") as out, open(RunDir(run_dir).stderr_log, "wb") as err:
         proc = subprocess.Popen(plan["argv"], stdout=out, stderr=err, stdin=subprocess.PIPE,
                                 env={**os.environ, **plan["env"]}, cwd=str(run_dir))
 

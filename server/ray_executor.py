@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from runrl_engine.rundir import RunDir
 from server.gpus import requested
 from server.ray_entry import EXIT, LAUNCH
 from server.settings import Settings
@@ -307,7 +308,7 @@ class RayHandle:
             message, driver = (info.message or "").strip(), info.driver_exit_code
         except (OSError, RuntimeError):
             message, driver = "", None
-        with open(self.run_dir / "stderr.log", "a", encoding="utf-8") as fh:  # the reason, where the worker looks
+        with open(RunDir(self.run_dir).stderr_log, "a", encoding="utf-8") as fh:  # the reason, where the worker looks
             fh.write(f"\n[ray] job {self.job_id} {status}: {message}\n")
         if driver is not None and 0 < driver < 128:
             return driver  # the entrypoint itself failed (e.g. the launch plan was unreadable: 2)
