@@ -26,8 +26,9 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 import yaml
 
 from runrl_engine.errors import ConfigError
+from runrl_engine.secrets import SERVED_MARK
 
-REDACTED = "***"
+REDACTED = SERVED_MARK  # how a secret field reads in a config shown to anyone
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, le: float | None = None, gt: float | None = None,

@@ -59,11 +59,6 @@ def not_found(what: str = "Resource") -> ApiError:
     return ApiError(404, f"{what} not found")
 
 
-def invalid(details: dict[str, Any], message: str = "Validation failed") -> ApiError:
-    """422 with field-level details: `{"field": "what is wrong"}`."""
-    return ApiError(422, message, details=details)
-
-
 class EnvelopeJSON(JSONResponse):
     """Compact JSON (no spaces), UTF-8, non-ASCII kept."""
 

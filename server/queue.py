@@ -60,10 +60,6 @@ ACTIVE = frozenset({S.PENDING, S.SETTING_UP, S.RUNNING})
 TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 
 
-class InvalidTransition(Exception):
-    pass
-
-
 class RunQueue:
     """Queue operations for one worker identity (one per server process)."""
 

@@ -531,6 +531,13 @@ class Runs:
             sql, args = sql + " AND user_id = ?", [user_id]
         return {r["status"]: r["n"] for r in self.store.all(sql + " GROUP BY status", args)}
 
+    def cancel_requested(self, run_id: int) -> bool:
+        return bool(self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)))
+
+    def set_error_message(self, run_id: int, message: str) -> None:
+        """The reason shown on the run, set before the worker stops it (the status moves later, from its exit)."""
+        self.store.update("runs", "id", run_id, {"error_message": message})
+
     def request_cancel(self, run_id: int) -> None:
         """Flag the run for its worker (which stops it); the queue moves a PENDING one to CANCELLED itself."""
         self.store.update("runs", "id", run_id, {"cancel_requested": 1, "updated_at": now_iso()})

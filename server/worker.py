@@ -173,7 +173,7 @@ class Worker:
         if handle is None:
             return
         if fail_message:
-            self.store.update("runs", "id", run_id, {"error_message": fail_message})
+            self.store.runs.set_error_message(run_id, fail_message)
         handle.cancel(self.settings.cancel_grace_s)  # SIGTERM, SIGKILL after the grace; does not block
 
     # ---- one run -------------------------------------------------------------------------------------------
@@ -230,16 +230,14 @@ class Worker:
         if resume:  # an earlier attempt trained here: continue from its last checkpoint (or step 0), today's policy
             cmd += ["--resume", *resume_overrides(config_path)]
         with self._lock:
-            if self._stop.is_set() or self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
-                                                        (run_id,)):
+            if self._stop.is_set() or self.store.runs.cancel_requested(run_id):
                 handle = None
             else:  # stdout → process.log, stderr → stderr.log; the secrets through stdin (server/executor.py)
                 handle = self.executor.start(run, run_dir, cmd, env, json.dumps(run["secrets"]).encode("utf-8"))
                 self._handles[run_id] = handle
         if handle is None:
             config_path.unlink(missing_ok=True)
-            if self._stop.is_set() and not self.store.scalar("SELECT cancel_requested FROM runs WHERE id = ?",
-                                                             (run_id,)):
+            if self._stop.is_set() and not self.store.runs.cancel_requested(run_id):
                 self.queue.transition(run_id, S.PENDING, "Released unstarted: the server is shutting down; "
                                                          "it runs after the restart")
             else:

@@ -42,7 +42,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -90,9 +90,6 @@ class EgressStats:
     busy: int = 0              # 503: max_connections were already open
     connect_attempts: int = 0  # TCP connections tried to checked addresses
     connected: int = 0         # of which succeeded (tunnels and forwarded requests)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class _Reject(Exception):

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -64,9 +64,6 @@ class SandboxStats:
     timeouts: int = 0   # items that ran past timeout_s
     crashes: int = 0    # workers that died under an item or while idle
     restarts: int = 0   # replacement workers started (crashes, timeouts, CPU-budget recycling)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class _Worker:
