@@ -9,9 +9,14 @@ log-probability of `completion_ids[:, t]` given everything before it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from runrl_engine.rollout.episodes import Episode
 
 
 @dataclass
@@ -31,6 +36,24 @@ class RolloutBatch:
     # (NaN where it reported none; 0 on mask-0 positions); None: the backend reports none
     sampler_logp: torch.Tensor | None = None
     truncated: torch.Tensor | None = None  # [B] bool, completions that did not end by themselves (not `finished`)
+
+    @classmethod
+    def from_episodes(cls, episodes: Sequence["Episode"], pad_id: int, device: torch.device | str) -> "RolloutBatch":
+        """A step's episodes as one padded batch: rewards as given, advantages zero (the update fills them in),
+        `truncated` where an episode did not end by itself, and the rollout engine's log-probs where it reported
+        any."""
+        prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], pad_id)
+        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
+        reported = any(m and not math.isnan(x) for ep in episodes for x, m in zip(ep.sampler_logprobs, ep.mask))
+        return cls(
+            prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+            completion_ids=pad_right([ep.tokens for ep in episodes], pad_id).to(device),
+            completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(device),
+            loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(device),
+            advantages=torch.zeros_like(rewards).to(device), rewards=rewards.to(device),
+            sampler_logp=(pad_right([ep.sampler_logprobs for ep in episodes], 0.0, torch.float32).to(device)
+                          if reported else None),
+            truncated=torch.tensor([not ep.finished for ep in episodes], dtype=torch.bool, device=device))
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

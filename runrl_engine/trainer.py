@@ -30,7 +30,6 @@ adaptive KL controllers (beta is fixed), a critic warm-up phase before policy up
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -43,13 +42,14 @@ import torch
 from runrl_engine import checkpoint as ckpt
 from runrl_engine.algorithms.dapo import refill_prompts, soft_overlong_penalty, varied_groups
 from runrl_engine.algorithms.losses import mask_truncated
-from runrl_engine.batch import RolloutBatch, pad_left, pad_right
+from runrl_engine.batch import RolloutBatch
 from runrl_engine.config import RunConfig, apply_overrides, load_config
 from runrl_engine.data import PromptRow
 from runrl_engine.errors import TrainingAborted
 from runrl_engine.metrics import step_peak_memory
 from runrl_engine.rollout.backends import rollout_phase
 from runrl_engine.rollout.episodes import Episode, run_episodes
+from runrl_engine.records import episode_summary, merged_stats
 from runrl_engine.rundir import RunDir
 from runrl_engine.schedule import sample_seed
 from runrl_engine.setup import CompletedRun, RunParts, build_run, restore_kernel_modes
@@ -318,28 +318,11 @@ class Trainer:
         return generated, trained, stats
 
     def _collate(self, episodes: list[Episode]) -> RolloutBatch:
-        """The step's episodes as one padded batch (advantages are filled in by `_advantages`)."""
-        prompt_ids, prompt_mask = pad_left([ep.prompt_ids for ep in episodes], self.tokenizer.pad_token_id)
-        rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
-        dev = self.acc.device
-        batch = RolloutBatch(
-            prompt_ids=prompt_ids.to(dev), prompt_mask=prompt_mask.to(dev),
-            completion_ids=pad_right([ep.tokens for ep in episodes], self.tokenizer.pad_token_id).to(dev),
-            completion_mask=pad_right([[1] * len(ep.tokens) for ep in episodes], 0).to(dev),
-            loss_mask=pad_right([[float(m) for m in ep.mask] for ep in episodes], 0.0, torch.float32).to(dev),
-            advantages=torch.zeros_like(rewards).to(dev), rewards=rewards.to(dev),
-            sampler_logp=self._sampler_logp(episodes))
-        batch.truncated = torch.tensor([not ep.finished for ep in episodes], dtype=torch.bool, device=dev)
+        """The step's episodes as one padded batch (advantages are filled in by `PolicyUpdate.advantages`)."""
+        batch = RolloutBatch.from_episodes(episodes, self.tokenizer.pad_token_id, self.acc.device)
         if self.cfg.mask_truncated_completions:  # out of the loss, still in their groups' advantages (as TRL)
             batch.loss_mask = mask_truncated(batch.loss_mask, batch.truncated)
         return batch
-
-    def _sampler_logp(self, episodes: list[Episode]) -> torch.Tensor | None:
-        """[B, C] the rollout engine's log-probs of the tokens it sampled (the sampler-mismatch correction), or None
-        when it reported none."""
-        if not any(m and not math.isnan(x) for ep in episodes for x, m in zip(ep.sampler_logprobs, ep.mask)):
-            return None
-        return pad_right([ep.sampler_logprobs for ep in episodes], 0.0, torch.float32).to(self.acc.device)
 
     def _evaluate(self, step: int) -> float:
         """The mean reward over the held-out prompts (each process rolls out its share)."""
@@ -355,51 +338,16 @@ class Trainer:
                 times: dict[str, float], step_time: float) -> dict[str, Any]:
         from accelerate.utils import gather_object
 
-        info_sums: dict[str, list[float]] = {}
-        for ep in episodes:
-            for k, v in ep.info.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    acc = info_sums.setdefault(k, [0.0, 0.0])
-                    acc[0] += float(v)
-                    acc[1] += 1
-        local = {"rewards": [ep.reward for ep in episodes], "lengths": [sum(ep.mask) for ep in episodes],
-                 "errors": sum(ep.error is not None for ep in episodes),
-                 "truncated": sum(not ep.finished for ep in episodes), "info": info_sums,
-                 "turns": sum(ep.turns for ep in episodes), "tool_calls": sum(ep.tool_calls for ep in episodes),
-                 "tool_errors": sum(ep.tool_errors for ep in episodes)}
+        local = episode_summary(episodes)
         parts = gather_object([local]) if self.world > 1 else [local]
-        rewards = [r for p in parts for r in p["rewards"]]
-        lengths = [n for p in parts for n in p["lengths"]]
-        n = len(rewards)
-        mean = sum(rewards) / n
-        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1))
-        gen_tokens = sum(lengths)
-        errors = sum(p["errors"] for p in parts)
-        record: dict[str, Any] = {
-            "step": step, "total_steps": self.total_steps, "epoch": round(self.schedule.epoch_of(step), 4),
-            "reward_mean": mean, "reward_std": std, "reward_min": min(rewards), "reward_max": max(rewards),
-            ("env_errors" if self.env_mode else "reward_errors"): errors,
-            "loss": update["loss"], "kl": update.get("kl", 0.0),
-            "completion_length_mean": gen_tokens / n, "completion_length_min": min(lengths),
-            "completion_length_max": max(lengths), "truncated_fraction": sum(p["truncated"] for p in parts) / n,
-            "step_time_s": step_time, "tokens_per_s": gen_tokens / step_time if step_time > 0 else 0.0,
-        }
-        if self.env_mode or self.cfg.tools:
-            record["turns_per_episode"] = sum(p["turns"] for p in parts) / n
-        if self.cfg.tools:
-            record["tool_calls_per_episode"] = sum(p["tool_calls"] for p in parts) / n
-            record["tool_errors"] = sum(p["tool_errors"] for p in parts)
+        record: dict[str, Any] = {"step": step, "total_steps": self.total_steps,
+                                  "epoch": round(self.schedule.epoch_of(step), 4)}
+        record.update(merged_stats(parts, env_mode=self.env_mode, tools=bool(self.cfg.tools), step_time=step_time))
+        record["loss"], record["kl"] = update["loss"], update.get("kl", 0.0)
         record.update({k: v for k, v in update.items() if k not in record})
         record.update({f"advantage/{k}": v for k, v in adv_diag.items()})
         record.update({f"time/{k}_s": v for k, v in times.items()})
         record.update(step_peak_memory())  # peak_rss_mb (+ peak_vram_mb) since the previous record, then reset
-        merged: dict[str, list[float]] = {}
-        for p in parts:
-            for k, (total, count) in p["info"].items():
-                acc = merged.setdefault(k, [0.0, 0.0])
-                acc[0] += total
-                acc[1] += count
-        record.update({f"reward_info/{k}": total / count for k, (total, count) in merged.items() if count})
         record.update(self._sandbox_stats())
         self._log_completions(step, episodes)
         return record
