@@ -4,6 +4,7 @@ reads its outputs, tests/engine/test_determinism.py trains it again and compares
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+
+# torch.distributed's rendezvous variables: one test leaving them in os.environ turns every later in-process
+# Trainer into a one-rank DDP run and makes every `runrl train` child rendezvous on a stale port
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_distributed_env():
+    before = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+    assert after == before, f"this test changed torch.distributed's variables in os.environ: {before} -> {after}"
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "data" / "quickstart"

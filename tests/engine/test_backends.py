@@ -66,7 +66,10 @@ def test_each_backend_is_built_from_the_config_by_its_registry_entry(monkeypatch
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # the backend sets them for its in-process engine; undone after
+        # the backend sets them for its in-process engine. setenv first: monkeypatch undoes only what it saw, and
+        # a delenv of an unset name records nothing, which would leave the backend's values to every later test
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     single = RunConfig(model="/models/m", rollout_backend="vllm", max_prompt_length=100, completion_length=28,
                        seed=3, vllm_gpu_memory_utilization=0.25)
     multi = RunConfig(model="/models/m", rollout_backend="vllm", type="environment", max_episode_tokens=700)
