@@ -22,7 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runrl_engine.rundir import RunDir
+# Run as a script, this file's directory (server/) is sys.path[0], where queue.py would shadow the standard
+# library's `queue` for anything imported below; the packages come from the installed distribution instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from runrl_engine.rundir import RunDir  # noqa: E402
 
 LAUNCH = RunDir(Path()).ray_launch.name
 EXIT = RunDir(Path()).ray_exit.name
