@@ -55,14 +55,87 @@ def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config: An
     C = mb.completion_ids.shape[1]
     if keep > C + 1:
         raise ValueError(f"keep={keep} reaches more than one position into the prompt (completion length {C})")
-    if share_prompts:
-        first, group = mb.prompt_groups()
-        cache = DynamicCache(config=config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers):
-            if packed and _packing_pays(mb, first, config):
-                return _packed_outputs(call, mb, keep, first, group, cache)
-            if len(first) < len(mb):
-                return _shared_prompt_outputs(call, mb, keep, first, group, cache)
+    route = _route(mb, config, share_prompts, packed)
+    if route is None:
+        return _plain(call, mb, keep)
+    first, group, use_packed, cache = route
+    if use_packed:
+        head, tail, rows, cols = _packed_calls(call, mb, first, group, cache)
+        outputs = []
+        for h, t in zip(head, tail):
+            padded = t.new_zeros(len(mb), C, *t.shape[1:]).index_put_((rows, cols), t)  # [b, C, ...]
+            if keep > C:
+                padded = torch.cat([h.unsqueeze(1), padded], dim=1)
+            outputs.append(padded[:, padded.shape[1] - keep:])
+        return tuple(outputs)
+    head, tail = _shared_prompt_calls(call, mb, min(keep, C), first, group, cache)
+    if keep <= C:
+        return tail
+    return tuple(torch.cat([h.unsqueeze(1), t], dim=1) for h, t in zip(head, tail))
+
+
+# per_token(logits [..., V], the tokens they predict [...]) -> per-position tensors, each [...]
+PerToken = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+
+
+def completion_outputs(call: ModelCall, mb: RolloutBatch, per_token: PerToken, *, config: Any,
+                       share_prompts: bool, packed: bool = False) -> tuple[Tensor, ...]:
+    """For every completion token, `per_token` of the logits that predict it (the call's first output at the
+    position before the token), then the call's other outputs at those positions: each [b, C, ...], zeros at
+    padding positions (which every caller masks). The same calls as `sequence_outputs(..., C + 1)`.
+
+    `per_token` runs on the logits as the calls return them (the padded rows, or the packed row's real
+    positions), so no `[b, C, V]` logits tensor is assembled from pieces: on the packed path that assembly
+    (zeros, scatter, the prompt's position prepended) and its gradient read and wrote ~10 full-vocabulary tensors
+    per micro-batch, ~10 % of a SmolLM2-135M update (benchmarks/README.md)."""
+    ids = mb.completion_ids
+    b, C = ids.shape
+    route = _route(mb, config, share_prompts, packed)
+    if route is None:
+        logits, *rest = _plain(call, mb, C + 1)
+        return (*per_token(logits[:, :-1], ids), *(r[:, :-1] for r in rest))
+    first, group, use_packed, cache = route
+    if not use_packed:
+        head, tail = _shared_prompt_calls(call, mb, C, first, group, cache)
+        (h_logits, *h_rest), (t_logits, *t_rest) = head, tail
+        firsts = per_token(h_logits, ids[:, 0])  # each [b]: the prompt's last position predicts token 0
+        laters = per_token(t_logits[:, :-1], ids[:, 1:]) if C > 1 else tuple(f.unsqueeze(1)[:, :0] for f in firsts)
+        return (*(torch.cat([f.unsqueeze(1), t], dim=1) for f, t in zip(firsts, laters)),
+                *(torch.cat([h.unsqueeze(1), t[:, :-1]], dim=1) for h, t in zip(h_rest, t_rest)))
+    head, tail, rows, cols = _packed_calls(call, mb, first, group, cache)
+    (h_logits, *h_rest), (t_logits, *t_rest) = head, tail
+    # a packed completion position (row, col) predicts token col + 1 of its row, which exists unless col is the
+    # row's last real token; that position's prediction is computed (with a stand-in target) and dropped
+    nxt = (cols + 1).clamp(max=C - 1)
+    real = mb.completion_mask.bool()[rows, nxt] & (cols + 1 < C)
+    at_rows = torch.cat([torch.arange(b, device=rows.device), rows[real]])
+    at_cols = torch.cat([torch.zeros(b, dtype=cols.dtype, device=cols.device), nxt[real]])
+    firsts, laters = per_token(h_logits, ids[:, 0]), per_token(t_logits, ids[rows, nxt])
+
+    def placed(f: Tensor, t: Tensor) -> Tensor:
+        values = torch.cat([f, t[real]])
+        return values.new_zeros(b, C, *values.shape[1:]).index_put((at_rows, at_cols), values)
+
+    return (*(placed(f, t) for f, t in zip(firsts, laters)), *(placed(h, t) for h, t in zip(h_rest, t_rest)))
+
+
+def _route(mb: RolloutBatch, config: Any, share_prompts: bool, packed: bool
+           ) -> tuple[Tensor, Tensor, bool, DynamicCache] | None:
+    """(first, group, packed, the empty cache) of the shared-prompt paths, or None for the plain forward."""
+    if not share_prompts:
+        return None
+    first, group = mb.prompt_groups()
+    cache = DynamicCache(config=config)
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    if packed and _packing_pays(mb, first, config):
+        return first, group, True, cache
+    if len(first) < len(mb):
+        return first, group, False, cache
+    return None
+
+
+def _plain(call: ModelCall, mb: RolloutBatch, keep: int) -> tuple[Tensor, ...]:
     return call(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                 logits_to_keep=keep, cache=None)
 
@@ -80,8 +153,10 @@ def select_rows(cache: DynamicCache, rows: Tensor) -> None:
             layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
 
-def _shared_prompt_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor, group: Tensor,
-                           cache: DynamicCache) -> tuple[Tensor, ...]:
+def _shared_prompt_calls(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor, group: Tensor,
+                        cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The distinct prompts' call, then the completions' on its cache: (outputs at each row's prompt's last
+    position, each [b, ...]; the completion call's outputs at its last `keep` positions, each [b, keep, ...])."""
     P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
     positions = mb.position_ids
     head = call(input_ids=mb.prompt_ids[first], attention_mask=mb.prompt_mask[first],
@@ -91,12 +166,10 @@ def _shared_prompt_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: 
                            "share prompts only when it is off)")
     select_rows(cache, group)  # each row reads its prompt's keys and values (gradients sum back)
     tail = call(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=positions[:, P:],
-                logits_to_keep=min(keep, C), cache=cache)
+                logits_to_keep=keep, cache=cache)
     if cache.get_seq_length() != P + C:
         raise RuntimeError("the completion forward did not extend the KV cache of its prompts")
-    if keep <= C:
-        return tail
-    return tuple(torch.cat([h.index_select(0, group), t], dim=1) for h, t in zip(head, tail))
+    return tuple(h[:, -1].index_select(0, group) for h in head), tail
 
 
 # Masked attention runs at about half the matmul rate here: SDPA's CPU flash kernel over a 1000-token packed row of
@@ -151,10 +224,12 @@ def _packing_pays(mb: RolloutBatch, first: Tensor, config: Any) -> bool:
     return packed < padded
 
 
-def _packed_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor, group: Tensor,
-                    cache: DynamicCache) -> tuple[Tensor, ...]:
+def _packed_calls(call: ModelCall, mb: RolloutBatch, first: Tensor, group: Tensor, cache: DynamicCache
+                  ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor]:
+    """The two calls over one packed row each: (outputs at each row's prompt's last position, each [b, ...];
+    outputs at every real completion position, each [SC, ...]; that position's row [SC]; its column in the
+    padded completion layout [SC])."""
     dev = mb.prompt_ids.device
-    C = mb.completion_ids.shape[1]
     p_mask, c_mask = mb.prompt_mask[first].bool(), mb.completion_mask.bool()
     p_len, c_len = p_mask.sum(dim=1), c_mask.sum(dim=1)  # [U], [b]
     # which packed position belongs to which sequence, and its position id within that sequence
@@ -175,14 +250,7 @@ def _packed_outputs(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor,
                            "pack only when it is off)")
     tail = call(input_ids=mb.completion_ids[c_mask][None], attention_mask=c_attend[None, None],
                 position_ids=c_pos[None], logits_to_keep=0, cache=cache)
-    rows, cols = c_seq, c_col
-    outputs = []
-    for h, t in zip(head, tail):
-        padded = t.new_zeros(len(mb), C, *t.shape[2:]).index_put_((rows, cols), t[0])  # [b, C, ...]
-        if keep > C:
-            padded = torch.cat([h[0].index_select(0, group).unsqueeze(1), padded], dim=1)
-        outputs.append(padded[:, padded.shape[1] - keep:])
-    return tuple(outputs)
+    return tuple(h[0].index_select(0, group) for h in head), tuple(t[0] for t in tail), c_seq, c_col
 
 
 def _ranks(seq: Tensor) -> Tensor:

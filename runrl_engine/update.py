@@ -34,7 +34,7 @@ from runrl_engine.algorithms.sampler_correction import SHARE_STATS as SAMPLER_SH
 from runrl_engine.algorithms.sampler_correction import sampler_correction
 from runrl_engine.batch import RolloutBatch
 from runrl_engine.config import RunConfig
-from runrl_engine.forward import sequence_outputs
+from runrl_engine.forward import PerToken, completion_outputs, sequence_outputs
 from runrl_engine.rollout.episodes import Episode
 from runrl_engine.schedule import sample_seed
 from runrl_engine.setup import Models
@@ -181,27 +181,31 @@ class PolicyUpdate:
         """Completion tokens' log-probs [b, C] (temperature-scaled, as they were sampled); the value head's
         values [b, C] when `model` is the policy carrying it; entropies [b, C] when asked (differentiable only
         with `entropy_grad`: for logging alone its full-vocabulary graph is not kept)."""
-        C = mb.completion_ids.shape[1]
+        temperature, keep_grad = self.cfg.temperature, entropy_grad and torch.is_grad_enabled()
+
+        def per_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if temperature != 1.0:
+                logits = logits / temperature
+            logp = selective_log_softmax(logits, targets)
+            if not entropy:
+                return (logp,)
+            with torch.set_grad_enabled(keep_grad):
+                return logp, entropy_from_logits(logits)
+
         if model is self.model and self.value_on_policy:
-            logits, values = self.outputs(model, mb, C + 1)
-            values = values[:, :-1]
+            call = model
         else:
             def call(cache: Any = None, **inputs: Any) -> torch.Tensor:
                 return model(**inputs, cache=cache, use_cache=cache is not None).logits
+        per_tok = 2 if entropy else 1
+        outs = self.outputs(call, mb, per_token=per_token)  # per-token outputs, then the value head's if any
+        return TokenOutputs(outs[0], outs[per_tok] if len(outs) > per_tok else None, outs[1] if entropy else None)
 
-            (logits,), values = self.outputs(call, mb, C + 1), None
-        logits = logits[:, :-1, :]
-        if self.cfg.temperature != 1.0:
-            logits = logits / self.cfg.temperature
-        logp = selective_log_softmax(logits, mb.completion_ids)
-        if not entropy:
-            return TokenOutputs(logp, values, None)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            return TokenOutputs(logp, values, entropy_from_logits(logits))
-
-    def outputs(self, call: Any, mb: RolloutBatch, keep: int) -> tuple[torch.Tensor, ...]:
-        """`call`'s outputs at each row's last `keep` positions, each distinct prompt of the micro-batch computed
-        once (`forward.sequence_outputs`) unless gradient checkpointing would drop the cache it needs."""
+    def outputs(self, call: Any, mb: RolloutBatch, keep: int | None = None, *,
+                per_token: PerToken | None = None) -> tuple[torch.Tensor, ...]:
+        """`call`'s outputs at each row's last `keep` positions (`forward.sequence_outputs`), or with `per_token`
+        its outputs for each completion token (`forward.completion_outputs`), each distinct prompt of the
+        micro-batch computed once unless gradient checkpointing would drop the cache it needs."""
         def as_tuple(**inputs: Any) -> tuple[torch.Tensor, ...]:
             out = call(**inputs)
             return out if isinstance(out, tuple) else (out,)
@@ -209,6 +213,9 @@ class PolicyUpdate:
         share = (self.cfg.share_prompt_forward and not self.params_sharded
                  and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled()))
         packed = self.cfg.padding_free and getattr(self.model_config, "_attn_implementation", None) in ("sdpa", "eager")
+        if per_token is not None:
+            return completion_outputs(as_tuple, mb, per_token, config=self.model_config, share_prompts=share,
+                                      packed=packed)
         return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share, packed=packed)
 
     def critic_values(self, mb: RolloutBatch) -> torch.Tensor:

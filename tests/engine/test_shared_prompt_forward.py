@@ -1,5 +1,5 @@
 """The update's shared-prompt forward (`runrl_engine.forward`): each distinct prompt runs once per micro-batch, padded
-or padding-free (one packed row), and log-probs, values, reference log-probs and gradients equal the plain
+or padding-free (one packed row), and log-probs, entropies, values, reference log-probs and gradients equal the plain
 forward's; micro-batches keep a prompt's completions together; gradient checkpointing falls back to the plain
 forward."""
 
@@ -57,9 +57,9 @@ def outputs(trainer: Trainer, mb: RolloutBatch, share: bool, packed: bool = Fals
     up.model.zero_grad(set_to_none=True)
     if up.critic is not None:
         up.critic.zero_grad(set_to_none=True)
-    logp, values, _ = up.forward(up.model, mb)
-    out = {"logp": logp, "ref": up.ref_logps(mb)}
-    loss = (logp * mb.loss_mask).sum()
+    logp, values, entropy = up.forward(up.model, mb, entropy=True, entropy_grad=True)
+    out = {"logp": logp, "entropy": entropy, "ref": up.ref_logps(mb)}
+    loss = (logp * mb.loss_mask).sum() + 0.1 * (entropy * mb.loss_mask).sum()
     if values is not None:
         out["values"] = values
         loss = loss + (values * mb.loss_mask).sum()
