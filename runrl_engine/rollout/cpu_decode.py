@@ -5,7 +5,7 @@ of `qwen2` and `llama` models (`LlamaDecodeStep.SUPPORTED`: the builtin models a
 with SDPA attention, in eval mode, on CPU, outside autocast, whose cache is made of `PreallocatedKVLayer`s
 (`rollout/kv_cache.py`). Plain peft LoRA adapters are folded into the projection weights when the step is built.
 With float32 weights on a CPU with MKL the projections run on pre-packed weights (`PackedProjections`); other
-dtypes, and batches of one or two rows, use `F.linear`. It computes what the transformers forward computes, to
+dtypes, and calls that start with one or two rows, use `F.linear`. It computes what the transformers forward computes, to
 float rounding (MKL's packed kernels round differently from `F.linear`'s): tests/engine/test_rollout.py compares
 the sampled tokens of both paths token for token, and one step's logits with a full forward's.
 
@@ -55,40 +55,42 @@ def _linear_weights(module: torch.nn.Module) -> Linear | None:
 
 
 class PackedProjections:
-    """The decode step's projections as MKL sgemm with pre-packed weights, at one row count per packing.
+    """The decode step's projections as MKL sgemm with pre-packed weights.
 
     A decode step multiplies a few rows (the batch) by every weight matrix once. MKL's `sgemm` repacks the weight
     operand on every call, and at 8-32 rows that repacking, not the arithmetic, is most of a step once the weights
     are far larger than the caches (SmolLM2-135M's projections: 538 MB in fp32; at builtin:small's 16 MB packing
     gains nothing; benchmarks/README.md has the measurements). So the weights are packed once per `generate` call
     (`torch.ops.mkl._mkl_reorder_linear_weight`, what torch's own freezing and inductor use) and applied with
-    `torch.ops.mkl._mkl_linear`. A packing serves exactly one row count; as rows finish, the inputs are padded with
-    zero rows up to it (a padded row costs little: the weights are read once either way), and the weights are
-    repacked for the smaller batch once it has halved. One or two rows, CPUs without MKL, and other dtypes use
-    `F.linear`. Same arithmetic, same weights: the results agree with `F.linear` to float rounding (~1e-6), not
-    bitwise (MKL picks a different kernel).
+    `torch.ops.mkl._mkl_linear`. One packing serves every row count up to the one it was packed for: MKL's packed
+    operand does not depend on the other matrix's rows, and as rows finish the same packing runs at least as fast
+    as a repacking or `F.linear` (measured at 8 -> 4, 2, 1 rows). `_reuse_holds` checks that once per process on
+    a small matrix; where it does not hold (another MKL), or the CPU has no MKL, or the weights are not fp32, or
+    the first step has fewer than `MIN_ROWS` rows, the step uses `F.linear`. Same arithmetic, same weights: the
+    results agree with `F.linear` to float rounding (~1e-6), not bitwise (MKL picks a different kernel).
     """
 
-    MIN_ROWS = 3  # below this `F.linear` (a matrix-vector product at the memory floor) is as fast
+    MIN_ROWS = 3  # below this `F.linear` (a matrix-vector product at the memory floor) is as fast as packing pays
 
     def __init__(self, linears: list[Linear]):
         self.linears = linears
         self.enabled = (hasattr(torch.ops, "mkl") and torch.backends.mkl.is_available()
-                        and all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears))
-        self.rows = 0  # the row count of the current packing; 0 = not packed
-        self.pack_s = 0.0  # time spent packing so far
+                        and all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears)
+                        and _reuse_holds())
+        self.rows = 0  # the row count of the packing; 0 = not packed
+        self.pack_s = 0.0  # time spent packing
         self._packs: dict[int, torch.Tensor] = {}  # id(weight) -> packed weight
 
     def prepare(self, rows: int) -> None:
-        """Pack (or repack, or drop the packing) for a step of `rows` rows."""
-        if not self.enabled or (self.rows and rows <= self.rows and 2 * rows > self.rows):
+        """Pack for steps of up to `rows` rows, unless a packing for at least that many is in place (or too few
+        rows for packing to pay)."""
+        if not self.enabled or rows <= self.rows or rows < self.MIN_ROWS:
             return
-        self._packs.clear()
-        self.rows = rows if rows >= self.MIN_ROWS else 0
-        if self.rows:
-            t0 = time.perf_counter()
-            self._packs = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, self.rows) for w, _ in self.linears}
-            self.pack_s += time.perf_counter() - t0
+        self._packs.clear()  # a repacking (serving's batch grew) never holds two packings at once
+        t0 = time.perf_counter()
+        self._packs = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w, _ in self.linears}
+        self.rows = rows
+        self.pack_s += time.perf_counter() - t0
 
     def linear(self, x: torch.Tensor, wb: Linear) -> torch.Tensor:
         """`F.linear(x, *wb)` for x [B, 1, in] (B <= the packed row count)."""
@@ -97,10 +99,26 @@ class PackedProjections:
         if packed is None:
             return torch.nn.functional.linear(x, weight, bias)
         b = x.shape[0]
-        x2 = x.reshape(b, -1)
-        if b < self.rows:
-            x2 = torch.cat([x2, x2.new_zeros(self.rows - b, x2.shape[1])])
-        return torch.ops.mkl._mkl_linear(x2, packed, weight, bias, self.rows)[:b].view(b, 1, -1)
+        return torch.ops.mkl._mkl_linear(x.reshape(b, -1), packed, weight, bias, b).view(b, 1, -1)
+
+
+_REUSE: list[bool] = []  # the answer of `_reuse_holds`, once computed
+
+
+def _reuse_holds() -> bool:
+    """Whether a weight packed for 8 rows gives `F.linear`'s result for 8, 5 and 1 rows with this MKL."""
+    if not _REUSE:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            w, bias = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen)
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 8)
+            xs = [torch.randn(rows, 40, generator=gen) for rows in (8, 5, 1)]
+            _REUSE.append(all(torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, bias, len(x)),
+                                             torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+                              for x in xs))
+        except RuntimeError:  # an op missing from this build
+            _REUSE.append(False)
+    return _REUSE[0]
 
 
 class LlamaDecodeStep:

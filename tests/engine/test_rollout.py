@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -162,3 +163,31 @@ def test_a_stop_token_at_the_last_step_finishes_the_completion(tiny_model_and_to
             assert 1 <= len(c.tokens) <= max_new
             assert c.finished == (c.tokens[-1] != 0)
         assert any(c.finished for c in comps)
+
+
+def test_one_packing_serves_every_smaller_row_count():
+    """`PackedProjections` packs once for the first step's rows; as rows finish, the same packing gives `F.linear`'s
+    result (to rounding) with no repacking and no padding rows; a larger batch (serving's) repacks."""
+    from runrl_engine.rollout.cpu_decode import PackedProjections
+
+    gen = torch.Generator().manual_seed(0)
+    linears = [(torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)),
+               (torch.randn(64, 96, generator=gen), None)]
+    packed = PackedProjections(linears)
+    if not packed.enabled:
+        pytest.skip("this torch build has no MKL packed sgemm (the step uses F.linear)")
+    packed.prepare(8)
+    first = dict(packed._packs)
+    for rows in (8, 6, 3, 2, 1):
+        packed.prepare(rows)
+        assert packed.rows == 8 and all(packed._packs[k] is first[k] for k in first)  # nothing repacked
+        for weight, bias in linears:
+            x = torch.randn(rows, 1, weight.shape[1], generator=gen)
+            torch.testing.assert_close(packed.linear(x, (weight, bias)),
+                                       torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    packed.prepare(16)
+    assert packed.rows == 16 and packed._packs.keys() == first.keys()
+    assert not any(packed._packs[k] is first[k] for k in first)
+    too_few = PackedProjections(linears)
+    too_few.prepare(2)
+    assert too_few.rows == 0  # one or two rows: F.linear is as fast
