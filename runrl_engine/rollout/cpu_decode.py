@@ -2,8 +2,9 @@
 
 What it covers: the decode steps after the prefill (one new token per row against the cache the prefill filled)
 of `qwen2` and `llama` models (`LlamaDecodeStep.SUPPORTED`: the builtin models are `qwen2`, SmolLM2 is `llama`)
-with SDPA attention, in eval mode, on CPU, outside autocast, whose cache is made of `PreallocatedKVLayer`s
-(`rollout/kv_cache.py`). Plain peft LoRA adapters are folded into the projection weights when the step is built.
+with SDPA attention, in eval mode, on CPU, outside autocast, whose cache is made of `PreallocatedKVLayer`s, or of
+`SharedPromptKVLayer`s where `prompt_sharing_pays` (each prompt's keys and values once for all its samples;
+`rollout/kv_cache.py`). Plain peft LoRA adapters are folded into the projection weights when the step is built.
 With float32 weights on a CPU with MKL the projections run on pre-packed weights (`PackedProjections`); other
 dtypes, and calls that start with one or two rows, use `F.linear`. It computes what the transformers forward computes, to
 float rounding (MKL's packed kernels round differently from `F.linear`'s): tests/engine/test_rollout.py compares
@@ -24,9 +25,9 @@ import time
 import torch
 from transformers.cache_utils import DynamicCache
 
-from runrl_engine.rollout.kv_cache import PreallocatedKVLayer
+from runrl_engine.rollout.kv_cache import PreallocatedKVLayer, SharedPromptKVLayer
 
-__all__ = ["LlamaDecodeStep", "PackedProjections", "Linear"]
+__all__ = ["LlamaDecodeStep", "PackedProjections", "Linear", "prompt_sharing_pays"]
 
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None), applied as F.linear
@@ -149,7 +150,8 @@ class LlamaDecodeStep:
         core, lm_head = getattr(base, "model", None), getattr(base, "lm_head", None)
         if (config is None or core is None or lm_head is None or config.model_type not in cls.SUPPORTED
                 or getattr(config, "_attn_implementation", None) != "sdpa" or base.training
-                or not all(isinstance(layer, PreallocatedKVLayer) for layer in cache.layers)
+                or not (all(type(layer) is PreallocatedKVLayer for layer in cache.layers)
+                        or all(type(layer) is SharedPromptKVLayer for layer in cache.layers))
                 or len(cache.layers) != len(core.layers) or next(base.parameters()).device.type != "cpu"
                 # under CPU autocast (`rollout_dtype`) the packed fp32 matmuls would skip the cast: the model's forward
                 or torch.is_autocast_enabled("cpu")):
@@ -171,7 +173,8 @@ class LlamaDecodeStep:
 
     def __call__(self, token_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                  padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """token_ids, position_ids: [B, 1]; padding_mask: [B, kv] (1 = attend, kv = cache length + 1) or None when
+        """token_ids, position_ids: [B, 1]; padding_mask: [B, kv] (1 = attend, kv = cache length + 1; unused with
+        `SharedPromptKVLayer`s, which hold their prompts' padding themselves) or None when
         no row has padding. Returns [B, V] logits of the next token."""
         F = torch.nn.functional
         core, linear = self.core, self.packed.linear
@@ -192,12 +195,66 @@ class LlamaDecodeStep:
             q, k = qk[:, : groups * kv_heads], qk[:, groups * kv_heads:]
             keys, values = kv.update(k, qkv[:, (groups + 1) * kv_heads:].unsqueeze(2))
             # the query token's heads grouped per key/value head: [B, kv heads, groups, D] against [B, kv, T, D]
-            out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, groups, d), keys, values, attn_mask=mask,
-                                                 scale=attn.scaling)
+            q = q.reshape(b, kv_heads, groups, d)
+            if type(kv) is SharedPromptKVLayer:
+                out = _shared_prompt_attention(q, kv, attn.scaling)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + linear(out.reshape(b, 1, -1), w["o"])
             gate, up = linear(_rms_norm(layer.post_attention_layernorm, hidden), w["gate_up"]).chunk(2, dim=-1)
             hidden = hidden + linear(layer.mlp.act_fn(gate) * up, w["down"])
         return linear(_rms_norm(core.norm, hidden), self.lm_head)[:, -1, :]
+
+
+# Prompt key/value bytes a decode step must save before `SharedPromptKVLayer` pays for its extra ops (a second
+# attention call, the query layout, the merge: ~0.2 ms per layer at 8 rows here). SmolLM2-135M, 2 threads, shared
+# vs repeated alternated in one process: 32 rows of 4 prompts x 227 tokens (saves 293 MB a step) decode 0.87x;
+# 8 rows of one 227-token prompt (73 MB) 1.09x; 8 rows of one 39-token prompt (13 MB) 1.15x.
+SHARE_MIN_SAVED_BYTES = 192 * 2**20
+
+
+def prompt_sharing_pays(config, prompts: int, rows: int, prompt_width: int) -> bool:
+    """Whether `rows` completions of `prompts` prompts (padded to `prompt_width` tokens) decode faster with each
+    prompt's keys and values held once (`SharedPromptKVLayer`) than repeated per row: the prompt bytes a step no
+    longer reads, (rows - prompts) x width x key/value bytes per token over all layers, reach
+    SHARE_MIN_SAVED_BYTES (SmolLM2-135M: 46 KB per token; W4's 32 rows of 4 prompts x ~230 tokens save ~290 MB
+    a step and share, 8 rows of one prompt do not)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    except AttributeError:
+        return False
+    per_token = layers * 2 * kv_heads * head_dim * 4  # fp32, the only dtype the step packs
+    return (rows - prompts) * prompt_width * per_token >= SHARE_MIN_SAVED_BYTES
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # (output, logsumexp)
+
+
+def _shared_prompt_attention(q: torch.Tensor, kv: SharedPromptKVLayer, scale: float) -> torch.Tensor:
+    """Attention of each row's query heads q [B, kv heads, groups, D] over its prompt's positions (held once per
+    prompt in `kv`) and its own completion positions (`kv.keys`/`kv.values`), as one softmax over both: each part
+    attended separately, the two outputs weighted by their shares of the total exp-sum, from each part's
+    log-sum-exp (share of the prompt = sigmoid(lse_prompt - lse_completion)). The prompt part runs as one call per
+    layer over every prompt, its queries laid out [U, kv heads, samples x groups, D] (a finished row's slot
+    computes on zeros and is not read)."""
+    b, h, g, d = q.shape
+    u, samples = kv.prompt_keys.shape[0], kv.samples
+    slots = kv.slots  # each row's place in the [U x samples] layout; None while every row is in its own place
+    if slots is None:
+        queries = q.view(u, samples, h, g, d)
+    else:
+        queries = q.new_zeros(u * samples, h, g, d).index_copy_(0, slots, q).view(u, samples, h, g, d)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(u, h, samples * g, d)
+    out_p, lse_p = _FLASH(queries, kv.prompt_keys, kv.prompt_values, attn_mask=kv.prompt_bias, scale=scale)
+    out_p = out_p.view(u, h, samples, g, d).permute(0, 2, 1, 3, 4).reshape(u * samples, h, g, d)
+    lse_p = lse_p.view(u, h, samples, g).permute(0, 2, 1, 3).reshape(u * samples, h, g)
+    if slots is not None:
+        out_p, lse_p = out_p.index_select(0, slots), lse_p.index_select(0, slots)
+    out_c, lse_c = _FLASH(q, kv.keys, kv.values, scale=scale)
+    return torch.lerp(out_c, out_p, torch.sigmoid(lse_p - lse_c).unsqueeze(-1))
 
 
 def _concat(*linears: Linear) -> Linear:

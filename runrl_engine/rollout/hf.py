@@ -14,8 +14,10 @@ sliding-window, chunked or shared-KV layers keep transformers' cache layers), ea
 are drawn from its generator up front (the same numbers, in the same order, as one draw per step), and sampled
 tokens stay in a tensor, so the only per-step host sync is "did any row stop?". For Llama-family models on CPU
 the decode steps after the prefill skip the transformers forward and its per-op overhead (`LlamaDecodeStep`,
-`rollout/cpu_decode.py`, which says what it covers and where it agrees with the forward); everything else uses
-the model's own forward. Under CPU autocast (`rollout_dtype: bfloat16`) every step uses the model's own forward,
+`rollout/cpu_decode.py`, which says what it covers and where it agrees with the forward), and where a step would
+read many repeated prompt positions (`prompt_sharing_pays`: long system prompts, many samples) each prompt's keys
+and values are held once instead of per sample (`SharedPromptKVLayer`); everything else uses the model's own
+forward. Under CPU autocast (`rollout_dtype: bfloat16`) every step uses the model's own forward,
 so the whole decode runs at that precision.
 
 Each completion also carries the log-prob of each sampled token under the distribution it was drawn from
@@ -34,8 +36,8 @@ from typing import Sequence
 import torch
 
 from runrl_engine.batch import pad_left
-from runrl_engine.rollout.cpu_decode import LlamaDecodeStep
-from runrl_engine.rollout.kv_cache import decode_cache
+from runrl_engine.rollout.cpu_decode import LlamaDecodeStep, prompt_sharing_pays
+from runrl_engine.rollout.kv_cache import decode_cache, share_prompts
 # the backend-neutral types live in rollout/types.py; imported here because `generate` speaks them
 from runrl_engine.rollout.types import Completion, SamplingParams
 
@@ -44,7 +46,7 @@ from runrl_engine.rollout.types import Completion, SamplingParams
 class DecodeStats:
     """Where a `generate` call's time went (summed over calls when one object is passed to several)."""
     prefill_s: float = 0.0  # the prompts' forward that fills the KV cache
-    decode_s: float = 0.0  # every step after it: sampling, the one-token forwards, weight packing
+    decode_s: float = 0.0  # everything after it: the cache laid out per row, sampling, the one-token forwards
     pack_s: float = 0.0  # of decode_s: laying the weights out for the decode matmuls (`PackedProjections`)
     steps: int = 0  # decode steps (tokens sampled per row, at most max_new_tokens)
     row_steps: int = 0  # sum over steps of the rows still running: the tokens sampled
@@ -118,8 +120,13 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
     cache = out.cache
     logits = out.logits[:, -1, :]
+    t_decode = time.perf_counter()
+    step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
     if num_samples > 1:  # one prefill per prompt, shared by its samples
-        cache.batch_repeat_interleave(num_samples)
+        if step is not None and prompt_sharing_pays(model.config, len(prompts), n, width):
+            share_prompts(cache, num_samples, steps, mask)  # each prompt's keys and values kept once
+        else:
+            cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
         mask = mask.repeat_interleave(num_samples, dim=0)
         pos = pos.repeat_interleave(num_samples, dim=0)
@@ -133,10 +140,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     active = torch.arange(n, device=device)  # completion index of each row still in the batch
     pos = pos[:, -1:]
     prompt_width = width
-    t_decode = time.perf_counter()
     row_steps = 0
     padded = bool((mask == 0).any())  # no padding: the step runs unmasked attention, as transformers does
-    step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
     for t in range(steps):
         row_steps += active.numel()
         nxt, nxt_logp = sample_with_logprobs(logits, uniforms[active, t], params)

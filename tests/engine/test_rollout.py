@@ -147,6 +147,59 @@ def test_fast_decode_step_logits_equal_a_full_forward(tiny_model_dir):
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prompt_keys_give_the_full_forwards_logits(tiny_model_dir):
+    """With each prompt's keys and values held once (`SharedPromptKVLayer`: a left-padded prompt, 3 samples each),
+    a decode step's logits equal a full forward over the same tokens, also after rows were dropped."""
+    from runrl_engine.rollout.kv_cache import SharedPromptKVLayer, share_prompts
+
+    lora = _lora_tiny(tiny_model_dir)
+    prompts, samples = [[5, 6, 7, 8, 9, 10], [11, 12]], 3
+    ids, mask = pad_left(prompts, 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = decode_cache(lora, ids.shape[1] + 4)
+    with torch.inference_mode():
+        lora(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        step = LlamaDecodeStep.build(lora, cache)
+        share_prompts(cache, samples, 4, mask)
+        assert all(type(layer) is SharedPromptKVLayer for layer in cache.layers)
+        assert LlamaDecodeStep.build(lora, cache) is not None
+        rows = ids.repeat_interleave(samples, 0)
+        row_mask, row_pos = mask.repeat_interleave(samples, 0), pos[:, -1:].repeat_interleave(samples, 0)
+        fed = torch.empty(len(rows), 0, dtype=torch.long)
+        kept = torch.arange(len(rows))
+        for t, drop in enumerate([None, torch.tensor([0, 1, 2, 4]), None]):  # then rows 3 and 5 go
+            if drop is not None:
+                cache.batch_select_indices(drop)
+                kept, fed, row_pos = kept[drop], fed[drop], row_pos[drop]
+            nxt = 20 + t + torch.arange(len(kept)).unsqueeze(1)  # a different token per row
+            fed, row_pos = torch.cat([fed, nxt], 1), row_pos + 1
+            logits = step(nxt, row_pos, cache, None)
+            full_ids = torch.cat([rows[kept], fed], 1)
+            full_mask = torch.cat([row_mask[kept], torch.ones_like(fed)], 1)
+            full_pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+            expected = lora(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos).logits[:, -1]
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_shared_prompt_keys_samples_what_the_model_forward_samples(tiny_model_and_tokenizer,
+                                                                                 monkeypatch):
+    """`generate` holds prompt keys once where `prompt_sharing_pays` (forced here: the tiny model saves little):
+    the same tokens as the transformers forward, rows stopping at different steps."""
+    from runrl_engine.rollout import cpu_decode
+
+    model, tok = tiny_model_and_tokenizer
+    prompts = [encode(tok, "x"), encode(tok, "a longer prompt with padding")]
+    assert not cpu_decode.prompt_sharing_pays(model.config, 2, 8, 8)
+    monkeypatch.setattr(cpu_decode, "SHARE_MIN_SAVED_BYTES", 0)
+    assert cpu_decode.prompt_sharing_pays(model.config, 2, 8, 8)
+    stops = set(range(3, 512, 23))  # a few dozen stop tokens: rows end at different steps
+    shared = _generate_all(model, tok, prompts, list(range(8)), 4, 24, stops)
+    monkeypatch.setattr(LlamaDecodeStep, "build", classmethod(lambda cls, *a: None))
+    plain = _generate_all(model, tok, prompts, list(range(8)), 4, 24, stops)
+    assert [c.tokens for c in shared] == [c.tokens for c in plain]
+    assert len({len(c.tokens) for c in plain}) > 1  # rows finished at different steps
+
+
 def test_uniforms_are_each_generators_own_sequence():
     g = torch.Generator().manual_seed(7)
     one_at_a_time = torch.cat([torch.rand(1, generator=g) for _ in range(5)])
