@@ -213,10 +213,11 @@ class LlamaDecodeStep:
 SHARE_MIN_SAVED_BYTES = 192 * 2**20
 
 
-def prompt_sharing_pays(config, prompts: int, rows: int, prompt_width: int) -> bool:
+def prompt_sharing_pays(config, prompts: int, rows: int, prompt_width: int, element_bytes: int = 4) -> bool:
     """Whether `rows` completions of `prompts` prompts (padded to `prompt_width` tokens) decode faster with each
     prompt's keys and values held once (`SharedPromptKVLayer`) than repeated per row: the prompt bytes a step no
-    longer reads, (rows - prompts) x width x key/value bytes per token over all layers, reach
+    longer reads, (rows - prompts) x width x key/value bytes per token over all layers (`element_bytes` per
+    value), reach
     SHARE_MIN_SAVED_BYTES (SmolLM2-135M: 46 KB per token; W4's 32 rows of 4 prompts x ~230 tokens save ~290 MB
     a step and share, 8 rows of one prompt do not)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -226,7 +227,7 @@ def prompt_sharing_pays(config, prompts: int, rows: int, prompt_width: int) -> b
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     except AttributeError:
         return False
-    per_token = layers * 2 * kv_heads * head_dim * 4  # fp32, the only dtype the step packs
+    per_token = layers * 2 * kv_heads * head_dim * element_bytes
     return (rows - prompts) * prompt_width * per_token >= SHARE_MIN_SAVED_BYTES
 
 

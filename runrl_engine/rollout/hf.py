@@ -123,7 +123,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, num_samples: i
     t_decode = time.perf_counter()
     step = LlamaDecodeStep.build(model, cache) if steps > 1 else None
     if num_samples > 1:  # one prefill per prompt, shared by its samples
-        if step is not None and prompt_sharing_pays(model.config, len(prompts), n, width):
+        element = next(model.parameters()).element_size()
+        if step is not None and prompt_sharing_pays(model.config, len(prompts), n, width, element):
             share_prompts(cache, num_samples, steps, mask)  # each prompt's keys and values kept once
         else:
             cache.batch_repeat_interleave(num_samples)

@@ -87,50 +87,33 @@ def decode_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
     return cache
 
 
-class SharedPromptKVLayer(DynamicLayer):
+class SharedPromptKVLayer(PreallocatedKVLayer):
     """A decode cache layer that holds each prompt's keys and values once, and each row's completion in its own
-    preallocated buffer.
+    preallocated buffer (the `PreallocatedKVLayer` part: `update` appends completion positions).
 
     G samples of one prompt read the same prompt keys and values at every decode step; repeated per row (what
     `batch_repeat_interleave` does) they are read G times, and with a ~230-token system prompt and 32 rows they
     are most of what a step reads besides the weights (SmolLM2-135M: 46 KB per token per row, 290 MB per step at
     W4's shape against 538 MB of weights). Here `prompt_keys`/`prompt_values` are the prefill's [U, h, P, d]
-    (one row per prompt, `prompt_bias` [U, 1, 1, P] masks its left padding, None when there is none), `keys`/
+    (one row per prompt; `prompt_bias` [U, 1, 1, P] masks its left padding, None when there is none), `keys`/
     `values` the rows' completion positions [B, h, length, d], and `slots` [B] each row's place in the
     [U x samples] layout (prompt index x samples + sample index; None until a row is dropped: row i is in place
-    i). Only `LlamaDecodeStep` reads it (attention over the
-    two parts, merged by their log-sum-exp); transformers' forward does not, so `share_prompts` is used only
-    where that step runs.
+    i). `batch_select_indices` keeps rows without copying the prompt part; `get_seq_length` counts both parts.
 
-    `update` appends completion positions (as `PreallocatedKVLayer` does) and `batch_select_indices` keeps rows,
-    never copying the prompt part. `get_seq_length` counts both parts.
+    Only `LlamaDecodeStep` reads it (attention over the two parts, merged by their log-sum-exp); transformers'
+    forward does not, so `share_prompts` is used only where that step runs.
     """
 
     def __init__(self, prompt: PreallocatedKVLayer, samples: int, capacity: int, prompt_bias: torch.Tensor | None):
-        super().__init__()
+        super().__init__(capacity)
         self.prompt_keys = prompt._k[:, :, : prompt.length]
         self.prompt_values = prompt._v[:, :, : prompt.length]
-        self.prompt_bias, self.samples, self.capacity = prompt_bias, samples, capacity
-        u, h, _, d = self.prompt_keys.shape
+        self.prompt_bias, self.samples = prompt_bias, samples
         self.slots: torch.Tensor | None = None
-        self._k = self.prompt_keys.new_empty(u * samples, h, capacity, d)
-        self._v = self.prompt_values.new_empty(u * samples, h, capacity, self.prompt_values.shape[-1])
-        self.length = 0
-        self.device, self.is_initialized = self.prompt_keys.device, True
+        u, h, _, d = self.prompt_keys.shape
+        self.lazy_initialization(self.prompt_keys.new_empty(u * samples, h, 0, d),
+                                 self.prompt_values.new_empty(u * samples, h, 0, self.prompt_values.shape[-1]))
         self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} completion positions)")
-        self._k[:, :, self.length: end] = key_states
-        self._v[:, :, self.length: end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.prompt_keys.shape[-2] + self.length
@@ -142,9 +125,6 @@ class SharedPromptKVLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("SharedPromptKVLayer already holds every sample's completion")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SharedPromptKVLayer is only used by the rollout decode loop, which never crops")
 
 
 def share_prompts(cache: DynamicCache, samples: int, capacity: int, prompt_mask: torch.Tensor) -> None:
