@@ -103,7 +103,7 @@ class RolloutBatch:
     def micro_batch_indices(self, size: int, share_prompts: bool = False) -> list[torch.Tensor]:
         """Row indices of length-bucketed micro-batches: rows sorted by total length so padding stays small.
 
-        With `share_prompts` (each distinct prompt of a micro-batch computed once, `forward.sequence_outputs`) a
+        With `share_prompts` (each distinct prompt of a micro-batch computed once, `forward.completion_outputs`) a
         second layout is considered, the rows of one prompt kept together (groups ordered by their longest row,
         rows by length inside a group), and the one computing fewer positions is used: per micro-batch, its
         distinct prompts x prompt width + rows x longest completion. With distinct prompts both are the same."""

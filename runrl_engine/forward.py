@@ -25,7 +25,7 @@ SmolLM2 benchmarks) on padding positions; packed, the matmuls run over real toke
 attention over the whole packed row, masked (quadratic in the micro-batch's tokens, ~2x the padded layout's
 score computations when all sequences are of similar length), which stays a few percent of the matmul work at
 RL shapes (hundreds of tokens per sequence) but not at many thousands of tokens per micro-batch. Outputs are
-unpacked to the padded `[b, keep, ...]` layout (zeros at padding positions, which every caller masks).
+placed in the padded `[b, C, ...]` layout (zeros at padding positions, which every caller masks).
 """
 
 from __future__ import annotations
@@ -42,61 +42,34 @@ from runrl_engine.batch import RolloutBatch
 ModelCall = Callable[..., tuple[Tensor, ...]]
 
 
-def sequence_outputs(call: ModelCall, mb: RolloutBatch, keep: int, *, config: Any,
-                     share_prompts: bool, packed: bool = False) -> tuple[Tensor, ...]:
-    """The model's outputs (logits, values, ...) at the last `keep` positions of every row's
-    `[prompt][completion]` sequence, each [b, keep, ...], with shared prompts computed once when allowed, and
-    without padding positions when `packed` and that computes less (`_packing_pays`; it needs `share_prompts`'
-    conditions too: a plain KV cache).
-
-    `keep` may reach at most one position into the prompt (`completion length + 1`: the prompt's last position
-    predicts the first completion token), which is all the update reads. `config` is the model's config (what
-    cache layers it needs)."""
-    C = mb.completion_ids.shape[1]
-    if keep > C + 1:
-        raise ValueError(f"keep={keep} reaches more than one position into the prompt (completion length {C})")
-    route = _route(mb, config, share_prompts, packed)
-    if route is None:
-        return _plain(call, mb, keep)
-    first, group, use_packed, cache = route
-    if use_packed:
-        head, tail, rows, cols = _packed_calls(call, mb, first, group, cache)
-        outputs = []
-        for h, t in zip(head, tail):
-            padded = t.new_zeros(len(mb), C, *t.shape[1:]).index_put_((rows, cols), t)  # [b, C, ...]
-            if keep > C:
-                padded = torch.cat([h.unsqueeze(1), padded], dim=1)
-            outputs.append(padded[:, padded.shape[1] - keep:])
-        return tuple(outputs)
-    head, tail = _shared_prompt_calls(call, mb, min(keep, C), first, group, cache)
-    if keep <= C:
-        return tail
-    return tuple(torch.cat([h.unsqueeze(1), t], dim=1) for h, t in zip(head, tail))
-
-
 # per_token(logits [..., V], the tokens they predict [...]) -> per-position tensors, each [...]
 PerToken = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 
 
-def completion_outputs(call: ModelCall, mb: RolloutBatch, per_token: PerToken, *, config: Any,
+def completion_outputs(call: ModelCall, mb: RolloutBatch, per_token: PerToken | None = None, *, config: Any,
                        share_prompts: bool, packed: bool = False) -> tuple[Tensor, ...]:
     """For every completion token, `per_token` of the logits that predict it (the call's first output at the
-    position before the token), then the call's other outputs at those positions: each [b, C, ...], zeros at
-    padding positions (which every caller masks). The same calls as `sequence_outputs(..., C + 1)`.
+    position before the token; without `per_token`, that output itself), then the call's other outputs at those
+    positions: each [b, C, ...], zeros at padding positions (which every caller masks). Each distinct prompt is
+    computed once when `share_prompts` allows, and without padding positions when `packed` and that computes less
+    (`_packing_pays`; it needs `share_prompts`' conditions too: a plain KV cache). `config` is the model's config
+    (what cache layers it needs).
 
     `per_token` runs on the logits as the calls return them (the padded rows, or the packed row's real
     positions), so no `[b, C, V]` logits tensor is assembled from pieces: on the packed path that assembly
     (zeros, scatter, the prompt's position prepended) and its gradient read and wrote ~10 full-vocabulary tensors
-    per micro-batch, ~10 % of a SmolLM2-135M update (benchmarks/README.md)."""
+    per micro-batch, 8-12 % of a SmolLM2-135M W3 update (benchmarks/README.md)."""
+    if per_token is None:
+        per_token = _as_is
     ids = mb.completion_ids
     b, C = ids.shape
     route = _route(mb, config, share_prompts, packed)
     if route is None:
-        logits, *rest = _plain(call, mb, C + 1)
+        logits, *rest = _plain(call, mb)
         return (*per_token(logits[:, :-1], ids), *(r[:, :-1] for r in rest))
     first, group, use_packed, cache = route
     if not use_packed:
-        head, tail = _shared_prompt_calls(call, mb, C, first, group, cache)
+        head, tail = _shared_prompt_calls(call, mb, first, group, cache)
         (h_logits, *h_rest), (t_logits, *t_rest) = head, tail
         firsts = per_token(h_logits, ids[:, 0])  # each [b]: the prompt's last position predicts token 0
         laters = per_token(t_logits[:, :-1], ids[:, 1:]) if C > 1 else tuple(f.unsqueeze(1)[:, :0] for f in firsts)
@@ -107,16 +80,20 @@ def completion_outputs(call: ModelCall, mb: RolloutBatch, per_token: PerToken, *
     # a packed completion position (row, col) predicts token col + 1 of its row, which exists unless col is the
     # row's last real token; that position's prediction is computed (with a stand-in target) and dropped
     nxt = (cols + 1).clamp(max=C - 1)
-    real = mb.completion_mask.bool()[rows, nxt] & (cols + 1 < C)
+    real = (mb.completion_mask.bool()[rows, nxt] & (cols + 1 < C)).nonzero().squeeze(1)
     at_rows = torch.cat([torch.arange(b, device=rows.device), rows[real]])
     at_cols = torch.cat([torch.zeros(b, dtype=cols.dtype, device=cols.device), nxt[real]])
     firsts, laters = per_token(h_logits, ids[:, 0]), per_token(t_logits, ids[rows, nxt])
 
     def placed(f: Tensor, t: Tensor) -> Tensor:
-        values = torch.cat([f, t[real]])
+        values = torch.cat([f, t.index_select(0, real)])  # index_select: its backward adds in index order
         return values.new_zeros(b, C, *values.shape[1:]).index_put((at_rows, at_cols), values)
 
     return (*(placed(f, t) for f, t in zip(firsts, laters)), *(placed(h, t) for h, t in zip(h_rest, t_rest)))
+
+
+def _as_is(outputs: Tensor, targets: Tensor) -> tuple[Tensor]:
+    return (outputs,)
 
 
 def _route(mb: RolloutBatch, config: Any, share_prompts: bool, packed: bool
@@ -135,9 +112,10 @@ def _route(mb: RolloutBatch, config: Any, share_prompts: bool, packed: bool
     return None
 
 
-def _plain(call: ModelCall, mb: RolloutBatch, keep: int) -> tuple[Tensor, ...]:
+def _plain(call: ModelCall, mb: RolloutBatch) -> tuple[Tensor, ...]:
+    """One call over the padded `[prompt][completion]` rows: outputs at the last C + 1 positions."""
     return call(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                logits_to_keep=keep, cache=None)
+                logits_to_keep=mb.completion_ids.shape[1] + 1, cache=None)
 
 
 def select_rows(cache: DynamicCache, rows: Tensor) -> None:
@@ -153,10 +131,10 @@ def select_rows(cache: DynamicCache, rows: Tensor) -> None:
             layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
 
-def _shared_prompt_calls(call: ModelCall, mb: RolloutBatch, keep: int, first: Tensor, group: Tensor,
+def _shared_prompt_calls(call: ModelCall, mb: RolloutBatch, first: Tensor, group: Tensor,
                         cache: DynamicCache) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """The distinct prompts' call, then the completions' on its cache: (outputs at each row's prompt's last
-    position, each [b, ...]; the completion call's outputs at its last `keep` positions, each [b, keep, ...])."""
+    position, each [b, ...]; the completion call's outputs at every completion position, each [b, C, ...])."""
     P, C = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
     positions = mb.position_ids
     head = call(input_ids=mb.prompt_ids[first], attention_mask=mb.prompt_mask[first],
@@ -166,7 +144,7 @@ def _shared_prompt_calls(call: ModelCall, mb: RolloutBatch, keep: int, first: Te
                            "share prompts only when it is off)")
     select_rows(cache, group)  # each row reads its prompt's keys and values (gradients sum back)
     tail = call(input_ids=mb.completion_ids, attention_mask=mb.attention_mask, position_ids=positions[:, P:],
-                logits_to_keep=keep, cache=cache)
+                logits_to_keep=C, cache=cache)
     if cache.get_seq_length() != P + C:
         raise RuntimeError("the completion forward did not extend the KV cache of its prompts")
     return tuple(h[:, -1].index_select(0, group) for h in head), tail

@@ -4,7 +4,7 @@
 
 - `forward` / `critic_values` / `ref_logps`: the completion tokens' log-probs (temperature-scaled, as sampled),
   values and entropies, as one `TokenOutputs` for the plain policy and the value-head policy alike, each distinct
-  prompt of a micro-batch computed once where that is exact (`forward.sequence_outputs`);
+  prompt of a micro-batch computed once where that is exact (`forward.completion_outputs`);
 - `old_pass`: log-probs, values and reference log-probs at sampling time, before anything moves;
 - `advantages`: the registered estimator (`algorithms.advantages`); GAE's whitening and the critic's statistics
   from batch-wide moments reduced over processes in one all-reduce (`global_moments`);
@@ -34,7 +34,7 @@ from runrl_engine.algorithms.sampler_correction import SHARE_STATS as SAMPLER_SH
 from runrl_engine.algorithms.sampler_correction import sampler_correction
 from runrl_engine.batch import RolloutBatch
 from runrl_engine.config import RunConfig
-from runrl_engine.forward import PerToken, completion_outputs, sequence_outputs
+from runrl_engine.forward import PerToken, completion_outputs
 from runrl_engine.rollout.episodes import Episode
 from runrl_engine.schedule import sample_seed
 from runrl_engine.setup import Models
@@ -201,11 +201,10 @@ class PolicyUpdate:
         outs = self.outputs(call, mb, per_token=per_token)  # per-token outputs, then the value head's if any
         return TokenOutputs(outs[0], outs[per_tok] if len(outs) > per_tok else None, outs[1] if entropy else None)
 
-    def outputs(self, call: Any, mb: RolloutBatch, keep: int | None = None, *,
-                per_token: PerToken | None = None) -> tuple[torch.Tensor, ...]:
-        """`call`'s outputs at each row's last `keep` positions (`forward.sequence_outputs`), or with `per_token`
-        its outputs for each completion token (`forward.completion_outputs`), each distinct prompt of the
-        micro-batch computed once unless gradient checkpointing would drop the cache it needs."""
+    def outputs(self, call: Any, mb: RolloutBatch, per_token: PerToken | None = None) -> tuple[torch.Tensor, ...]:
+        """`call`'s outputs for each completion token, the first through `per_token` when given
+        (`forward.completion_outputs`), each distinct prompt of the micro-batch computed once unless gradient
+        checkpointing would drop the cache it needs."""
         def as_tuple(**inputs: Any) -> tuple[torch.Tensor, ...]:
             out = call(**inputs)
             return out if isinstance(out, tuple) else (out,)
@@ -213,15 +212,12 @@ class PolicyUpdate:
         share = (self.cfg.share_prompt_forward and not self.params_sharded
                  and not (self.cfg.gradient_checkpointing and torch.is_grad_enabled()))
         packed = self.cfg.padding_free and getattr(self.model_config, "_attn_implementation", None) in ("sdpa", "eager")
-        if per_token is not None:
-            return completion_outputs(as_tuple, mb, per_token, config=self.model_config, share_prompts=share,
-                                      packed=packed)
-        return sequence_outputs(as_tuple, mb, keep, config=self.model_config, share_prompts=share, packed=packed)
+        return completion_outputs(as_tuple, mb, per_token, config=self.model_config, share_prompts=share,
+                                  packed=packed)
 
     def critic_values(self, mb: RolloutBatch) -> torch.Tensor:
         """The separate critic's values [b, C], aligned with the completion tokens' log-probs."""
-        C = mb.completion_ids.shape[1]
-        return self.outputs(self.critic, mb, C + 1)[0][:, :-1]
+        return self.outputs(self.critic, mb)[0]
 
     @torch.no_grad()
     def ref_logps(self, mb: RolloutBatch) -> torch.Tensor:

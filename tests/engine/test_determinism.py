@@ -125,14 +125,14 @@ def test_the_update_backward_adds_in_a_fixed_order(tiny_model_dir, monkeypatch, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     mb = shared_prompt_batch(model.config.vocab_size)
     C = mb.completion_ids.shape[1]
-    weights = torch.randn(len(mb), C + 1, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(len(mb), C, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
 
     def call(cache=None, **inputs):
         return (model(**inputs, cache=cache, use_cache=cache is not None).logits,)
 
     def gradients(mode=None):
         model.zero_grad(set_to_none=True)
-        (logits,) = forward.sequence_outputs(call, mb, C + 1, config=model.config, share_prompts=True, packed=packed)
+        (logits,) = forward.completion_outputs(call, mb, config=model.config, share_prompts=True, packed=packed)
         loss = (logits * weights).sum()
         with mode if mode is not None else contextlib.nullcontext():
             loss.backward()

@@ -132,19 +132,28 @@ def test_fast_decode_step_matches_the_model_forward(tiny_model_and_tokenizer, ti
 def test_fast_decode_step_logits_equal_a_full_forward(tiny_model_dir):
     """Logits of one decode step after a left-padded prefill equal those of a full forward over the same tokens."""
     lora = _lora_tiny(tiny_model_dir)
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
-    ids, mask = pad_left(prompts, 0)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = decode_cache(lora, ids.shape[1] + 2)
     with torch.inference_mode():
-        lora(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        ids, mask, pos, cache = _prefilled(lora, [[5, 6, 7, 8, 9, 10], [11, 12]], 2)
         step = LlamaDecodeStep.build(lora, cache)
         nxt = torch.tensor([[20], [21]])
         full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         logits = step(nxt, pos[:, -1:] + 1, cache, full_mask)
-        full_pos = (full_mask.cumsum(1) - 1).clamp(min=0)
-        expected = lora(input_ids=torch.cat([ids, nxt], 1), attention_mask=full_mask, position_ids=full_pos).logits[:, -1]
+        expected = _last_logits(lora, torch.cat([ids, nxt], 1), full_mask)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _prefilled(model, prompts, new_tokens):
+    """Left-padded prompts prefilled into a decode cache with room for `new_tokens` more: (ids, mask, pos, cache)."""
+    ids, mask = pad_left(prompts, 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = decode_cache(model, ids.shape[1] + new_tokens)
+    model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    return ids, mask, pos, cache
+
+
+def _last_logits(model, ids, mask):
+    """A full forward's logits at the last position, position ids following the mask (as the decode loop's)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
 
 
 def test_shared_prompt_keys_give_the_full_forwards_logits(tiny_model_dir):
@@ -153,12 +162,9 @@ def test_shared_prompt_keys_give_the_full_forwards_logits(tiny_model_dir):
     from runrl_engine.rollout.kv_cache import SharedPromptKVLayer, share_prompts
 
     lora = _lora_tiny(tiny_model_dir)
-    prompts, samples = [[5, 6, 7, 8, 9, 10], [11, 12]], 3
-    ids, mask = pad_left(prompts, 0)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = decode_cache(lora, ids.shape[1] + 4)
+    samples = 3
     with torch.inference_mode():
-        lora(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        ids, mask, pos, cache = _prefilled(lora, [[5, 6, 7, 8, 9, 10], [11, 12]], 4)
         step = LlamaDecodeStep.build(lora, cache)
         share_prompts(cache, samples, 4, mask)
         assert all(type(layer) is SharedPromptKVLayer for layer in cache.layers)
@@ -174,10 +180,8 @@ def test_shared_prompt_keys_give_the_full_forwards_logits(tiny_model_dir):
             nxt = 20 + t + torch.arange(len(kept)).unsqueeze(1)  # a different token per row
             fed, row_pos = torch.cat([fed, nxt], 1), row_pos + 1
             logits = step(nxt, row_pos, cache, None)
-            full_ids = torch.cat([rows[kept], fed], 1)
             full_mask = torch.cat([row_mask[kept], torch.ones_like(fed)], 1)
-            full_pos = (full_mask.cumsum(1) - 1).clamp(min=0)
-            expected = lora(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos).logits[:, -1]
+            expected = _last_logits(lora, torch.cat([rows[kept], fed], 1), full_mask)
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -228,7 +232,7 @@ def test_one_packing_serves_every_smaller_row_count():
                (torch.randn(64, 96, generator=gen), None)]
     packed = PackedProjections(linears)
     if not packed.enabled:
-        pytest.skip("this torch build has no MKL packed sgemm (the step uses F.linear)")
+        pytest.skip("no MKL packed sgemm here, or its packing does not serve fewer rows (the step uses F.linear)")
     packed.prepare(8)
     first = dict(packed._packs)
     for rows in (8, 6, 3, 2, 1):

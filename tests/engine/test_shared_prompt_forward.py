@@ -173,7 +173,7 @@ def test_sliding_window_models_keep_the_plain_forward():
     """A sliding-window cache would drop prompt positions the completions still need: no sharing there."""
     from transformers import Qwen2Config
 
-    from runrl_engine.forward import sequence_outputs
+    from runrl_engine.forward import completion_outputs
 
     sizes = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=64, vocab_size=50)
@@ -190,11 +190,11 @@ def test_sliding_window_models_keep_the_plain_forward():
 
     full, sliding = Qwen2Config(**sizes), Qwen2Config(**sizes, use_sliding_window=True, sliding_window=16,
                                                         max_window_layers=0)
-    out = sequence_outputs(call, batch, 5, config=full, share_prompts=True)
-    assert calls == [(1, 3), (4, 4)] and out[0].shape == (4, 5, 50)
+    out = completion_outputs(call, batch, config=full, share_prompts=True)
+    assert calls == [(1, 3), (4, 4)] and out[0].shape == (4, 4, 50)
     calls.clear()
-    out = sequence_outputs(call, batch, 5, config=sliding, share_prompts=True)
-    assert calls == [(4, 7)] and out[0].shape == (4, 5, 50)
+    out = completion_outputs(call, batch, config=sliding, share_prompts=True)
+    assert calls == [(4, 7)] and out[0].shape == (4, 4, 50)
 
 
 def test_sharded_parameters_keep_the_plain_forward():
