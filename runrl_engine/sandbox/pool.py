@@ -111,7 +111,7 @@ def _kill_all(procs: dict[int, subprocess.Popen], root: Path | None, egress: Egr
 
 
 def _release_cgroup(proc: subprocess.Popen) -> None:
-    """Remove the worker's memory cgroup once its processes are gone (briefly waits for the kill to land)."""
+    """Remove the worker's memory cgroup once its processes are gone (waits up to 5 s for the kill to land)."""
     cgroup = getattr(proc, "memory_cgroup", None)
     if cgroup is None:
         return
@@ -119,9 +119,12 @@ def _release_cgroup(proc: subprocess.Popen) -> None:
         proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
         pass
-    for _ in range(100):  # whatever is still inside (a process that left the session) is killed too
+    # whatever is still inside (a process that left the session) is killed too; a process that touched a large
+    # shared mapping can take a few seconds to leave after SIGKILL on a loaded host (its pages are torn down first)
+    deadline = time.monotonic() + 5.0
+    while True:
         release_memory_cgroup(cgroup, kill=True)
-        if not cgroup.exists():
+        if not cgroup.exists() or time.monotonic() > deadline:
             return
         time.sleep(0.01)
 
