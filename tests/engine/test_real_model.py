@@ -2,7 +2,8 @@
 
 Covers `runrl_engine.gguf_cache` (conversion, cache reuse, the errors for a bad file or a missing package) and
 training on `builtin:smollm2-135m-instruct` end to end (full fine-tuning and LoRA, a `final/` that loads).
-The conversion test converts the real 135 M-parameter GGUF into a private cache (~40 s on 2 cores), so it is `slow`.
+The conversion test checks this session's conversion of the real 135 M-parameter GGUF (the `smollm2_conversion`
+fixture's, on a cold cache) or, on a warm one, converts it again into a private cache (~40 s on 2 cores): `slow`.
 """
 
 from __future__ import annotations
@@ -47,15 +48,21 @@ def greedy_answer(model_dir: Path, messages=QUESTION, max_new_tokens: int = 12) 
 
 
 @pytest.mark.slow
-def test_gguf_converts_to_an_hf_directory_once(gguf_file, tmp_path, monkeypatch):
+def test_gguf_converts_to_an_hf_directory_once(smollm2_conversion, gguf_file, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
-    out = gguf_cache.converted_dir(gguf_file, cache_dir=tmp_path)
-    assert out.parent == tmp_path and out.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    out, converted_here = smollm2_conversion
+    if converted_here:  # this session's conversion into the user cache (a cold cache, as on CI): check that one
+        cache_dir = gguf_cache.cache_root()
+    else:  # a warm cache from an earlier session: convert again into a private cache (~40 s on 2 cores)
+        cache_dir = tmp_path
+        out = gguf_cache.converted_dir(gguf_file, cache_dir=cache_dir)
+    assert out.parent == cache_dir and out.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     files = set(os.listdir(out))
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
             gguf_cache.STAMP_FILE} <= files
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+    # no temporary directory left behind
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == "llama" and config.vocab_size == 49152
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -80,7 +87,7 @@ def test_gguf_converts_to_an_hf_directory_once(gguf_file, tmp_path, monkeypatch)
         raise AssertionError("converted again")
 
     monkeypatch.setattr(gguf_cache, "_convert", no_conversion)
-    assert gguf_cache.converted_dir(gguf_file, cache_dir=tmp_path) == out
+    assert gguf_cache.converted_dir(gguf_file, cache_dir=cache_dir) == out
 
 
 def test_builtin_smollm2_resolves_through_the_cache(smollm2_dir, gguf_file, monkeypatch):
