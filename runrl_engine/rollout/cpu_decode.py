@@ -5,10 +5,11 @@ of `qwen2` and `llama` models (`LlamaDecodeStep.SUPPORTED`: the builtin models a
 with SDPA attention, in eval mode, on CPU, outside autocast, whose cache is made of `PreallocatedKVLayer`s, or of
 `SharedPromptKVLayer`s where `prompt_sharing_pays` (each prompt's keys and values once for all its samples;
 `rollout/kv_cache.py`). Plain peft LoRA adapters are folded into the projection weights when the step is built.
-With float32 weights on a CPU with MKL the projections run on pre-packed weights (`PackedProjections`); other
-dtypes, and calls that start with one or two rows, use `F.linear`. It computes what the transformers forward computes, to
-float rounding (MKL's packed kernels round differently from `F.linear`'s): tests/engine/test_rollout.py compares
-the sampled tokens of both paths token for token, and one step's logits with a full forward's.
+With float32 weights on a CPU the projections run on pre-packed weights (MKL's or oneDNN's, whichever is faster
+here: `PackedProjections`); other dtypes, and calls that start with one or two rows, use `F.linear`. It
+computes what the transformers forward computes, to float rounding (the packed kernels round differently from
+`F.linear`'s): tests/engine/test_rollout.py compares the sampled tokens of both paths token for token, and one
+step's logits with a full forward's.
 
 Used by the rollout loop (`rollout/hf.py`'s `generate`, one step object per call) and serving's batcher
 (`serving.py`) whenever `LlamaDecodeStep.build` returns a step. `build` returns None, and the caller uses the
@@ -21,13 +22,15 @@ SDPA, caches of transformers' own layers (sliding-window, chunked, shared-KV mod
 from __future__ import annotations
 
 import time
+from typing import Callable, NamedTuple
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from runrl_engine.rollout.kv_cache import PreallocatedKVLayer, SharedPromptKVLayer
 
-__all__ = ["LlamaDecodeStep", "PackedProjections", "Linear", "prompt_sharing_pays"]
+__all__ = ["LlamaDecodeStep", "PackedProjections", "PackedKernel", "KERNELS", "packed_kernel", "Linear",
+           "prompt_sharing_pays"]
 
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None), applied as F.linear
@@ -55,29 +58,53 @@ def _linear_weights(module: torch.nn.Module) -> Linear | None:
     return weight, base.bias
 
 
+class PackedKernel(NamedTuple):
+    """A CPU library's pre-packed fp32 linear: `pack(weight, rows)` once, then `apply(x [b, in], packed, weight,
+    bias, b)` for any b up to `rows`."""
+
+    name: str
+    pack: Callable[[torch.Tensor, int], torch.Tensor]
+    apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+
+KERNELS = (
+    # MKL's sgemm on its packed operand: what torch's freezing and inductor use; the faster one on Intel CPUs
+    PackedKernel("mkl", lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows),
+                 lambda x, packed, w, bias, b: torch.ops.mkl._mkl_linear(x, packed, w, bias, b)),
+    # oneDNN's reordered weight: vendor-neutral kernels, ~1.8x MKL's speed at decode shapes on an AMD EPYC (AVX2),
+    # where MKL runs a generic code path (and slower than MKL on an Intel Xeon)
+    PackedKernel("onednn", lambda w, rows: torch.ops.mkldnn._reorder_linear_weight(w, rows),
+                 lambda x, packed, w, bias, b: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")),
+)
+
+
 class PackedProjections:
-    """The decode step's projections as MKL sgemm with pre-packed weights.
+    """The decode step's projections as a CPU library's linear on pre-packed weights.
 
     A decode step multiplies a few rows (the batch) by every weight matrix once. MKL's `sgemm` repacks the weight
     operand on every call, and at 8-32 rows that repacking, not the arithmetic, is most of a step once the weights
     are far larger than the caches (SmolLM2-135M's projections: 538 MB in fp32; at builtin:small's 16 MB packing
     gains nothing; benchmarks/README.md has the measurements). So the weights are packed once per `generate` call
-    (`torch.ops.mkl._mkl_reorder_linear_weight`, what torch's own freezing and inductor use) and applied with
-    `torch.ops.mkl._mkl_linear`. One packing serves every row count up to the one it was packed for: MKL's packed
-    operand does not depend on the other matrix's rows, and as rows finish the same packing runs at least as fast
-    as a repacking or `F.linear` (measured at 8 -> 4, 2, 1 rows). `_reuse_holds` checks that once per process on
-    a small matrix; where it does not hold (another MKL), or the CPU has no MKL, or the weights are not fp32, or
-    the first step has fewer than `MIN_ROWS` rows, the step uses `F.linear`. Same arithmetic, same weights: the
-    results agree with `F.linear` to float rounding (~1e-6), not bitwise (MKL picks a different kernel).
+    and applied with that library's packed linear (`KERNELS`: MKL's, what torch's own freezing and inductor use,
+    or oneDNN's). Which library is faster depends on the CPU (MKL on an Intel Xeon, oneDNN on an AMD EPYC), so for
+    weights larger than `CALIBRATE_MIN_BYTES` the kernel is picked by timing both once per process
+    (`packed_kernel`); for smaller ones, where it makes no difference, MKL's. One packing serves every row count up
+    to the one it was packed for: the packed operand does not depend on the other matrix's rows, and as rows
+    finish the same packing runs at least as fast as a repacking or `F.linear` (measured with MKL at 8 -> 4, 2, 1
+    rows). `_reuse_holds` checks that once per process and kernel on a small matrix; a kernel where it does not
+    hold (another build), or that this build lacks, is not used; with none left, or weights that are not fp32, or
+    a first step of fewer than `MIN_ROWS` rows, the step uses `F.linear`. Same arithmetic, same weights: the
+    results agree with `F.linear` to float rounding (~1e-6), not bitwise (the libraries pick other kernels).
     """
 
     MIN_ROWS = 3  # below this `F.linear` (a matrix-vector product at the memory floor) is as fast as packing pays
+    CALIBRATE_MIN_BYTES = 64 << 20  # weights far beyond the caches: where the packed kernel's speed is the step's
 
     def __init__(self, linears: list[Linear]):
         self.linears = linears
-        self.enabled = (hasattr(torch.ops, "mkl") and torch.backends.mkl.is_available()
-                        and all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears)
-                        and _reuse_holds())
+        fp32_cpu = all(w.dtype == torch.float32 and w.device.type == "cpu" for w, _ in linears)
+        self.kernel = packed_kernel(sum(w.numel() * 4 for w, _ in linears)) if fp32_cpu else None
+        self.enabled = self.kernel is not None
         self.rows = 0  # the row count of the packing; 0 = not packed
         self.pack_s = 0.0  # time spent packing
         self._packs: dict[int, torch.Tensor] = {}  # id(weight) -> packed weight
@@ -89,7 +116,7 @@ class PackedProjections:
             return
         self._packs.clear()  # a repacking (serving's batch grew) never holds two packings at once
         t0 = time.perf_counter()
-        self._packs = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w, _ in self.linears}
+        self._packs = {id(w): self.kernel.pack(w, rows) for w, _ in self.linears}
         self.rows = rows
         self.pack_s += time.perf_counter() - t0
 
@@ -100,26 +127,56 @@ class PackedProjections:
         if packed is None:
             return torch.nn.functional.linear(x, weight, bias)
         b = x.shape[0]
-        return torch.ops.mkl._mkl_linear(x.reshape(b, -1), packed, weight, bias, b).view(b, 1, -1)
+        return self.kernel.apply(x.reshape(b, -1), packed, weight, bias, b).view(b, 1, -1)
 
 
-_REUSE: list[bool] = []  # the answer of `_reuse_holds`, once computed
+_REUSE: dict[str, bool] = {}  # kernel name -> the answer of `_reuse_holds`, once computed
+_FASTEST: list[PackedKernel] = []  # the kernel `_fastest` measured, once per process
 
 
-def _reuse_holds() -> bool:
-    """Whether a weight packed for 8 rows gives `F.linear`'s result for 8, 5 and 1 rows with this MKL."""
-    if not _REUSE:
+def packed_kernel(weight_bytes: int) -> PackedKernel | None:
+    """The packed kernel for fp32 CPU weights of `weight_bytes` in all: None where no kernel serves smaller row
+    counts from one packing; MKL's (else the other) for small weights; the faster one, measured once per process
+    (~0.3 s), for large ones."""
+    usable = [k for k in KERNELS if _reuse_holds(k)]
+    if len(usable) < 2 or weight_bytes < PackedProjections.CALIBRATE_MIN_BYTES:
+        return usable[0] if usable else None
+    if not _FASTEST:
+        _FASTEST.append(_fastest(usable))
+    return _FASTEST[0]
+
+
+def _fastest(kernels: list[PackedKernel], rows: int = 8, repeats: int = 3) -> PackedKernel:
+    """The kernel with the shortest time for `rows` rows through ~85 MB of decode-shaped weights (beyond the
+    last-level cache, as a real model's are), the kernels alternated and each one's best pass kept."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3072, 576, generator=gen) for _ in range(12)]
+    x = torch.randn(rows, 576, generator=gen)
+    best = {k.name: float("inf") for k in kernels}
+    packs = {k.name: [k.pack(w, rows) for w in weights] for k in kernels}
+    for _ in range(repeats):
+        for k in kernels:
+            t0 = time.perf_counter()
+            for w, packed in zip(weights, packs[k.name]):
+                k.apply(x, packed, w, None, rows)
+            best[k.name] = min(best[k.name], time.perf_counter() - t0)
+    return min(kernels, key=lambda k: best[k.name])
+
+
+def _reuse_holds(kernel: PackedKernel) -> bool:
+    """Whether `kernel`, with a weight packed for 8 rows, gives `F.linear`'s result for 8, 5 and 1 rows here."""
+    if kernel.name not in _REUSE:
         try:
             gen = torch.Generator().manual_seed(0)
             w, bias = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen)
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 8)
+            packed = kernel.pack(w, 8)
             xs = [torch.randn(rows, 40, generator=gen) for rows in (8, 5, 1)]
-            _REUSE.append(all(torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, bias, len(x)),
-                                             torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
-                              for x in xs))
-        except RuntimeError:  # an op missing from this build
-            _REUSE.append(False)
-    return _REUSE[0]
+            _REUSE[kernel.name] = all(torch.allclose(kernel.apply(x, packed, w, bias, len(x)),
+                                                     torch.nn.functional.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+                                      for x in xs)
+        except (RuntimeError, AttributeError, NotImplementedError):  # an op or a backend missing from this build
+            _REUSE[kernel.name] = False
+    return _REUSE[kernel.name]
 
 
 class LlamaDecodeStep:

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
@@ -222,17 +224,23 @@ def test_a_stop_token_at_the_last_step_finishes_the_completion(tiny_model_and_to
         assert any(c.finished for c in comps)
 
 
-def test_one_packing_serves_every_smaller_row_count():
+@pytest.mark.parametrize("kernel_name", ["mkl", "onednn"])
+def test_one_packing_serves_every_smaller_row_count(kernel_name, monkeypatch):
     """`PackedProjections` packs once for the first step's rows; as rows finish, the same packing gives `F.linear`'s
-    result (to rounding) with no repacking and no padding rows; a larger batch (serving's) repacks."""
+    result (to rounding) with no repacking and no padding rows; a larger batch (serving's) repacks. For each
+    library's packed kernel."""
+    from runrl_engine.rollout import cpu_decode
     from runrl_engine.rollout.cpu_decode import PackedProjections
 
+    kernel = next(k for k in cpu_decode.KERNELS if k.name == kernel_name)
+    if not cpu_decode._reuse_holds(kernel):
+        pytest.skip(f"no {kernel_name} packed linear here, or its packing does not serve fewer rows")
+    monkeypatch.setattr(cpu_decode, "packed_kernel", lambda weight_bytes: kernel)
     gen = torch.Generator().manual_seed(0)
     linears = [(torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)),
                (torch.randn(64, 96, generator=gen), None)]
     packed = PackedProjections(linears)
-    if not packed.enabled:
-        pytest.skip("no MKL packed sgemm here, or its packing does not serve fewer rows (the step uses F.linear)")
+    assert packed.enabled and packed.kernel is kernel
     packed.prepare(8)
     first = dict(packed._packs)
     for rows in (8, 6, 3, 2, 1):
@@ -248,3 +256,43 @@ def test_one_packing_serves_every_smaller_row_count():
     too_few = PackedProjections(linears)
     too_few.prepare(2)
     assert too_few.rows == 0  # one or two rows: F.linear is as fast
+
+
+def test_the_packed_kernel_is_measured_for_large_weights_only(monkeypatch):
+    """Small weights take MKL's kernel (the first usable) without a measurement; large ones the kernel that
+    `_fastest` measured, once per process; a kernel whose packing does not serve fewer rows is never picked."""
+    from runrl_engine.rollout import cpu_decode
+
+    usable = [k for k in cpu_decode.KERNELS if cpu_decode._reuse_holds(k)]
+    if len(usable) < 2:
+        pytest.skip("fewer than two packed kernels here: nothing to choose")
+    measured = []
+    monkeypatch.setattr(cpu_decode, "_FASTEST", [])
+    monkeypatch.setattr(cpu_decode, "_fastest", lambda kernels: measured.append(kernels) or kernels[-1])
+    small = cpu_decode.PackedProjections.CALIBRATE_MIN_BYTES - 1
+    assert cpu_decode.packed_kernel(small) is usable[0] and usable[0].name == "mkl" and not measured
+    large = cpu_decode.PackedProjections.CALIBRATE_MIN_BYTES
+    assert cpu_decode.packed_kernel(large) is usable[-1] and cpu_decode.packed_kernel(large) is usable[-1]
+    assert measured == [usable]  # measured once
+    monkeypatch.setitem(cpu_decode._REUSE, "onednn", False)
+    monkeypatch.setattr(cpu_decode, "_FASTEST", [])
+    assert cpu_decode.packed_kernel(large).name == "mkl"  # the only usable one: no measurement
+    assert measured == [usable]
+
+
+def test_the_measurement_picks_the_faster_kernel():
+    """`_fastest` times the real kernels: a kernel made slower (the same op plus a sleep) loses."""
+    from runrl_engine.rollout import cpu_decode
+
+    usable = [k for k in cpu_decode.KERNELS if cpu_decode._reuse_holds(k)]
+    if not usable:
+        pytest.skip("no packed kernel here")
+    k = usable[0]
+
+    def slow_apply(*args):
+        time.sleep(0.01)
+        return k.apply(*args)
+
+    slow = cpu_decode.PackedKernel("slow", k.pack, slow_apply)
+    assert cpu_decode._fastest([slow, k], repeats=1) is k
+    assert cpu_decode._fastest([k, slow], repeats=1) is k
