@@ -281,7 +281,8 @@ def test_the_packed_kernel_is_measured_for_large_weights_only(monkeypatch):
 
 
 def test_the_measurement_picks_the_faster_kernel():
-    """`_fastest` times the real kernels: a kernel made slower (the same op plus a sleep) loses."""
+    """`_fastest` times the real kernels: a kernel made slower (the same op plus a sleep) loses; the first kernel
+    stays when the other is not `PICK_MARGIN` times faster."""
     from runrl_engine.rollout import cpu_decode
 
     usable = [k for k in cpu_decode.KERNELS if cpu_decode._reuse_holds(k)]
@@ -296,3 +297,7 @@ def test_the_measurement_picks_the_faster_kernel():
     slow = cpu_decode.PackedKernel("slow", k.pack, slow_apply)
     assert cpu_decode._fastest([slow, k], repeats=1) is k
     assert cpu_decode._fastest([k, slow], repeats=1) is k
+    a, b = (cpu_decode.PackedKernel(name, k.pack, k.apply) for name in "ab")
+    assert cpu_decode._pick([a, b], {"a": 1.0, "b": 0.9}) is a  # 1.11x faster: not enough to leave the first
+    assert cpu_decode._pick([a, b], {"a": 1.0, "b": 0.7}) is b
+    assert cpu_decode._pick([a, b], {"a": 0.7, "b": 1.0}) is a
