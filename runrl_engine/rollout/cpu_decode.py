@@ -137,7 +137,7 @@ _FASTEST: list[PackedKernel] = []  # the kernel `_fastest` measured, once per pr
 def packed_kernel(weight_bytes: int) -> PackedKernel | None:
     """The packed kernel for fp32 CPU weights of `weight_bytes` in all: None where no kernel serves smaller row
     counts from one packing; MKL's (else the other) for small weights; the faster one, measured once per process
-    (~0.3 s), for large ones."""
+    (~0.4 s on 2 cores), for large ones."""
     usable = [k for k in KERNELS if _reuse_holds(k)]
     if len(usable) < 2 or weight_bytes < PackedProjections.CALIBRATE_MIN_BYTES:
         return usable[0] if usable else None
