@@ -207,13 +207,13 @@ def test_second_run_waits_for_ray_resources_then_starts(live):
     first, second = create(live), create(live)
     # both are submitted (two slots); Ray fits one (2 CPUs each on a 2-CPU head) and does not promise which
     # pending job it starts first, so `a` is whichever runs first and `b` the other
+    ids = {first.initial.id, second.initial.id}
     deadline = time.time() + 300
-    while not (running := [r.id for r in map(live["sdk"].runs.get, (first.initial.id, second.initial.id))
-                           if r.status == "RUNNING"]):
+    while not (running := [i for i in ids if live["sdk"].runs.get(i).status == "RUNNING"]):
         assert time.time() < deadline, "neither run started"
         time.sleep(0.3)
     a = running[0]
-    b = second.initial.id if a == first.initial.id else first.initial.id
+    (b,) = ids - {a}
     time.sleep(2)
     assert live["sdk"].runs.get(b).status == "SETTING_UP"
     assert str(live["jobs"].get_job_status(job_id(live, b)).value) == "PENDING"
